@@ -1,0 +1,18 @@
+# ft on a CUDA PyTorch image. Build and run on a GPU node:
+#   docker build -t ft .
+#   docker run --gpus all --ipc=host -v /models:/models -v /data:/data -v $PWD/runs:/ft/runs \
+#     ft configs/my_run.yaml
+# (--ipc=host: DataLoader workers and NCCL need more shared memory than Docker's default.)
+FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+
+WORKDIR /ft
+COPY setup.cfg pyproject.toml README.md ./
+COPY ft ./ft
+# torch comes with the base image; pip keeps it because it satisfies torch>=2.11.
+RUN pip install --no-cache-dir -e . && pip install --no-cache-dir --no-deps dashscope==2.0.2
+COPY launch.sh ./
+COPY configs ./configs
+COPY data ./data
+
+ENV HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ENTRYPOINT ["./launch.sh"]

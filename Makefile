@@ -1,0 +1,32 @@
+# Set-up and entry points. `make demo` and `make test` each do everything on a fresh
+# machine: create .venv, install ft and its dependencies, then run.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch. On a GPU machine install the CUDA build of your choice first
+# (or use the Dockerfile); ft needs torch >= 2.11.
+TORCH_SPEC ?= torch==2.13.0
+
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	# The real Qwen2 vocabulary for the demo's tiny model, read offline from this
+	# Apache-2.0 wheel's qwen.tiktoken (its dependencies are not needed).
+	$(PY) -m pip install --quiet --no-deps dashscope==2.0.2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	./launch.sh
+
+test: install
+	WANDB_MODE=disabled $(PY) -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

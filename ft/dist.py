@@ -1,0 +1,107 @@
+"""Process-group plumbing: which rank am I, which device do I drive, and the few
+collectives the loop needs. Everything here works with one process (no torchrun) too,
+so tests and debugging sessions can import the loop's pieces without a launcher."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+    """Join the process group torchrun set up (or run alone when it did not).
+
+    NCCL when this node has GPUs, gloo otherwise. One process drives one GPU: the
+    local rank picks it, so `NPROC_PER_NODE` must not exceed the GPU count.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                "set NPROC_PER_NODE to at most the GPU count"
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        # device_id binds NCCL's communicator to this GPU eagerly; gloo takes none.
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        if "MASTER_ADDR" not in os.environ:
+            # Started without torchrun (`python -m ft.loop`): FSDP still needs a process
+            # group, so make a one-rank group on an in-memory store.
+            kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(
+            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
+        )
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few scalars over all ranks in one collective (float64, so token counts
+    in the billions stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def broadcast_module_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy rank `src`'s parameters and buffers (non-persistent ones such as rotary
+    `inv_freq` included) into every other rank's module, in place.
+
+    Every rank must hold the same parameter and buffer list in the same order, shapes
+    and dtypes included; otherwise gloo aborts with "collective mismatch" (and NCCL
+    hangs). That is why tied weights must be re-tied after `to_empty` before this runs.
+    """
+    if not is_distributed():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Launch ft under torchrun, on one node or many.
+#
+#   ./launch.sh                               # the demo: configs/demo.yaml
+#   ./launch.sh CONFIG.yaml [section.key=value ...]
+#
+# The topology comes from the environment, so the same script serves every node of a
+# multi-node job (run it once per node, with that node's NODE_RANK):
+#   NPROC_PER_NODE  processes on this node (default: the GPU count, or 2 without GPUs)
+#   NNODES          number of nodes (default 1)
+#   NODE_RANK       this node's index, 0..NNODES-1 (default 0)
+#   MASTER_ADDR     address of node 0, reachable from every node (default 127.0.0.1)
+#   MASTER_PORT     a free TCP port on node 0 (default 29500)
+#   PYTHON          interpreter with ft installed (default: .venv/bin/python if present)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [[ -n "${PYTHON:-}" ]]; then
+  :
+elif [[ -x .venv/bin/python ]]; then
+  PYTHON=.venv/bin/python
+else
+  PYTHON=python3
+fi
+
+CONFIG=configs/demo.yaml
+if [[ $# -gt 0 && "$1" != *=* ]]; then
+  CONFIG=$1
+  shift
+fi
+if [[ ! -f "$CONFIG" ]]; then
+  echo "launch.sh: config file '$CONFIG' not found" >&2
+  exit 2
+fi
+
+if [[ -z "${NPROC_PER_NODE:-}" ]]; then
+  NPROC_PER_NODE=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')
+  [[ "$NPROC_PER_NODE" -gt 0 ]] || NPROC_PER_NODE=2
+fi
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+MASTER_PORT=${MASTER_PORT:-29500}
+
+# The demo never needs the network: W&B logs offline unless an API key is configured
+# (see wandb.mode), and nothing is fetched from the Hugging Face Hub.
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+# One intra-op thread per process on CPU unless told otherwise: N processes on N cores.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+echo "[launch] $NNODES node(s) x $NPROC_PER_NODE process(es), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG"
+exec "$PYTHON" -m torch.distributed.run \
+  --nnodes "$NNODES" \
+  --node-rank "$NODE_RANK" \
+  --nproc-per-node "$NPROC_PER_NODE" \
+  --master-addr "$MASTER_ADDR" \
+  --master-port "$MASTER_PORT" \
+  -m ft.loop "$CONFIG" "$@"

@@ -1,0 +1,73 @@
+"""Shared test setup: offline, isolated caches, and tiny Qwen2.5-VL checkpoints.
+
+The environment is set at import time, before any test module imports transformers
+or datasets, because those libraries read it when they are first imported.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+_HF_HOME = tempfile.mkdtemp(prefix="ft-tests-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
+os.environ.update(
+    {
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # A fresh HF_HOME keeps tests off ~/.cache and away from anything cached there.
+        "HF_HOME": _HF_HOME,
+        # The tokenizers library warns (and can deadlock) when a process forks after
+        # using its thread pool, as torchrun and DataLoader workers do.
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ft.tiny import save_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """Tiny model, small (~800-token) vocabulary, tied embeddings: the fast default."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "small", vocab="small", seed=0)["path"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_untied(tmp_path_factory):
+    """Like tiny_model_dir but with a separate lm_head, as in the 7B model."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "small-untied", vocab="small", seed=0,
+                     tie_word_embeddings=False)["path"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_real(tmp_path_factory):
+    """Tiny model with Qwen2's real 151,936-row vocabulary (slower: ~2 s per CPU step)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "real", vocab="real", seed=0)["path"]
+
+
+def write_test_image(path, size=(56, 56), seed=0):
+    """Write a deterministic RGB image of ``size`` = (width, height) pixels to ``path``.
+
+    Smooth colour gradients plus seeded noise: not constant (so the vision tower sees
+    varied patches) and compressible enough for JPEG or PNG.
+    """
+    width, height = size
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    base = np.stack([xs * 255 / max(width - 1, 1), ys * 255 / max(height - 1, 1),
+                     np.full((height, width), rng.integers(0, 256))], axis=-1)
+    pixels = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(pixels, "RGB").save(path)
+    return path
+
+
+@pytest.fixture
+def make_image():
+    """``make_image(path, size=(56, 56), seed=0)`` writes a test image and returns its path."""
+    return write_test_image

@@ -1,0 +1,199 @@
+"""End to end through ./launch.sh on the tiny model, checked against a hand-written
+single-process reference.
+
+The reference is deliberately not ft code: a plain (unwrapped) HF model, HF's own
+token-mean loss over the whole global batch collated into one batch, torch AdamW, HF's
+constant_with_warmup schedule and torch's clip_grad_norm_. Three ft runs with the same
+global batch of 2 — (2 ranks x batch 1), (1 rank x batch 1 x 2 accumulation steps),
+(1 rank x batch 2) — must each reproduce its per-step losses, gradient norms and final
+weights. That proves sharded == unsharded and that the loss is token-weighted over the
+whole optimizer step, whatever the split.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DistributedSampler
+from transformers import Qwen2_5_VLForConditionalGeneration, get_constant_schedule_with_warmup
+
+from ft.data import Collator, ConversationDataset, load_rows
+from ft.processor import load_processor
+from conftest import write_test_image
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS, LR, WARMUP, CLIP, SEED, MAX_LEN = 3, 2e-3, 0.34, 0.5, 7, 512
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def image_row(img: str, question: str, answer: str) -> dict:
+    return {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": answer},
+    ]}
+
+
+def text_row(question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Rows of very different label lengths (token weighting matters), images of three
+    sizes, and text-only rows placed so that at step 1 rank 0 gets an image and rank 1
+    does not: without the collator's dummy image the 2-rank run aborts there."""
+    d = tmp_path_factory.mktemp("data")
+    for name, size, seed in (("a.png", (56, 56), 1), ("b.png", (84, 56), 2), ("c.png", (112, 84), 3)):
+        write_test_image(d / name, size=size, seed=seed)
+    image_rows = [
+        image_row("a.png", "What is this?", "A picture."),
+        image_row("b.png", "Describe the image in detail.",
+                  "A smooth gradient of colours runs from left to right, with fine noise over it, "
+                  "and a brighter band near the bottom edge of the frame."),
+        image_row("c.png", "Which colour dominates?", "Mostly green, fading into blue at the top."),
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nCaption it."},
+                                             {"from": "gpt", "value": "Noise on a gradient."}]},
+    ]
+    text_rows = [
+        text_row("Say hi.", "Hi."),
+        text_row("Count to ten.", "One, two, three, four, five, six, seven, eight, nine, ten."),
+        text_row("What is two plus two?", "Two plus two is four."),
+        text_row("Name a colour.", "Blue."),
+    ]
+    # Order the file so that DistributedSampler's shuffled order starts image, text.
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(SEED)).tolist()
+    rows: list = [None] * 8
+    for k, idx in enumerate(perm):
+        rows[idx] = (image_rows if k % 2 == 0 else text_rows)[k // 2]
+    write_rows(d / "train.jsonl", rows)
+    write_rows(d / "eval.jsonl", [image_rows[1], text_rows[1], image_rows[2]])
+    return d
+
+
+def launch(tmp: Path, model_dir: str, data: Path, nproc: int, *overrides: str) -> Path:
+    out = tmp / f"run-{nproc}-{'-'.join(o.split('=')[1] for o in overrides) or 'default'}"
+    env = {
+        **os.environ,
+        "NPROC_PER_NODE": str(nproc),
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "WANDB_MODE": "disabled",
+    }
+    cmd = [
+        str(REPO / "launch.sh"), str(REPO / "configs/demo.yaml"),
+        f"model.path={model_dir}", "model.build_tiny_if_missing=false",
+        f"data.train_file={data / 'train.jsonl'}", f"data.eval_file={data / 'eval.jsonl'}",
+        f"data.max_length={MAX_LEN}",
+        f"train.output_dir={out}", f"train.max_steps={STEPS}", f"train.learning_rate={LR}",
+        f"train.warmup_ratio={WARMUP}", f"train.max_grad_norm={CLIP}", f"train.seed={SEED}",
+        "train.optim=adamw", "train.precision=fp32", "train.logging_steps=1",
+        "train.eval_steps=0", f"train.save_steps={STEPS}", *overrides,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"launch.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return out
+
+
+def reference(model_dir: str, data: Path):
+    torch.manual_seed(SEED)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    processor = load_processor(model_dir)
+    ds = ConversationDataset(load_rows(data / "train.jsonl"), processor, MAX_LEN)
+    collate = Collator(processor)
+    order = list(DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=SEED, drop_last=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = get_constant_schedule_with_warmup(opt, int(-(-STEPS * WARMUP // 1)))
+    losses, norms = [], []
+    for step in range(STEPS):
+        batch = collate([ds[i] for i in order[2 * step: 2 * step + 2]])
+        batch.pop("num_real_tokens")
+        loss = model(**batch).loss  # HF's mean over every label token of the global batch
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item())
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, norms, {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def read_metrics(out: Path):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
+
+
+def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, tmp_path):
+    ref_losses, ref_norms, ref_weights = reference(tiny_model_dir, dataset)
+    runs = {
+        "2 ranks x batch 1 (activation checkpointing)": launch(
+            tmp_path, tiny_model_dir, dataset, 2, "train.per_device_train_batch_size=1",
+            "fsdp.activation_checkpointing=true"),
+        "1 rank x batch 1 x 2 accumulation": launch(
+            tmp_path, tiny_model_dir, dataset, 1, "train.per_device_train_batch_size=1",
+            "train.gradient_accumulation_steps=2", "fsdp.activation_checkpointing=false"),
+        "1 rank x batch 2": launch(
+            tmp_path, tiny_model_dir, dataset, 1, "train.per_device_train_batch_size=2",
+            "fsdp.activation_checkpointing=false"),
+    }
+    for name, out in runs.items():
+        train, evals = read_metrics(out)
+        assert [r["step"] for r in train] == [1, 2, 3], name
+        assert [r["loss"] for r in train] == pytest.approx(ref_losses, abs=1e-5), name
+        assert [r["grad_norm"] for r in train] == pytest.approx(ref_norms, rel=1e-4), name
+        assert [e["step"] for e in evals] == [STEPS], name  # eval_steps=0: one eval, at the end
+        exported = load_file(str(out / "best" / "model.safetensors"))
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "best", dtype=torch.float32)
+        got = model.state_dict()
+        assert set(got) == set(ref_weights), name
+        worst = max((got[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
+        assert worst <= 1e-5, f"{name}: weights differ from the reference by {worst:.2e}"
+        assert exported, name
+    # The weights moved at all (otherwise equality above would be vacuous).
+    initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).state_dict()
+    assert max((initial[k] - ref_weights[k]).abs().max().item() for k in ref_weights) > 1e-3
+
+
+def test_launch_demo_config_end_to_end(tiny_model_dir, dataset, tmp_path):
+    """The real entry point with the demo config's defaults (Adafactor, FSDP, activation
+    checkpointing): evals, a best export, a resumable checkpoint and its outputs."""
+    out = launch(tmp_path, tiny_model_dir, dataset, 2, "train.optim=adafactor", "train.eval_steps=2",
+                 "train.save_steps=2", "train.max_steps=4")
+    train, evals = read_metrics(out)
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    for r in train:
+        assert set(r) >= {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_gb"}
+        assert r["tokens_per_s"] > 0 and r["peak_mem_gb"] > 0
+    assert [e["step"] for e in evals] == [2, 4]
+    best = min(evals, key=lambda e: e["eval_loss"])
+    info = json.loads((out / "best" / "ft_export.json").read_text())
+    assert info == {"step": best["step"], "eval_loss": pytest.approx(best["eval_loss"])}
+    assert (out / "config.yaml").is_file()
+    for step in (2, 4):
+        ck = out / "checkpoints" / f"step-{step}"
+        assert (ck / ".metadata").is_file()
+        assert json.loads((ck / "train_state.json").read_text())["step"] == step
+    # The export loads with the standard HF classes.
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "best")
+    tok = AutoTokenizer.from_pretrained(out / "best")
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == json.loads(
+        (out / "best" / "config.json").read_text())["image_token_id"]
+    AutoImageProcessor.from_pretrained(out / "best")
+    assert json.loads((out / "best" / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
