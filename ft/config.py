@@ -170,7 +170,10 @@ class TrainConfig:
     before each optimizer step. 0 disables clipping; the norm is logged either way."""
 
     weight_decay: float = 0.0
-    """Weight decay coefficient passed to the optimizer."""
+    """Weight decay coefficient passed to the optimizer. Applied to every parameter,
+    norms and biases included: with FSDP1 flat parameters (`use_orig_params=false`)
+    one flat shard mixes them, so HF's no-decay group for norms and biases cannot be
+    formed."""
 
     logging_steps: int = 1
     """Log training metrics every this many optimizer steps."""
@@ -180,16 +183,22 @@ class TrainConfig:
     training. 0 evaluates only at the end. Ignored when `eval_file` is empty."""
 
     save_steps: int = 20
-    """Write a resumable checkpoint (the state needed to continue training from that
-    step) under `output_dir` every this many optimizer steps. 0 writes no intermediate
-    checkpoints."""
+    """Write a sharded checkpoint (torch.distributed.checkpoint: every rank writes
+    its own model and optimizer shards, plus `train_state.json` once all ranks are done)
+    to `output_dir/checkpoints/step-N/` every this many optimizer steps. 0 writes none.
+    The loop does not resume from them automatically yet; `ft.ckpt.load_checkpoint`
+    restores one into a wrapped model and optimizer."""
 
     seed: int = 42
     """Seed for data shuffling and the random number generators."""
 
     optim: str = "adafactor"
-    """Optimizer: `adafactor` keeps factored second-moment statistics, using far less
-    memory than `adamw` (which keeps two full-size fp32 moments per parameter)."""
+    """Optimizer: `adafactor` is the reference recipe's (HF `Adafactor(lr,
+    scale_parameter=False, relative_step=False)`); `adamw` is torch's AdamW with HF's
+    defaults (betas 0.9/0.999, eps 1e-8). Under FSDP1 the optimizer sees each rank's
+    flat shard, so Adafactor cannot factor its second moment: it keeps one full-size
+    fp32 moment per parameter (AdamW keeps two), and its update clipping is per shard,
+    exactly as in the HF Trainer recipe."""
 
     precision: str = "auto"
     """Compute precision: `bf16` (bfloat16 mixed precision: parameters and activations in
@@ -228,7 +237,7 @@ class FSDPConfig:
     sync_module_states: bool = True
     """Make every rank start from rank 0's weights. On GPU FSDP broadcasts them at
     wrapping time; on CPU, where FSDP refuses this flag, ft broadcasts them explicitly
-    after wrapping."""
+    just before wrapping."""
 
     use_orig_params: bool = False
     """Expose the original parameters instead of FSDP's flattened ones. Needed when
