@@ -362,3 +362,12 @@ def test_cli_module_reference():
         cwd=REPO, capture_output=True, text=True, check=True,
     )
     assert result.stdout == config_reference_markdown()
+
+
+def test_readme_config_reference_is_current():
+    """The README's reference is generated; regenerate it when a field or doc changes:
+    paste `python -m ft.config --reference` between the markers."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+    section = readme[readme.index(start) + len(start): readme.index(end)]
+    assert section.strip() == config_reference_markdown().strip()
