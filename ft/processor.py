@@ -123,7 +123,14 @@ def load_processor(
     # Passed as init kwargs they replace the saved values under both spellings the
     # image processor understands (flat keys in older releases, `size` in newer ones).
     overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    image_processor = AutoImageProcessor.from_pretrained(model_dir, **overrides)
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(model_dir, **overrides)
+    except ImportError:
+        # Some 5.x releases (5.17) raise instead of falling back to the PIL processor
+        # when torchvision is missing; it produces the same pixels, so load it directly.
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir, **overrides)
     # Processor-level chat template (chat_template.json, older checkpoints) wins over
     # none at all; the tokenizer's own template (chat_template.jinja) is the usual source.
     processor = Qwen2_5_VLImageOnlyProcessor(

@@ -71,3 +71,22 @@ def write_test_image(path, size=(56, 56), seed=0):
 def make_image():
     """``make_image(path, size=(56, 56), seed=0)`` writes a test image and returns its path."""
     return write_test_image
+
+
+def auto_image_processor(path):
+    """``AutoImageProcessor.from_pretrained(path)``, as a user would call it.
+
+    transformers 5.17 raises ImportError here when torchvision is missing (5.24 falls
+    back to the PIL processor by itself); there, check the same files load with the PIL
+    processor class, which is what ft.processor does too.
+    """
+    from transformers import AutoImageProcessor
+
+    try:
+        return AutoImageProcessor.from_pretrained(path)
+    except ImportError as e:
+        if "orchvision" not in str(e):
+            raise
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil.from_pretrained(path)
