@@ -100,14 +100,14 @@ def evaluate(model, eval_ds, collator, batch_size: int, num_workers: int, info: 
         torch.utils.data.Subset(eval_ds, local or [0]),
         batch_size=batch_size, collate_fn=collator, num_workers=num_workers,
     )
-    total, count, last = 0.0, 0, None
+    total, count, batch = 0.0, 0, None
     it = iter(loader)
     for i in range(n_batches):
         real = i * batch_size < len(local)
-        batch = next(it) if real else last
-        last = batch
-        batch = to_device({k: v for k, v in batch.items() if k != "num_real_tokens"}, info.device)
-        s, n = loss_sum(model, batch)  # SYNC (FSDP all-gathers inside)
+        if real or batch is None:  # a rank with no eval rows at all still needs a batch
+            batch = next(it)
+            inputs = to_device({k: v for k, v in batch.items() if k != "num_real_tokens"}, info.device)
+        s, n = loss_sum(model, inputs)  # SYNC (FSDP all-gathers inside)
         if real:
             total += s.item()
             count += n
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     # End: a last eval if the last step had none, then report the best model
     # =================================================================================
     if eval_ds is not None:
-        if state.best_step != state.step and not (cfg.train.eval_steps and state.step % cfg.train.eval_steps == 0):
+        if not (cfg.train.eval_steps and state.step % cfg.train.eval_steps == 0):
             run_eval_and_maybe_export()
         log(info, f"best model: step {state.best_step}, eval_loss {state.best_eval_loss:.4f} -> "
                   f"{os.path.abspath(best_dir)}")

@@ -82,11 +82,12 @@ def dataset(tmp_path_factory):
         rows[idx] = (image_rows if k % 2 == 0 else text_rows)[k // 2]
     write_rows(d / "train.jsonl", rows)
     write_rows(d / "eval.jsonl", [image_rows[1], text_rows[1], image_rows[2]])
+    write_rows(d / "eval_one_row.jsonl", [image_rows[2]])
     return d
 
 
 def launch(tmp: Path, model_dir: str, data: Path, nproc: int, *overrides: str) -> Path:
-    out = tmp / f"run-{nproc}-{'-'.join(o.split('=')[1] for o in overrides) or 'default'}"
+    out = tmp / f"run-{len(list(tmp.iterdir()))}"
     env = {
         **os.environ,
         "NPROC_PER_NODE": str(nproc),
@@ -130,7 +131,12 @@ def reference(model_dir: str, data: Path):
         sched.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return losses, norms, {k: v.detach() for k, v in model.state_dict().items()}
+    # Token-weighted eval loss of the final weights over the whole eval set.
+    model.eval()
+    eval_ds = ConversationDataset(load_rows(data / "eval.jsonl"), processor, MAX_LEN)
+    with torch.no_grad():
+        eval_loss = model(**{k: v for k, v in collate(list(eval_ds)).items() if k != "num_real_tokens"}).loss.item()
+    return losses, norms, eval_loss, {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def read_metrics(out: Path):
@@ -139,7 +145,7 @@ def read_metrics(out: Path):
 
 
 def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, tmp_path):
-    ref_losses, ref_norms, ref_weights = reference(tiny_model_dir, dataset)
+    ref_losses, ref_norms, ref_eval, ref_weights = reference(tiny_model_dir, dataset)
     runs = {
         "2 ranks x batch 1 (activation checkpointing)": launch(
             tmp_path, tiny_model_dir, dataset, 2, "train.per_device_train_batch_size=1",
@@ -157,6 +163,8 @@ def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, t
         assert [r["loss"] for r in train] == pytest.approx(ref_losses, abs=1e-5), name
         assert [r["grad_norm"] for r in train] == pytest.approx(ref_norms, rel=1e-4), name
         assert [e["step"] for e in evals] == [STEPS], name  # eval_steps=0: one eval, at the end
+        # 3 eval rows on 2 ranks: rank 1 runs a padding forward that must not count.
+        assert evals[0]["eval_loss"] == pytest.approx(ref_eval, abs=1e-5), name
         exported = load_file(str(out / "best" / "model.safetensors"))
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "best", dtype=torch.float32)
         got = model.state_dict()
@@ -172,8 +180,9 @@ def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, t
 def test_launch_demo_config_end_to_end(tiny_model_dir, dataset, tmp_path):
     """The real entry point with the demo config's defaults (Adafactor, FSDP, activation
     checkpointing): evals, a best export, a resumable checkpoint and its outputs."""
+    # One eval row on two ranks: rank 1 has none of its own and must still run the forward.
     out = launch(tmp_path, tiny_model_dir, dataset, 2, "train.optim=adafactor", "train.eval_steps=2",
-                 "train.save_steps=2", "train.max_steps=4")
+                 "train.save_steps=2", "train.max_steps=4", f"data.eval_file={dataset / 'eval_one_row.jsonl'}")
     train, evals = read_metrics(out)
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:

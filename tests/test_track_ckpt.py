@@ -1,0 +1,69 @@
+"""wandb mode resolution and the crash-safe swap of the best export."""
+
+import json
+
+import pytest
+
+from ft import ckpt
+from ft.config import WandbConfig
+from ft.track import Tracker, resolve_wandb_mode
+
+
+def test_wandb_mode(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert resolve_wandb_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_wandb_mode("auto") == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert resolve_wandb_mode("auto") == "online"
+    assert resolve_wandb_mode("offline") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # the environment always wins
+    assert resolve_wandb_mode("online") == "disabled"
+
+
+def test_tracker_writes_jsonl(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    t = Tracker(str(tmp_path), WandbConfig(), {}, "run")
+    t.log({"step": 1, "loss": 2.5})
+    t.log({"step": 1, "eval_loss": 2.0})
+    t.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "loss": 2.5}, {"step": 1, "eval_loss": 2.0}]
+
+
+def _export(path, step):
+    path.mkdir()
+    (path / "ft_export.json").write_text(json.dumps({"step": step}))
+
+
+def test_swap_replaces_and_crash_leftovers_are_recovered(tmp_path):
+    best = tmp_path / "best"
+    _export(best, 1)
+    tmp = tmp_path / "best.tmp"
+    _export(tmp, 2)
+    ckpt._swap_into_place(str(tmp), str(best))
+    assert json.loads((best / "ft_export.json").read_text()) == {"step": 2}
+    assert not tmp.exists() and not (tmp_path / "best.old").exists()
+
+    # Crash after the old export was moved aside and before the new one moved in.
+    best.rename(tmp_path / "best.old")
+    _export(tmp_path / "best.tmp", 3)  # half-written new export
+    ckpt.recover_export(str(best))
+    assert json.loads((best / "ft_export.json").read_text()) == {"step": 2}
+    assert not (tmp_path / "best.old").exists() and not (tmp_path / "best.tmp").exists()
+
+    # Crash after the new one moved in, before the old one was deleted.
+    _export(tmp_path / "best.old", 1)
+    ckpt.recover_export(str(best))
+    assert json.loads((best / "ft_export.json").read_text()) == {"step": 2}
+    assert not (tmp_path / "best.old").exists()
+
+
+def test_load_refuses_incomplete_checkpoint(tmp_path):
+    (tmp_path / "step-5").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ckpt.load_checkpoint(None, None, str(tmp_path / "step-5"))
