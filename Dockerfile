@@ -3,7 +3,9 @@
 #   docker run --gpus all --ipc=host -v /models:/models -v /data:/data -v $PWD/runs:/ft/runs \
 #     ft configs/my_run.yaml
 # (--ipc=host: DataLoader workers and NCCL need more shared memory than Docker's default.)
-FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+# Any CUDA build of torch >= 2.11 works: pick the tag that matches your drivers.
+ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
 
 WORKDIR /ft
 COPY setup.cfg pyproject.toml README.md ./

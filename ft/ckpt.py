@@ -98,6 +98,15 @@ def recover_export(path: str) -> None:
     shutil.rmtree(f"{path}.tmp", ignore_errors=True)
 
 
+def _make_readable(folder: str) -> None:
+    # transformers writes model.safetensors owner-only (0600); an export is meant to be
+    # shared (other users of the cluster, a serving job), so apply the usual umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
 def _swap_into_place(tmp: str, path: str) -> None:
     # A directory cannot be replaced atomically while it has files, so: move the current
     # export aside, move the new one in, delete the old one. A crash at any point leaves
@@ -136,6 +145,7 @@ def export_hf(
             hf_model.config.use_cache = False
         export_processor_files(source_model_dir, tmp)
         write_json_atomic(os.path.join(tmp, EXPORT_INFO_FILE), export_info)
+        _make_readable(tmp)
         _swap_into_place(tmp, path)
     del state_dict
     barrier()

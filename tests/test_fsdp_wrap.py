@@ -168,6 +168,9 @@ def test_two_ranks_units_export_and_checkpoint(fixture, request, tmp_path):
     # The export loads with from_pretrained and gives the trained model's logits.
     best = tmp_path / "best"
     assert json.loads((best / "ft_export.json").read_text()) == {"step": 2}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (best / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(best, dtype=torch.float32).eval()
     batch = _batch(str(best))
     with torch.no_grad():
