@@ -177,12 +177,18 @@ def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, t
     assert max((initial[k] - ref_weights[k]).abs().max().item() for k in ref_weights) > 1e-3
 
 
-def test_launch_demo_config_end_to_end(tiny_model_dir, dataset, tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tiny_model_dir, dataset, tmp_path_factory):
     """The real entry point with the demo config's defaults (Adafactor, FSDP, activation
-    checkpointing): evals, a best export, a resumable checkpoint and its outputs."""
+    checkpointing), 4 steps with evals and saves every 2."""
     # One eval row on two ranks: rank 1 has none of its own and must still run the forward.
-    out = launch(tmp_path, tiny_model_dir, dataset, 2, "train.optim=adafactor", "train.eval_steps=2",
-                 "train.save_steps=2", "train.max_steps=4", f"data.eval_file={dataset / 'eval_one_row.jsonl'}")
+    return launch(tmp_path_factory.mktemp("demo"), tiny_model_dir, dataset, 2, "train.optim=adafactor",
+                  "train.eval_steps=2", "train.save_steps=2", "train.max_steps=4",
+                  f"data.eval_file={dataset / 'eval_one_row.jsonl'}")
+
+
+def test_launch_demo_config_end_to_end(demo_run):
+    out = demo_run
     train, evals = read_metrics(out)
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:
@@ -206,3 +212,18 @@ def test_launch_demo_config_end_to_end(tiny_model_dir, dataset, tmp_path):
         (out / "best" / "config.json").read_text())["image_token_id"]
     auto_image_processor(out / "best")
     assert json.loads((out / "best" / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
+
+
+def test_export_loads_with_auto_processor(demo_run):
+    """Real tooling loads exports with AutoProcessor, which needs torchvision (absent on
+    the CPU CI machines: PyPI's torchvision does not import beside the CPU torch)."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as e:  # RuntimeError, not ImportError, when the builds mismatch
+        pytest.skip(f"torchvision does not import here: {e}")
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(demo_run / "best")
+    assert type(processor).__name__ == "Qwen2_5_VLProcessor"
+    assert processor.image_processor is not None and processor.tokenizer is not None
+
