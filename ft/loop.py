@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> None:
         # the label-token count of all of them on all ranks, known before any backward.
         micro = [next_batch() for _ in range(accum)]
         n_tokens = sum(int(b.pop("num_real_tokens")) for b in micro)
+        n_labels = sum(count_labels(b) for b in micro)  # on CPU: no device sync
         micro = [to_device(b, info.device) for b in micro]
-        n_labels = sum(count_labels(b) for b in micro)
         global_labels, global_tokens = dist.all_reduce_sum([n_labels, n_tokens], info.device)  # SYNC
         # FSDP averages gradients over ranks (divides by world size); multiplying back
         # by it makes the result the gradient of sum(token losses) / global_labels.
