@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from ft import ckpt, dist
-from ft.config import config_to_dict, load_config, save_config
+from ft.config import ConfigError, config_to_dict, load_config, save_config
 from ft.data import build_datasets, Collator
 from ft.fsdp_wrap import apply_checkpointing, format_plan, plan_units, root_members, wrap_model
 from ft.model import IGNORE_INDEX, load_model, loss_sum
@@ -123,7 +123,13 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     config_path = argv[0] if argv and "=" not in argv[0] else None
-    cfg = load_config(config_path, argv[1:] if config_path else argv)
+    try:
+        cfg = load_config(config_path, argv[1:] if config_path else argv)
+    except (ConfigError, FileNotFoundError) as e:
+        # A typo in a key is not a crash: say what is wrong once (not once per rank).
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ft: config error: {e}", file=sys.stderr)
+        sys.exit(2)
 
     # =================================================================================
     # Setup: process group, run folder, seeds

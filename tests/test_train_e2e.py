@@ -227,3 +227,13 @@ def test_export_loads_with_auto_processor(demo_run):
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
     assert processor.image_processor is not None and processor.tokenizer is not None
 
+
+
+def test_config_typo_is_a_clean_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ft.loop", str(REPO / "configs/demo.yaml"), "train.learning_rat=1e-5"],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "unknown key 'train.learning_rat'; did you mean 'train.learning_rate'" in proc.stderr
+    assert "Traceback" not in proc.stderr
