@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
+from ft.data import IGNORE_INDEX
 from ft.dist import DistInfo
-
-IGNORE_INDEX = -100
 
 
 def load_model(path: str, info: DistInfo, attn_implementation: str = "sdpa") -> Qwen2_5_VLForConditionalGeneration:

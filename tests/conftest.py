@@ -7,6 +7,7 @@ or datasets, because those libraries read it when they are first imported.
 import atexit
 import os
 import shutil
+import socket
 import tempfile
 
 _HF_HOME = tempfile.mkdtemp(prefix="ft-tests-hf-")
@@ -90,3 +91,11 @@ def auto_image_processor(path):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         return Qwen2VLImageProcessorPil.from_pretrained(path)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, for a test's process-group rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+

@@ -3,7 +3,6 @@ exports that round-trip through from_pretrained, resumable checkpoints that relo
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+from conftest import free_port
 from ft.fsdp_wrap import (
     WRAP_PLAN,
     WrapPlanError,
@@ -149,16 +149,10 @@ def _worker(rank, world, port, model_dir, out_dir):
     dist.cleanup()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_model_dir_untied"])
 def test_two_ranks_units_export_and_checkpoint(fixture, request, tmp_path):
     model_dir = request.getfixturevalue(fixture)
-    mp.spawn(_worker, args=(2, _free_port(), model_dir, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), model_dir, str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "result.pt")
 
     for fqn, (held, expected) in result["sizes"].items():

@@ -12,7 +12,6 @@ whole optimizer step, whatever the split.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,16 +24,10 @@ from transformers import Qwen2_5_VLForConditionalGeneration, get_constant_schedu
 
 from ft.data import Collator, ConversationDataset, load_rows
 from ft.processor import load_processor
-from conftest import auto_image_processor, write_test_image
+from conftest import auto_image_processor, free_port, write_test_image
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, LR, WARMUP, CLIP, SEED, MAX_LEN = 3, 2e-3, 0.34, 0.5, 7, 512
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
