@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
             tracker.log({"step": state.step, "eval_loss": eval_loss})
         log(info, f"step {state.step}: eval_loss {eval_loss:.4f}" + (" (best, exported)" if improved else ""))
 
-    bar = tqdm(total=cfg.train.max_steps, disable=not info.is_main, desc="train", dynamic_ncols=True)
+    # In a batch job's log file (no terminal) a redraw every 30 s is plenty.
+    bar = tqdm(total=cfg.train.max_steps, disable=not info.is_main, desc="train", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30.0)
     window = {"loss_sum": 0.0, "labels": 0.0, "tokens": 0.0, "t0": time.perf_counter()}
     model.train()
     while state.step < cfg.train.max_steps:
