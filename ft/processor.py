@@ -107,6 +107,21 @@ def check_processor(processor, model_dir: str | os.PathLike) -> None:
         raise ValueError(f"processor files in {model_dir} do not match its config.json:\n  " + "\n  ".join(problems))
 
 
+def load_image_processor(model_dir: str | os.PathLike, **overrides):
+    """``AutoImageProcessor.from_pretrained``, which picks the torchvision processor
+    where torchvision imports and the PIL one otherwise — except that some 5.x releases
+    (5.17) raise ImportError instead of falling back. The PIL processor gives the same
+    pixels (2.4e-7 apart), so load it directly there."""
+    try:
+        return AutoImageProcessor.from_pretrained(model_dir, **overrides)
+    except ImportError as e:
+        if "orchvision" not in str(e):
+            raise
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        return Qwen2VLImageProcessorPil.from_pretrained(model_dir, **overrides)
+
+
 def load_processor(
     model_dir: str | os.PathLike,
     min_pixels: int | None = None,
@@ -123,14 +138,7 @@ def load_processor(
     # Passed as init kwargs they replace the saved values under both spellings the
     # image processor understands (flat keys in older releases, `size` in newer ones).
     overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(model_dir, **overrides)
-    except ImportError:
-        # Some 5.x releases (5.17) raise instead of falling back to the PIL processor
-        # when torchvision is missing; it produces the same pixels, so load it directly.
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir, **overrides)
+    image_processor = load_image_processor(model_dir, **overrides)
     # Processor-level chat template (chat_template.json, older checkpoints) wins over
     # none at all; the tokenizer's own template (chat_template.jinja) is the usual source.
     processor = Qwen2_5_VLImageOnlyProcessor(

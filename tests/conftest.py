@@ -74,25 +74,6 @@ def make_image():
     return write_test_image
 
 
-def auto_image_processor(path):
-    """``AutoImageProcessor.from_pretrained(path)``, as a user would call it.
-
-    transformers 5.17 raises ImportError here when torchvision is missing (5.24 falls
-    back to the PIL processor by itself); there, check the same files load with the PIL
-    processor class, which is what ft.processor does too.
-    """
-    from transformers import AutoImageProcessor
-
-    try:
-        return AutoImageProcessor.from_pretrained(path)
-    except ImportError as e:
-        if "orchvision" not in str(e):
-            raise
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil.from_pretrained(path)
-
-
 def free_port() -> int:
     """A TCP port nobody listens on right now, for a test's process-group rendezvous."""
     with socket.socket() as s:

@@ -10,9 +10,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from conftest import auto_image_processor
 
-from ft.processor import export_processor_files, load_processor
+from ft.processor import export_processor_files, load_image_processor, load_processor
 from ft.tiny import ADDED_TOKENS, SPECIAL_TOKENS, main, save_tiny
 
 # Qwen2.5-VL's published ids (tokenizer_config.json / config.json of the 3B and 7B models).
@@ -108,7 +107,7 @@ def test_saved_dir_loads_and_processor_counts_image_tokens(tiny_model_dir, make_
             "processor_config.json"} <= files
     assert json.loads((Path(tiny_model_dir) / "processor_config.json").read_text())["processor_class"] == (
         "Qwen2_5_VLProcessor")
-    image_processor = auto_image_processor(tiny_model_dir)
+    image_processor = load_image_processor(tiny_model_dir)
     assert (image_processor.size["shortest_edge"], image_processor.size["longest_edge"]) == (56 * 56, 448 * 448)
 
     processor = load_processor(tiny_model_dir)
@@ -178,7 +177,7 @@ def test_export_processor_files(tiny_model_dir, tmp_path):
             assert data["processor_class"] == "Qwen2_5_VLProcessor", name
     assert AutoTokenizer.from_pretrained(export)("Hello")["input_ids"] == (
         AutoTokenizer.from_pretrained(tiny_model_dir)("Hello")["input_ids"])
-    assert auto_image_processor(export).merge_size == 2
+    assert load_image_processor(export).merge_size == 2
 
     # Files that are already right (as in real checkpoints) are copied byte for byte.
     export2 = tmp_path / "export2"

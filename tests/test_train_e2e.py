@@ -23,8 +23,8 @@ from torch.utils.data import DistributedSampler
 from transformers import Qwen2_5_VLForConditionalGeneration, get_constant_schedule_with_warmup
 
 from ft.data import Collator, ConversationDataset, load_rows
-from ft.processor import load_processor
-from conftest import auto_image_processor, free_port, write_test_image
+from ft.processor import load_image_processor, load_processor
+from conftest import free_port, write_test_image
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, LR, WARMUP, CLIP, SEED, MAX_LEN = 3, 2e-3, 0.34, 0.5, 7, 512
@@ -203,7 +203,7 @@ def test_launch_demo_config_end_to_end(demo_run):
     tok = AutoTokenizer.from_pretrained(out / "best")
     assert tok.convert_tokens_to_ids("<|image_pad|>") == json.loads(
         (out / "best" / "config.json").read_text())["image_token_id"]
-    auto_image_processor(out / "best")
+    load_image_processor(out / "best")
     assert json.loads((out / "best" / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
 
 
@@ -219,7 +219,6 @@ def test_export_loads_with_auto_processor(demo_run):
     processor = AutoProcessor.from_pretrained(demo_run / "best")
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
     assert processor.image_processor is not None and processor.tokenizer is not None
-
 
 
 def test_config_typo_is_a_clean_error():
