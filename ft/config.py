@@ -100,6 +100,21 @@ class ModelConfig:
     attention, works everywhere), `eager` (plain matmuls, slowest, for debugging), or
     `flash_attention_2` (needs the flash-attn package and a CUDA GPU)."""
 
+    freeze_vision_tower: bool = False
+    """Keep the vision encoder (patch embedding and ViT blocks; not the merger) at its
+    loaded weights: it gets no gradients and no optimizer state, and is saved unchanged
+    in checkpoints and exports. It still runs on every batch to encode the images."""
+
+    freeze_merger: bool = False
+    """Keep the merger (the projector from vision features into the language model's
+    embeddings) at its loaded weights."""
+
+    freeze_llm: bool = False
+    """Keep the language model (token embeddings, decoder layers, final norm, lm_head) at
+    its loaded weights and train only the vision side. Gradients still flow back through
+    it to the merger, so it keeps activation checkpointing. At most two of the three
+    `freeze_*` switches may be true."""
+
 
 @dataclass
 class DataConfig:
@@ -127,6 +142,24 @@ class DataConfig:
     """Upper bound on each image's pixel count after resizing; larger images are
     downscaled, keeping their aspect ratio. The default 200704 = 256 × 28 × 28 caps an
     image at about 256 tokens. Must be at least `min_pixels`."""
+
+    on_bad_sample: str = "error"
+    """What to do with rows that cannot be trained on. Before training, every row of
+    `train_file` and `eval_file` is checked (malformed JSON, unknown keys or roles, no
+    assistant turn, missing, unreadable or truncated image, a count of `<image>`
+    placeholders that does not match the images, images that do not fit in
+    `max_length`): `error` stops with a list of `file:line: reason`; `skip` leaves those
+    rows out and logs how many there were and why."""
+
+    group_by_length: bool = False
+    """Put training rows of similar length (text plus image tokens) in the same batch,
+    which cuts padding when `per_device_train_batch_size` > 1. Each epoch is still
+    shuffled: its rows are cut into chunks of 50 global batches (all ranks' micro-batches
+    of one step), each chunk is sorted by length and split into global batches, and the
+    order of the batches is shuffled; the batch holding the epoch's longest row goes
+    first, so an out-of-memory error shows at the first step. Off by default, which
+    keeps the plain shuffled order of the HF Trainer reference: grouped steps see all
+    short or all long samples, so the per-step loss swings with length."""
 
 
 @dataclass
@@ -157,7 +190,19 @@ class TrainConfig:
     one larger batch."""
 
     learning_rate: float = 1e-4
-    """Peak learning rate, reached after warmup and then held constant."""
+    """Peak learning rate, reached after warmup and then held constant. It applies to
+    the language model, and to the vision tower and merger unless `vision_lr` or
+    `merger_lr` is set."""
+
+    vision_lr: float = -1.0
+    """Peak learning rate of the vision tower (patch embedding and ViT blocks), on the
+    same warmup schedule. -1 means `learning_rate`; 0 leaves the tower unchanged although
+    it is not frozen (it still gets gradients and optimizer state: prefer
+    `model.freeze_vision_tower`)."""
+
+    merger_lr: float = -1.0
+    """Peak learning rate of the merger (vision-to-language projector), on the same
+    warmup schedule. -1 means `learning_rate`."""
 
     warmup_ratio: float = 0.0
     """Fraction of `max_steps` over which the learning rate rises linearly from 0 to
@@ -176,34 +221,78 @@ class TrainConfig:
     formed."""
 
     logging_steps: int = 1
-    """Log training metrics every this many optimizer steps."""
+    """Log training metrics every this many optimizer steps: loss, lr, grad norm,
+    tokens/s (all ranks and per device; real text and image tokens, no padding), the
+    step split into data wait / forward+backward / optimizer, MFU (GPU only) and the
+    highest peak memory over the ranks."""
+
+    metrics_warmup_steps: int = 2
+    """Steps left out of the end-of-run throughput averages (the `summary` record of
+    metrics.jsonl): the first steps of a process pay for allocator warm-up and lazy
+    initialisation. Counted from the start of each launch, resumed or not."""
 
     eval_steps: int = 20
     """Evaluate on `eval_file` every this many optimizer steps, and at the end of
     training. 0 evaluates only at the end. Ignored when `eval_file` is empty."""
 
     save_steps: int = 20
-    """Write a sharded checkpoint (torch.distributed.checkpoint: every rank writes
-    its own model and optimizer shards, plus `train_state.json` once all ranks are done)
-    to `output_dir/checkpoints/step-N/` every this many optimizer steps. 0 writes none.
-    The loop does not resume from them automatically yet; `ft.ckpt.load_checkpoint`
-    restores one into a wrapped model and optimizer."""
+    """Write a resumable checkpoint to `output_dir/checkpoints/step-N/` every this many
+    optimizer steps (0: none, except on SIGTERM/SIGUSR1). Sharded with
+    torch.distributed.checkpoint: every rank writes its own model and optimizer shards
+    and RNG state; the folder counts as complete only once `train_state.json` is written
+    after all ranks finished."""
+
+    keep_last_n: int = 3
+    """Keep this many newest complete checkpoints; older ones are deleted only after a
+    newer one is complete. 0 keeps all; otherwise at least 2, so a crash during a save
+    never leaves you without one. The best export (`best/`) is never deleted."""
+
+    resume: str = "auto"
+    """`auto`: continue from the newest complete checkpoint in `output_dir`, or start
+    fresh when there is none. A path: continue from that checkpoint folder. `none`:
+    start over, refused if `output_dir` already holds a run unless
+    `overwrite_output_dir` is true. Resuming needs the same world size, batch sizes and
+    data file as the run that wrote the checkpoint; ft checks and refuses otherwise."""
+
+    overwrite_output_dir: bool = False
+    """With `resume=none`: delete the previous run's checkpoints, export and logs in
+    `output_dir` and start over."""
+
+    max_skipped_steps: int = 5
+    """A step whose loss or gradient norm is NaN or infinite on any rank is skipped on
+    all ranks (no update; weights, optimizer state and checkpoints stay finite). After
+    this many skipped steps in a row the job stops with an error; its last checkpoint is
+    intact."""
 
     seed: int = 42
     """Seed for data shuffling and the random number generators."""
 
     optim: str = "adafactor"
-    """Optimizer: `adafactor` is the reference recipe's (HF `Adafactor(lr,
-    scale_parameter=False, relative_step=False)`); `adamw` is torch's AdamW with HF's
-    defaults (betas 0.9/0.999, eps 1e-8). Under FSDP1 the optimizer sees each rank's
-    flat shard, so Adafactor cannot factor its second moment: it keeps one full-size
-    fp32 moment per parameter (AdamW keeps two), and its update clipping is per shard,
-    exactly as in the HF Trainer recipe."""
+    """Optimizer. `adafactor`: ft's Adafactor, which applies to every original parameter
+    exactly the update of the recipe's HF `Adafactor(lr, scale_parameter=False,
+    relative_step=False)` on one process, whatever the world size and FSDP sharding:
+    factored second moment (a row and a column vector per matrix), update clipping over
+    the whole parameter; two small all-reduces per step. `hf_adafactor`: HF's Adafactor
+    itself, as the HF Trainer recipe runs it: under FSDP1 it sees each rank's 1-D flat
+    shard, so it keeps a full-size fp32 second moment and clips per shard, and training
+    then depends on the world size; for comparison with the recipe. `adamw`: torch's
+    AdamW with HF's defaults (betas 0.9/0.999, eps 1e-8; two full-size fp32 moments)."""
 
     precision: str = "auto"
     """Compute precision: `bf16` (bfloat16 mixed precision: parameters and activations in
     bf16, sharded master weights and optimizer state in fp32), `fp32`, or `auto` (bf16 on
     GPU, fp32 on CPU, where bf16 matmuls are about 6× slower)."""
+
+    loss_chunk_size: int = 1024
+    """Compute the cross-entropy from the final hidden states of the label tokens only,
+    this many tokens at a time, recomputing each chunk's logits in the backward pass:
+    the vocabulary-sized logits (151,936 columns on Qwen2.5-VL) then exist for one chunk
+    at a time instead of for every position of the batch, in bf16 and again in fp32.
+    Same loss and gradients as the plain path, for one extra vocabulary projection of
+    the label tokens in the backward pass. At 4,096 labelled tokens on the 3B model the
+    loss's peak memory falls from 7.0 GiB to 1.5 GiB (1.0 GiB with 512;
+    `benchmarks/loss_memory.py`). 0 uses the plain path (the model's full logits), e.g.
+    to compare."""
 
     dataloader_num_workers: int = 0
     """Worker processes per rank for loading and preprocessing samples (image decoding
@@ -304,8 +393,9 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.tiny_vocab": ("real", "small"),
+    "data.on_bad_sample": ("error", "skip"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "train.optim": ("adafactor", "adamw"),
+    "train.optim": ("adafactor", "hf_adafactor", "adamw"),
     "train.precision": ("bf16", "fp32", "auto"),
     "fsdp.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
     "fsdp.backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST", "NONE"),
@@ -323,12 +413,18 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
     "train.gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
     "train.learning_rate": (lambda v: v >= 0, ">= 0"),
+    "train.vision_lr": (lambda v: v >= 0 or v == -1, ">= 0, or -1 for train.learning_rate"),
+    "train.merger_lr": (lambda v: v >= 0 or v == -1, ">= 0, or -1 for train.learning_rate"),
     "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.max_grad_norm": (lambda v: v >= 0, ">= 0"),
     "train.weight_decay": (lambda v: v >= 0, ">= 0"),
     "train.logging_steps": (lambda v: v >= 1, ">= 1"),
+    "train.metrics_warmup_steps": (lambda v: v >= 0, ">= 0"),
     "train.eval_steps": (lambda v: v >= 0, ">= 0"),
     "train.save_steps": (lambda v: v >= 0, ">= 0"),
+    "train.keep_last_n": (lambda v: v == 0 or v >= 2, "0 (keep all) or >= 2"),
+    "train.max_skipped_steps": (lambda v: v >= 1, ">= 1"),
+    "train.loss_chunk_size": (lambda v: v >= 0, ">= 0"),
     "train.dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
 }
 
@@ -513,6 +609,13 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
             f"data.min_pixels ({cfg.data.min_pixels}, from {where('data.min_pixels')}) "
             f"must be <= data.max_pixels ({cfg.data.max_pixels}, from "
             f"{where('data.max_pixels')})"
+        )
+    freeze_keys = ("model.freeze_vision_tower", "model.freeze_merger", "model.freeze_llm")
+    if all(value_of(key) for key in freeze_keys):
+        raise ConfigError(
+            "model.freeze_vision_tower, model.freeze_merger and model.freeze_llm are all "
+            f"true (from {', '.join(where(key) for key in freeze_keys)}): nothing would be "
+            "trained; set at least one of them to false"
         )
 
 
