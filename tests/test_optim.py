@@ -1,37 +1,68 @@
-"""The schedule and optimizer match what the HF Trainer recipe builds."""
+"""The schedule and optimizers match what the HF Trainer recipe builds."""
 
 import pytest
 import torch
 from transformers import get_constant_schedule_with_warmup
-from transformers.optimization import Adafactor
+from transformers.optimization import Adafactor as HFAdafactor
 
 from ft.config import TrainConfig
-from ft.optim import build_optimizer, clip_grad_norm, lr_at, warmup_steps
+from ft.optim import Adafactor, build_optimizer, clip_grad_norm, lr_scale, set_lr, warmup_steps
 
 
 @pytest.mark.parametrize("max_steps,ratio", [(60, 0.05), (10, 0.0), (7, 0.3), (100, 0.1)])
 def test_lr_matches_hf_constant_with_warmup(max_steps, ratio):
+    model = torch.nn.Linear(2, 2)
+    groups = [{"params": [model.weight], "lr": 2e-4, "name": "a"}, {"params": [model.bias], "lr": 5e-5, "name": "b"}]
+    ours = build_optimizer(groups, TrainConfig(optim="adamw"))
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.SGD([p], lr=2e-4)
+    opt = torch.optim.SGD([{"params": [p], "lr": 2e-4}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 5e-5}])
     sched = get_constant_schedule_with_warmup(opt, warmup_steps(max_steps, ratio))
     for step in range(max_steps):
-        assert lr_at(step, max_steps, 2e-4, ratio) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-15)
+        set_lr(ours, lr_scale(step, max_steps, ratio))
+        for mine, hf in zip(ours.param_groups, opt.param_groups, strict=True):
+            assert mine["lr"] == pytest.approx(hf["lr"], abs=1e-15)
         opt.step()
         sched.step()
 
 
 def test_warmup_is_honoured():
     # HF's "constant" ignores warmup_ratio; ft does not.
-    assert lr_at(0, 100, 1.0, 0.1) == 0.0
-    assert lr_at(5, 100, 1.0, 0.1) == pytest.approx(0.5)
-    assert lr_at(10, 100, 1.0, 0.1) == 1.0
-    assert lr_at(99, 100, 1.0, 0.1) == 1.0
+    assert lr_scale(0, 100, 0.1) == 0.0
+    assert lr_scale(5, 100, 0.1) == pytest.approx(0.5)
+    assert lr_scale(10, 100, 0.1) == 1.0
+    assert lr_scale(99, 100, 0.1) == 1.0
 
 
-def test_adafactor_is_the_recipes():
+def test_groups_keep_names_and_base_lr():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[1].bias.requires_grad_(False)
+    groups = [{"params": list(model[0].parameters()), "lr": 1e-3, "name": "vision"},
+              {"params": list(model[1].parameters()), "lr": 1e-4, "name": "llm"},
+              {"params": [model[1].bias], "lr": 1e-2, "name": "frozen"}]
+    opt = build_optimizer(groups, TrainConfig(optim="adafactor", learning_rate=3e-5), model=model)
+    assert [(g["name"], g["lr"], g["base_lr"]) for g in opt.param_groups] == [
+        ("vision", 1e-3, 1e-3), ("llm", 1e-4, 1e-4)]  # the all-frozen group is dropped
+    assert opt.param_groups[1]["params"] == [model[1].weight]
+    set_lr(opt, 0.5)
+    assert [g["lr"] for g in opt.param_groups] == [5e-4, 5e-5]
+
+
+def test_adafactor_is_fts_and_needs_the_model():
     model = torch.nn.Linear(4, 3)
-    opt = build_optimizer(model.parameters(), TrainConfig(optim="adafactor", learning_rate=3e-5))
+    cfg = TrainConfig(optim="adafactor", learning_rate=3e-5, weight_decay=0.1)
+    opt = build_optimizer(model.parameters(), cfg, model=model)
     assert isinstance(opt, Adafactor)
+    d = opt.defaults
+    assert (d["lr"], d["eps"], d["clip_threshold"], d["decay_rate"], d["weight_decay"]) == (3e-5, 1e-30, 1.0, -0.8, 0.1)
+    assert opt.param_groups[0]["name"] == "all"
+    with pytest.raises(ValueError, match="model=root"):
+        build_optimizer(model.parameters(), cfg)
+
+
+def test_hf_adafactor_is_the_recipes():
+    model = torch.nn.Linear(4, 3)
+    opt = build_optimizer(model.parameters(), TrainConfig(optim="hf_adafactor", learning_rate=3e-5))
+    assert isinstance(opt, HFAdafactor)
     d = opt.defaults
     assert d["lr"] == 3e-5
     assert d["scale_parameter"] is False and d["relative_step"] is False and d["warmup_init"] is False
