@@ -11,11 +11,14 @@ from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import free_port
+from ft.config import ModelConfig
 from ft.fsdp_wrap import (
     WRAP_PLAN,
     WrapPlanError,
     WrapRule,
+    apply_freezing,
     build_on_meta,
+    estimate_memory,
     format_plan,
     main as dry_run,
     plan_units,
@@ -77,6 +80,71 @@ def test_dry_run_prints_plan(tiny_model_dir, capsys):
     dry_run([tiny_model_dir, "--world-size", "4"])
     out = capsys.readouterr().out
     assert "world size 4" in out and "Qwen2_5_VLDecoderLayer" in out and "<root>" in out
+    assert "Per-rank memory estimate" in out
+
+
+# -------------------------------------------------------------------------------------
+# Dry run on the real model shapes (configs/, meta device: no weights)
+# -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def meta_7b():
+    return build_on_meta(os.path.join(REPO, "configs/qwen2_5_vl_7b/config.json"))
+
+
+def _estimate(model, world, optim, freeze_vision=False):
+    apply_freezing(model, ModelConfig(freeze_vision_tower=freeze_vision))
+    units = plan_units(model)
+    return units, estimate_memory(units, world, optim, "bf16")
+
+
+def test_real_configs_build_on_meta_with_published_sizes(meta_7b):
+    assert abs(sum(p.numel() for p in meta_7b.parameters()) - 8.29e9) < 0.01 * 8.29e9
+    assert meta_7b.lm_head.weight is not meta_7b.model.language_model.embed_tokens.weight
+    model_3b = build_on_meta(os.path.join(REPO, "configs/qwen2_5_vl_3b"))
+    assert abs(sum(p.numel() for p in model_3b.parameters()) - 3.75e9) < 0.01 * 3.75e9
+    assert model_3b.lm_head.weight is model_3b.model.language_model.embed_tokens.weight
+    for model in (meta_7b, model_3b):
+        assert model.config.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
+        assert len(plan_units(model)) == 1 + 32 + 1 + model.config.text_config.num_hidden_layers + 1
+
+
+def test_memory_estimate_7b(meta_7b):
+    total = sum(p.numel() for p in meta_7b.parameters())
+    for world in (2, 8):
+        units, adamw = _estimate(meta_7b, world, "adamw")
+        # Master shards: total x 4 B / world, up to FSDP's padding (< world elements a unit).
+        assert 0 <= adamw.master - total * 4 / world < len(units) * world * 4
+        assert adamw.gradients == adamw.master and adamw.optimizer == 2 * adamw.master
+        root, layer = units[-1], units[-2]
+        assert adamw.gathered == (root.numel + 2 * layer.numel) * 2  # bf16 root + 2 layers
+
+        # Freezing the vision tower removes exactly its shards from gradients and state.
+        vision_shards = sum(shard_numel(u.numel, world) for u in units if u.parts == ("vision_tower",))
+        assert 600e6 / world < vision_shards < 650e6 / world
+        _, frozen = _estimate(meta_7b, world, "adamw", freeze_vision=True)
+        assert frozen.master == adamw.master
+        assert adamw.gradients - frozen.gradients == 4 * vision_shards
+        assert adamw.optimizer - frozen.optimizer == 8 * vision_shards
+        _, hf = _estimate(meta_7b, world, "hf_adafactor")
+        _, hf_frozen = _estimate(meta_7b, world, "hf_adafactor", freeze_vision=True)
+        assert hf.optimizer - hf_frozen.optimizer == 4 * vision_shards
+        # ft's Adafactor keeps factors: a tiny fraction of HF's unfactored moment.
+        _, ada = _estimate(meta_7b, world, "adafactor")
+        _, ada_frozen = _estimate(meta_7b, world, "adafactor", freeze_vision=True)
+        assert ada_frozen.optimizer < ada.optimizer < hf.optimizer / 50
+
+
+def test_dry_run_cli_on_7b(capsys):
+    config = os.path.join(REPO, "configs/qwen2_5_vl_7b/config.json")
+    dry_run([config, "--world-size", "8", "--freeze-vision-tower", "--optim", "adamw"])
+    out = capsys.readouterr().out
+    assert "total 8.29B params in 63 units" in out
+    assert "trainable 7.66B of 8.29B params: vision_tower 631.98M frozen" in out
+    assert "largest all-gather: <root>, 1.09B params = 2.03 GiB in bf16" in out
+    assert "adamw: 2 fp32 moments" in out
+    with pytest.raises(SystemExit) as e:
+        dry_run([config, "--freeze-vision-tower", "--freeze-merger", "--freeze-llm"])
+    assert e.value.code == 2
 
 
 # -------------------------------------------------------------------------------------
@@ -133,12 +201,12 @@ def _worker(rank, world, port, model_dir, out_dir):
     with torch.no_grad():
         logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     ckpt.export_hf(model, os.path.join(out_dir, "best"), model_dir, info, {"step": 2})
-    path = ckpt.save_checkpoint(model, opt, {"step": 2}, out_dir, info)
+    path = ckpt.save_checkpoint(model, opt, {"train_state": {"step": 2}}, out_dir, info)
 
     # A fresh model and optimizer, reloaded from the checkpoint, compute the same logits.
     fresh, _ = build()
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    state = ckpt.load_checkpoint(fresh, fresh_opt, path)
+    state = ckpt.load_checkpoint(fresh, fresh_opt, path, info)["train_state"]
     fresh.eval()
     with torch.no_grad():
         reloaded = fresh(**{k: v for k, v in batch.items() if k != "labels"}).logits
