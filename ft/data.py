@@ -12,6 +12,12 @@ Pipeline:
    batch has no image, appends a dummy image so that the vision tower runs on every
    FSDP rank.
 
+Before training, :func:`validate` checks every row (sharded across ranks) with
+:meth:`ConversationDataset.layout`: the same parsing, image and length checks as
+``__getitem__`` but without pixel processing. It refuses or skips (``data.on_bad_sample``)
+the rows that cannot be trained on and gives each row's length in tokens, which
+length-grouped batching (:mod:`ft.sampler`) needs.
+
 Two row formats are accepted, both normalised to the same list of messages
 ``{"role": "system"|"user"|"assistant", "content": [part, ...]}`` whose parts are
 ``{"type": "text", "text": str}`` or ``{"type": "image", "image": ABSOLUTE_PATH}``:
@@ -27,10 +33,12 @@ Image paths resolve against the directory of the JSONL file. A bad row raises
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import datasets
 import torch
@@ -42,9 +50,12 @@ __all__ = [
     "Collator",
     "ConversationDataset",
     "DataError",
+    "RowCheck",
     "build_datasets",
+    "check_rows",
     "load_rows",
     "parse_row",
+    "validate",
 ]
 
 IGNORE_INDEX = -100
@@ -271,12 +282,31 @@ def _check_conversation(messages: list[dict[str, Any]], where: _Where, key: str)
         raise where.error(key, "no assistant turn: nothing to learn")
 
 
-def _load_image(path: str, where: _Where) -> Image.Image:
+def _decode_image(path: str, *, reduced: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode the image file `path`; return the image and the file's (width, height).
+
+    Decoding, not just opening, is what finds a truncated file: ``Image.open`` reads
+    only the header. With `reduced`, a JPEG decodes at 1/8 scale and the image returned
+    is that small: for checks that need only the size, as it halves the time on a large
+    photo and a truncated file still fails (every byte is still read). Raises
+    ValueError naming the path and the reason when the file cannot be read.
+    """
     try:
         with Image.open(path) as image:
+            size = image.size
+            if reduced:
+                image.draft(None, (1, 1))  # formats other than JPEG ignore it
             image.load()
     except (OSError, Image.DecompressionBombError) as e:
-        raise where.error("image", f"cannot read image {path}: {e}") from e
+        raise ValueError(f"cannot read image {path}: {e}") from e
+    return image, size
+
+
+def _load_image(path: str, where: _Where) -> Image.Image:
+    try:
+        image, _ = _decode_image(path)
+    except ValueError as e:
+        raise where.error("image", str(e)) from e
     # Qwen's reference preprocessing (qwen_vl_utils.to_rgb) lays transparent images on
     # white; doing the same keeps training inputs like inference inputs.
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
@@ -334,6 +364,10 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     A sample longer than `max_length` tokens is cut at `max_length`, which must leave
     every image whole and at least one learned token; otherwise DataError.
+
+    Any row that cannot be used raises DataError naming its ``file:line``, at access
+    time too (an image deleted or overwritten after :func:`validate`): the training
+    loop can catch it there without the failure being mistaken for a bug.
     """
 
     def __init__(self, rows: datasets.Dataset, processor: Any, max_length: int):
@@ -347,6 +381,10 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def select(self, indices: list[int]) -> ConversationDataset:
+        """A dataset of the rows `indices` of this one, in that order."""
+        return ConversationDataset(self.rows.select(indices), self.processor, self.max_length)
 
     def messages(self, index: int) -> list[dict[str, Any]]:
         """The normalised messages of row `index`."""
@@ -384,6 +422,65 @@ class ConversationDataset(torch.utils.data.Dataset):
             sample["image_grid_thw"] = torch.cat(grids)
         self._check_image_tokens(sample)
         return self._truncate(sample, where)
+
+    def layout(self, index: int, image_cache: dict[str, int | str] | None = None) -> dict[str, torch.Tensor]:
+        """Sample `index`'s ``input_ids``, ``labels`` and ``mm_token_type_ids``, as
+        ``self[index]`` gives them, without processing any pixels.
+
+        Raises DataError for every row ``self[index]`` refuses (the checks are shared,
+        all but the processor's own consistency check), and also for an image whose
+        aspect ratio the processor refuses (``self[index]`` raises the processor's
+        ValueError there). Each image's token count follows
+        from its size by the image processor's resizing rule (prod(grid) / merge²),
+        and its file is fully decoded (at reduced scale for a JPEG) so that a truncated
+        file is found. Costs tokenising the text plus decoding each image once: several
+        times cheaper than ``self[index]``, which also resizes and normalises pixels.
+
+        `image_cache` maps image paths to their token count or the reason they cannot
+        be used; pass one dict to many calls to read each image file once.
+        """
+        row = self.rows[index]
+        where = _Where(row["file"], row["line"])
+        messages = parse_row(row["text"], row["file"], row["line"])
+        image_cache = {} if image_cache is None else image_cache
+        ids, labels = [], []
+        for text, paths, learned in _segments(messages):
+            segment = self.processor.tokenizer.encode(text, add_special_tokens=False)
+            if paths:
+                # The processor expands each image's pad token to the image's token
+                # count before tokenising; special tokens tokenise alone, so expanding
+                # after tokenising gives the same ids.
+                counts = iter([self._image_tokens(path, where, image_cache) for path in paths])
+                segment = [t for token in segment
+                           for t in ([token] * next(counts) if token == self.image_token_id else [token])]
+            ids += segment
+            labels += segment if learned else [IGNORE_INDEX] * len(segment)
+        input_ids = torch.tensor(ids)
+        sample = {
+            "input_ids": input_ids,
+            "labels": torch.tensor(labels),
+            "mm_token_type_ids": (input_ids == self.image_token_id).long(),
+        }
+        return self._truncate(sample, where)
+
+    def _image_tokens(self, path: str, where: _Where, cache: dict[str, int | str]) -> int:
+        if path not in cache:
+            cache[path] = self._count_image_tokens(path)
+        if isinstance(cache[path], str):
+            raise where.error("image", cache[path])
+        return cache[path]
+
+    def _count_image_tokens(self, path: str) -> int | str:
+        """The image tokens of the image file `path`, or why it cannot be used."""
+        try:
+            _, (width, height) = _decode_image(path, reduced=True)
+        except ValueError as e:
+            return str(e)
+        try:
+            patches = self.processor.image_processor.get_number_of_image_patches(height, width)
+        except ValueError as e:  # an aspect ratio over 200, which the resizing refuses
+            return f"image {path} ({width}x{height}) cannot be processed: {e}"
+        return patches // self.merge_size**2
 
     def _check_image_tokens(self, sample: dict[str, torch.Tensor]) -> None:
         # The model raises on a mismatch only at forward time, far from the cause.
@@ -510,10 +607,121 @@ def build_datasets(data_cfg: Any, processor: Any) -> tuple[ConversationDataset, 
     ``max_length``); eval is None when ``eval_file`` is empty.
 
     `processor` comes from ``load_processor(model_dir, min_pixels, max_pixels)``, which
-    is where the config's pixel bounds apply.
+    is where the config's pixel bounds apply. Rows are not checked here: pass each
+    dataset through :func:`validate`.
     """
     train = ConversationDataset(load_rows(data_cfg.train_file), processor, data_cfg.max_length)
     evaluation = None
     if data_cfg.eval_file:
         evaluation = ConversationDataset(load_rows(data_cfg.eval_file), processor, data_cfg.max_length)
     return train, evaluation
+
+
+@dataclasses.dataclass
+class RowCheck:
+    """What :func:`check_rows` found, by row index: the length in tokens of each row
+    that can be trained on, and the DataError message of each row that cannot."""
+
+    lengths: dict[int, int] = dataclasses.field(default_factory=dict)
+    errors: dict[int, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def merge(cls, parts: Iterable[RowCheck]) -> RowCheck:
+        """One RowCheck of the checks of disjoint sets of rows (e.g. every rank's)."""
+        merged = cls()
+        for part in parts:
+            merged.lengths.update(part.lengths)
+            merged.errors.update(part.errors)
+        return merged
+
+
+class _RowChecker(torch.utils.data.Dataset):
+    """Row i of `indices` -> (row index, length or None, error or None); a Dataset so
+    that DataLoader workers can share the rows out."""
+
+    def __init__(self, dataset: ConversationDataset, indices: Iterable[int]):
+        self.dataset, self.indices = dataset, list(indices)
+        # One cache per process (each worker fills its own): rows often share images.
+        self.image_cache: dict[str, int | str] = {}
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, int | None, str | None]:
+        index = self.indices[i]
+        try:
+            return index, len(self.dataset.layout(index, self.image_cache)["input_ids"]), None
+        except DataError as e:
+            return index, None, str(e)
+
+
+def check_rows(dataset: ConversationDataset, indices: Iterable[int], num_workers: int = 0) -> RowCheck:
+    """Check the rows `indices` of `dataset` with :meth:`ConversationDataset.layout`:
+    every DataError a row can raise, and each usable row's length in tokens (text plus
+    image tokens, after truncation: the ``len(input_ids)`` its sample will have).
+
+    Needs no model and no pixel processing. `num_workers` > 0 shares the rows out
+    among that many DataLoader worker processes.
+    """
+    checker = _RowChecker(dataset, indices)
+    if num_workers:
+        # Results travel back 64 rows at a time: fewer inter-process transfers.
+        loader = torch.utils.data.DataLoader(checker, batch_size=64, num_workers=num_workers, collate_fn=list)
+        results: Iterable = itertools.chain.from_iterable(loader)
+    else:
+        results = (checker[i] for i in range(len(checker)))
+    check = RowCheck()
+    for index, length, error in results:
+        if error is None:
+            check.lengths[index] = length
+        else:
+            check.errors[index] = error
+    return check
+
+
+def validate(
+    dataset: ConversationDataset,
+    on_bad_sample: str,
+    rank: int = 0,
+    world_size: int = 1,
+    gather: Callable[[RowCheck], list[RowCheck]] | None = None,
+    num_workers: int = 0,
+    listed: int = 10,
+) -> tuple[ConversationDataset, list[int], str | None]:
+    """Check every row of `dataset` before training (see :func:`check_rows`).
+
+    Returns the dataset to train on, the length in tokens of each of its rows (for
+    ``ShardedBatchSampler(lengths, group_by_length=True)``) and a note for the log
+    when rows were skipped (None otherwise).
+
+    `on_bad_sample` (``data.on_bad_sample``): ``"error"`` raises DataError listing the
+    first `listed` bad rows as ``file:line: field: reason`` and how many more there
+    are; ``"skip"`` returns only the good rows, and the note says how many were
+    skipped and why (first `listed`).
+
+    Distributed: each of the `world_size` ranks checks every world_size-th row from
+    `rank` on, and `gather` (required when world_size > 1) must return every rank's
+    RowCheck, e.g. ``torch.distributed.all_gather_object``'s output list. Every rank
+    then holds the same merged result, so with ``"error"`` all ranks raise the same
+    DataError: none is left waiting in a collective.
+    """
+    if on_bad_sample not in ("error", "skip"):
+        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+    if world_size > 1 and gather is None:
+        raise ValueError("validate on several ranks needs `gather` to merge the ranks' checks")
+    mine = check_rows(dataset, range(rank, len(dataset), world_size), num_workers)
+    check = RowCheck.merge(gather(mine)) if world_size > 1 else mine
+    if not check.errors:
+        return dataset, [check.lengths[i] for i in range(len(dataset))], None
+    file = dataset.rows[0]["file"]
+    errors = [check.errors[i] for i in sorted(check.errors)]
+    listing = "\n  ".join(errors[:listed])
+    if len(errors) > listed:
+        listing += f"\n  and {len(errors) - listed} more"
+    summary = f"{file}: {len(errors)} of {len(dataset)} rows cannot be used"
+    if on_bad_sample == "error" or len(errors) == len(dataset):
+        hint = "no row is usable" if len(errors) == len(dataset) else "data.on_bad_sample=skip leaves them out"
+        raise DataError(f"{summary} ({hint}):\n  {listing}")
+    keep = sorted(check.lengths)
+    note = f"{summary}, skipped (data.on_bad_sample=skip):\n  {listing}"
+    return dataset.select(keep), [check.lengths[i] for i in keep], note

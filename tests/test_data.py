@@ -16,9 +16,12 @@ from ft.data import (
     Collator,
     ConversationDataset,
     DataError,
+    RowCheck,
     build_datasets,
+    check_rows,
     load_rows,
     parse_row,
+    validate,
 )
 from ft.processor import load_processor
 
@@ -265,6 +268,10 @@ def test_bad_rows_name_file_line_and_field(data_dir, processor, row, field, reas
     message = str(error.value)
     assert message.startswith(f"{path}:3: {field}: "), message
     assert reason in message
+    # The validation pass refuses the row with the same message.
+    with pytest.raises(DataError) as error:
+        ds.layout(1)
+    assert str(error.value) == message
 
 
 def test_load_rows_errors(tmp_path):
@@ -384,6 +391,156 @@ def test_build_datasets_accepts_every_demo_row(processor):
     train, evaluation = build_datasets(cfg, processor)
     assert len(train) == 64 and len(evaluation) == 14
     for ds in (train, evaluation):
+        checked, lengths, note = validate(ds, "error")
+        assert checked is ds and note is None
         for i in range(len(ds)):
             sample = ds[i]
             assert (sample["labels"] != IGNORE_INDEX).any()
+            # The validation pass's tokens are exactly the sample's, found without pixels.
+            assert lengths[i] == len(sample["input_ids"])
+            layout = ds.layout(i)
+            assert layout.keys() == {"input_ids", "labels", "mm_token_type_ids"}
+            for key in layout:
+                assert torch.equal(layout[key], sample[key]), (i, key)
+
+
+def test_layout_matches_samples_real_vocab(data_dir, processor_real):
+    rows = [
+        {"messages": [{"role": "user", "content": [{"type": "image", "image": "images/blue.png"},
+                                                   {"type": "text", "text": "What is this?"},
+                                                   {"type": "image", "image": "images/red.png"}]},
+                      {"role": "assistant", "content": "\nTwo squares, one blue and one red."},
+                      {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes."}]},
+        {"conversations": [{"from": "human", "value": "Say something long."},
+                           {"from": "gpt", "value": "Something long. " * 40}]},
+    ]
+    path = write_jsonl(data_dir / "train.jsonl", rows)
+    ds = dataset(path, processor_real, max_length=100)  # the text row is truncated
+    _, lengths, _ = validate(ds, "error")
+    assert lengths[1] == 100
+    for i in range(len(ds)):
+        sample, layout = ds[i], ds.layout(i)
+        assert lengths[i] == len(sample["input_ids"])
+        for key in layout:
+            assert torch.equal(layout[key], sample[key]), (i, key)
+
+
+@pytest.fixture
+def bad_data(data_dir, make_image):
+    """A JSONL file with one row of each kind validation must refuse, between good ones.
+
+    Returns (path, good line numbers, {bad line number: (field, reason)}, max_length).
+    """
+    images = data_dir / "images"
+    make_image(images / "big.png", size=(448, 448), seed=3)  # 256 image tokens
+    make_image(images / "photo.jpg", size=(200, 150), seed=4)
+    jpeg = (images / "photo.jpg").read_bytes()
+    (images / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    make_image(images / "thin.png", size=(402, 2), seed=5)  # aspect ratio 201 > 200
+
+    def image_row(image, question="What is this?", answer="A square."):
+        return {"messages": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                          {"type": "text", "text": question}]},
+                             {"role": "assistant", "content": answer}]}
+
+    rows = [
+        (image_row("images/red.png"), None),
+        ("", None),  # blank lines are not rows but count for line numbers
+        ('{"messages": [{"role": "user"', ("row", "invalid JSON")),
+        ({"text": "hi"}, ("row", "expected a 'messages'")),
+        ({"messages": [{"role": "bot", "content": "x"}]}, ("messages[0].role", "unknown role 'bot'")),
+        ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, ("messages[0].content", "missing")),
+        ({"messages": [{"role": "user", "content": "hi"}]}, ("messages", "no assistant turn")),
+        (image_row("images/nope.png"), ("messages[0].content[0].image", "image file not found")),
+        (image_row("images/broken.png"), ("image", "cannot read image")),
+        (image_row("images/truncated.jpg"), ("image", "truncated")),
+        ({"image": "images/red.png", "conversations": [{"from": "human", "value": "<image> and <image>"},
+                                                        {"from": "gpt", "value": "x"}]},
+         ("image", "1 image(s) but 2 <image> placeholder(s)")),
+        (image_row("images/big.png"), ("max_length", "beyond max_length 120")),
+        ({"image": "images/blue.png", "conversations": [{"from": "human", "value": "<image>\nAnd this?"},
+                                                         {"from": "gpt", "value": "Blue."}]}, None),
+        (GOOD, None),
+        (image_row("images/thin.png"), ("image", "aspect ratio")),
+        (image_row("images/red.png", question="Describe it. " * 60), ("max_length", "no assistant token")),
+        (image_row("images/photo.jpg", answer="A long answer. " * 60), None),  # truncated, still fine
+    ]
+    path = write_jsonl(data_dir / "train.jsonl", [row for row, _ in rows])
+    good = [line for line, (row, bad) in enumerate(rows, start=1) if row != "" and bad is None]
+    bad = {line: bad for line, (_, bad) in enumerate(rows, start=1) if bad is not None}
+    return path, good, bad, 120
+
+
+def test_validate_error_lists_every_bad_row(bad_data, processor):
+    path, good, bad, max_length = bad_data
+    ds = dataset(path, processor, max_length)
+    with pytest.raises(DataError) as error:
+        validate(ds, "error", listed=100)
+    lines = str(error.value).splitlines()
+    assert lines[0] == (f"{path}: {len(bad)} of {len(good) + len(bad)} rows cannot be used "
+                        f"(data.on_bad_sample=skip leaves them out):")
+    assert len(lines) == 1 + len(bad)
+    for text, (line, (field, reason)) in zip(lines[1:], sorted(bad.items())):
+        assert text.startswith(f"  {path}:{line}: {field}: "), text
+        assert reason in text, text
+
+    with pytest.raises(DataError) as error:
+        validate(ds, "error", listed=3)
+    lines = str(error.value).splitlines()
+    assert len(lines) == 1 + 3 + 1 and lines[-1] == f"  and {len(bad) - 3} more"
+
+
+def test_validate_skip_keeps_exactly_the_good_rows(bad_data, processor):
+    path, good, bad, max_length = bad_data
+    ds = dataset(path, processor, max_length)
+    kept, lengths, note = validate(ds, "skip", listed=2)
+    assert kept.rows["line"] == good
+    assert lengths == [len(kept[i]["input_ids"]) for i in range(len(kept))]
+    assert lengths[-1] == max_length  # the long answer is cut, not dropped
+    lines = note.splitlines()
+    assert lines[0] == f"{path}: {len(bad)} of {len(ds)} rows cannot be used, skipped (data.on_bad_sample=skip):"
+    assert lines[1].startswith(f"  {path}:3: row: invalid JSON")
+    assert lines[2].startswith(f"  {path}:4: row: expected a 'messages'")
+    assert lines[3:] == [f"  and {len(bad) - 2} more"]
+
+    # A file with no usable row is an error even when skipping.
+    only_bad = dataset(write_jsonl(path.parent / "bad.jsonl", ["{", {"text": "x"}]), processor)
+    with pytest.raises(DataError, match="2 of 2 rows cannot be used \\(no row is usable\\)"):
+        validate(only_bad, "skip")
+
+
+def test_validation_shards_over_ranks_and_workers(bad_data, processor):
+    path, good, bad, max_length = bad_data
+    ds = dataset(path, processor, max_length)
+    whole = check_rows(ds, range(len(ds)))
+    assert len(whole.lengths) == len(good) and len(whole.errors) == len(bad)
+    assert check_rows(ds, range(len(ds)), num_workers=2) == whole
+
+    world = 3
+    parts = [check_rows(ds, range(rank, len(ds), world)) for rank in range(world)]
+    assert RowCheck.merge(parts) == whole
+    single = validate(ds, "skip")
+    for rank in range(world):
+        kept, lengths, note = validate(ds, "skip", rank, world, gather=lambda mine, rank=rank: (
+            parts[:rank] + [mine] + parts[rank + 1:]))
+        assert (kept.rows["line"], lengths, note) == (single[0].rows["line"], single[1], single[2])
+
+
+def test_rows_broken_after_validation_raise_data_error(data_dir, processor, make_image):
+    make_image(data_dir / "images" / "photo.jpg", size=(200, 150), seed=4)
+    path = write_jsonl(data_dir / "train.jsonl", [
+        GOOD,
+        {"image": "images/red.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                       {"from": "gpt", "value": "Red."}]},
+        {"image": "images/photo.jpg", "conversations": [{"from": "human", "value": "<image>"},
+                                                         {"from": "gpt", "value": "A photo."}]},
+    ])
+    ds, _, _ = validate(dataset(path, processor), "error")
+    (data_dir / "images" / "red.png").unlink()
+    jpeg = data_dir / "images" / "photo.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:2000])
+    ds[0]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:2: image: image file not found"):
+        ds[1]
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: image: cannot read image .*truncated"):
+        ds[2]
