@@ -11,7 +11,13 @@
 #   NODE_RANK       this node's index, 0..NNODES-1 (default 0)
 #   MASTER_ADDR     address of node 0, reachable from every node (default 127.0.0.1)
 #   MASTER_PORT     a free TCP port on node 0 (default 29500)
+#   MAX_RESTARTS    times torchrun restarts the whole group after a rank dies (default 3);
+#                   each restart resumes from the newest complete checkpoint
 #   PYTHON          interpreter with ft installed (default: .venv/bin/python if present)
+#
+# SIGTERM, SIGUSR1 (SLURM's pre-preemption signal) and Ctrl-C are passed to the training
+# processes, not to torchrun: they finish the current step, write a checkpoint and exit
+# 0, and so does this script. A second Ctrl-C stops everything at once.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -49,11 +55,47 @@ export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 # One intra-op thread per process on CPU unless told otherwise: N processes on N cores.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-echo "[launch] $NNODES node(s) x $NPROC_PER_NODE process(es), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT, config $CONFIG"
-exec "$PYTHON" -m torch.distributed.run \
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+
+echo "[launch] $NNODES node(s) x $NPROC_PER_NODE process(es), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT, max restarts $MAX_RESTARTS, config $CONFIG"
+# torchrun in its own session: a signal sent to this script's process group (Ctrl-C,
+# a scheduler's kill) must reach the workers through the trap below, not torchrun,
+# which would kill them 30 s later and exit with an error.
+setsid "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" \
   --node-rank "$NODE_RANK" \
   --nproc-per-node "$NPROC_PER_NODE" \
   --master-addr "$MASTER_ADDR" \
   --master-port "$MASTER_PORT" \
-  -m ft.loop "$CONFIG" "$@"
+  --max-restarts "$MAX_RESTARTS" \
+  -m ft.loop "$CONFIG" "$@" &
+TORCHRUN=$!
+
+workers() {  # torchrun starts its workers as direct children
+  cat /proc/"$TORCHRUN"/task/*/children 2>/dev/null || true
+}
+stop_gracefully() {
+  echo "[launch] $1: asking the workers to checkpoint and stop" >&2
+  for pid in $(workers); do kill -TERM "$pid" 2>/dev/null || true; done
+}
+INTERRUPTS=0
+on_interrupt() {
+  INTERRUPTS=$((INTERRUPTS + 1))
+  if [[ $INTERRUPTS -ge 2 ]]; then
+    echo "[launch] second Ctrl-C: stopping now, without a checkpoint" >&2
+    kill -TERM "$TORCHRUN" 2>/dev/null || true
+  else
+    stop_gracefully "Ctrl-C"
+  fi
+}
+trap 'stop_gracefully SIGTERM' TERM
+trap 'stop_gracefully SIGUSR1' USR1
+trap on_interrupt INT
+
+# `wait` returns early whenever a trap runs; wait again until torchrun has exited.
+while true; do
+  RC=0
+  wait "$TORCHRUN" || RC=$?
+  kill -0 "$TORCHRUN" 2>/dev/null || break
+done
+exit "$RC"

@@ -56,6 +56,15 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
             # Started without torchrun (`python -m ft.loop`): FSDP still needs a process
             # group, so make a one-rank group on an in-memory store.
             kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+        elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            # torchrun's static rendezvous (--master-addr/--master-port) keeps one store
+            # across restarts, while the workers' env:// rendezvous assumes a fresh one:
+            # a restarted group could read the dead workers' gloo/NCCL addresses and wait
+            # forever to connect (seen in tests/test_resume.py). One key space per attempt.
+            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
+                                               timeout=datetime.timedelta(minutes=timeout_minutes)))
+            attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+            kwargs.update(store=dist.PrefixStore(f"ft/attempt_{attempt}", store), rank=rank, world_size=world_size)
         dist.init_process_group(
             backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
         )
@@ -80,11 +89,21 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    """Element-wise maximum of a few scalars over all ranks, in one collective."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.item()
+    return t.tolist()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_module_state(module: torch.nn.Module, src: int = 0) -> None:

@@ -31,21 +31,41 @@ def resolve_wandb_mode(configured: str) -> str:
 
 
 class Tracker:
-    def __init__(self, output_dir: str, wandb_cfg, config_dict: dict, run_name: str):
+    """Rank 0's metrics sink. `resume_step`: the step a resumed run continues from.
+    Records after it (logged by the attempt that crashed or was stopped after its last
+    checkpoint) are dropped from metrics.jsonl, and the same wandb run continues."""
+
+    def __init__(self, output_dir: str, wandb_cfg, config_dict: dict, run_name: str,
+                 resume_step: int | None = None):
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self._file = open(self.path, "a")
+        kept = []
+        if resume_step is not None and os.path.isfile(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self._file = open(self.path, "w")
+        self._file.writelines(kept)
+        self._file.flush()
         self.wandb_mode = resolve_wandb_mode(wandb_cfg.mode)
         self._run = None
         if self.wandb_mode != "disabled":
             import wandb
 
+            id_file = os.path.join(output_dir, "wandb_run_id")
+            run_id = None
+            if resume_step is not None and os.path.isfile(id_file):
+                with open(id_file) as f:
+                    run_id = f.read().strip() or None
             self._run = wandb.init(
                 project=wandb_cfg.project,
                 name=run_name,
                 config=config_dict,
                 dir=output_dir,
                 mode=self.wandb_mode,
+                id=run_id,
+                resume="allow" if run_id else None,
             )
+            with open(id_file, "w") as f:
+                f.write(self._run.id)
 
     def log(self, record: dict) -> None:
         """`record` must hold "step"; everything else is a metric."""

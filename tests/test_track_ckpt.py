@@ -63,7 +63,37 @@ def test_swap_replaces_and_crash_leftovers_are_recovered(tmp_path):
     assert not (tmp_path / "best.old").exists()
 
 
-def test_load_refuses_incomplete_checkpoint(tmp_path):
-    (tmp_path / "step-5").mkdir()
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        ckpt.load_checkpoint(None, None, str(tmp_path / "step-5"))
+def _fake_checkpoint(out, step, *, metadata=True, marker=True, ranks=2):
+    path = out / "checkpoints" / f"step-{step}"
+    (path / "rng").mkdir(parents=True)
+    if metadata:
+        (path / ".metadata").write_bytes(b"x")
+    for r in range(ranks):
+        (path / "rng" / f"rank-{r}.pt").write_bytes(b"x")
+    if marker:
+        (path / "train_state.json").write_text(json.dumps({"world_size": 2, "train_state": {"step": step}}))
+    return path
+
+
+def test_completeness_listing_and_pruning(tmp_path):
+    _fake_checkpoint(tmp_path, 2)
+    _fake_checkpoint(tmp_path, 4, marker=False)  # killed before rank 0's marker
+    _fake_checkpoint(tmp_path, 6)
+    _fake_checkpoint(tmp_path, 8, ranks=1)  # a rank's RNG file never arrived
+    _fake_checkpoint(tmp_path, 10)
+    _fake_checkpoint(tmp_path, 12, metadata=False)  # the newest: DCP never finished
+    (tmp_path / "best").mkdir()
+    found = {c.step: c for c in ckpt.list_checkpoints(str(tmp_path))}
+    assert [s for s, c in found.items() if c.complete] == [2, 6, 10]
+    assert "train_state.json" in found[4].why_incomplete
+    assert "rank(s) [1]" in found[8].why_incomplete
+    assert ".metadata" in found[12].why_incomplete
+    with pytest.raises(ckpt.CheckpointMismatch, match="not a complete checkpoint"):
+        ckpt.load_checkpoint(None, None, found[4].path, None)
+
+    # keep 2: steps 6 and 10 stay; 2 goes, and so do the incomplete 4 and 8 (older than
+    # the newest complete one). 12 may be a save in progress: kept. best/ is never touched.
+    deleted = ckpt.prune_checkpoints(str(tmp_path), keep_last_n=2)
+    assert sorted(int(p.rsplit("-", 1)[1]) for p in deleted) == [2, 4, 8]
+    assert sorted(c.step for c in ckpt.list_checkpoints(str(tmp_path))) == [6, 10, 12]
+    assert (tmp_path / "best").is_dir()
