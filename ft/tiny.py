@@ -445,6 +445,27 @@ def _publish(tmp: Path, out: Path, replace: bool) -> bool:
     return True
 
 
+def save_model_folder(out: Path, model, tokenizer, min_pixels: int, max_pixels: int, replace: bool) -> bool:
+    """Write `model` with `tokenizer` and the processor files ft and transformers load
+    into the folder `out`, atomically (see `_publish`); False if another builder won."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        vision = model.config.vision_config
+        _write_json(tmp / "preprocessor_config.json",
+                    _vision_preprocessor_config("image_processor", min_pixels, max_pixels, vision))
+        _write_json(tmp / "video_preprocessor_config.json",
+                    _vision_preprocessor_config("video_processor", min_pixels, max_pixels, vision))
+        _write_json(tmp / "processor_config.json", {"processor_class": PROCESSOR_CLASS})
+        return _publish(tmp, out, replace=replace)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_tiny(
     out_dir: str | os.PathLike,
     vocab: str = "real",
@@ -492,22 +513,7 @@ def save_tiny(
         tie_word_embeddings=tie_word_embeddings,
     )
     model = build_tiny_model(config, seed=seed)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _write_json(tmp / "preprocessor_config.json",
-                    _vision_preprocessor_config("image_processor", min_pixels, max_pixels, config.vision_config))
-        _write_json(tmp / "video_preprocessor_config.json",
-                    _vision_preprocessor_config("video_processor", min_pixels, max_pixels, config.vision_config))
-        _write_json(tmp / "processor_config.json", {"processor_class": PROCESSOR_CLASS})
-        built = _publish(tmp, out, replace=not if_missing)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    built = save_model_folder(out, model, tokenizer, min_pixels, max_pixels, replace=not if_missing)
     if not built:
         return _summary_of_existing(out)
     return {

@@ -25,6 +25,9 @@ os.environ.update(
         "TOKENIZERS_PARALLELISM": "false",
     }
 )
+# Worker processes (mp.spawn, torchrun) start one intra-op thread each, as launch.sh
+# does: two ranks with a thread pool each on a 2-core machine run ~10x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

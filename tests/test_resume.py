@@ -1,0 +1,249 @@
+"""Resume exactly and survive faults: every test runs the real ./launch.sh (torchrun,
+2 gloo ranks, tiny model) and compares against one uninterrupted run of the same job.
+
+The faults are injected through FT_TEST_FAULT=kind:step:rank (see ft.loop.test_fault),
+which fires on torchrun's first attempt only.
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import free_port, write_test_image
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """10 rows (images and text): with 2 ranks x batch 1 an epoch is 5 micro-batches per
+    rank and a step takes 2 of them, so steps straddle epoch boundaries (step 3 takes the
+    last batch of epoch 0 and the first of epoch 1) and step 4 ends mid-epoch."""
+    d = tmp_path_factory.mktemp("data")
+    rows = []
+    for i in range(10):
+        if i % 2 == 0:
+            write_test_image(d / f"img{i}.png", size=(56 + 28 * (i % 3), 56), seed=i)
+            user = [{"type": "image", "image": f"img{i}.png"}, {"type": "text", "text": f"Describe picture {i}."}]
+        else:
+            user = f"Question number {i}: what comes after {i}?"
+        answer = " ".join(["word"] * (3 + 2 * i)) + f" {i + 1}."
+        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def start(out: Path, model_dir: str, data: Path, *overrides: str, env: dict | None = None,
+          nproc: int = 2) -> subprocess.Popen:
+    env = {
+        **os.environ, "NPROC_PER_NODE": str(nproc), "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable, "WANDB_MODE": "disabled", "MAX_RESTARTS": "0", **(env or {}),
+    }
+    cmd = [
+        str(REPO / "launch.sh"), str(REPO / "configs/demo.yaml"),
+        f"model.path={model_dir}", "model.build_tiny_if_missing=false",
+        f"data.train_file={data / 'train.jsonl'}", "data.eval_file=", "data.max_length=512",
+        f"train.output_dir={out}", f"train.max_steps={STEPS}", "train.learning_rate=2e-3",
+        "train.warmup_ratio=0.25", "train.max_grad_norm=0.5", "train.seed=3",
+        "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=2",
+        "train.precision=fp32", "train.logging_steps=1", "train.eval_steps=0",
+        "train.save_steps=4", "train.keep_last_n=0", *overrides,
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run(out: Path, model_dir: str, data: Path, *overrides: str, env: dict | None = None,
+        expect_rc: int = 0, nproc: int = 2) -> str:
+    proc = start(out, model_dir, data, *overrides, env=env, nproc=nproc)
+    output, _ = proc.communicate(timeout=200)
+    assert proc.returncode == expect_rc, f"exit {proc.returncode}, expected {expect_rc}:\n{output[-8000:]}"
+    return output
+
+
+def losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "best" / "model.safetensors"))
+
+
+def assert_same_weights(a: dict, b: dict, tol: float = 1e-6) -> float:
+    assert set(a) == set(b)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= tol, f"weights differ by {worst:.2e}"
+    return worst
+
+
+def train_state(ckpt_dir: Path) -> dict:
+    return json.loads((ckpt_dir / "train_state.json").read_text())["train_state"]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, data, tmp_path_factory):
+    """The uninterrupted run everything else must reproduce."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    run(out, tiny_model_dir, data)
+    assert sorted(losses(out)) == list(range(1, STEPS + 1))
+    return out
+
+
+def test_exact_resume_from_a_checkpoint(straight, tiny_model_dir, data, tmp_path):
+    ckpt4 = straight / "checkpoints" / "step-4"
+    st = train_state(ckpt4)
+    assert (st["step"], st["epoch"], st["epoch_batches"]) == (4, 1, 3)  # mid-epoch
+    out = tmp_path / "resumed"
+    log = run(out, tiny_model_dir, data, f"train.resume={ckpt4}")
+    assert f"resumed from {ckpt4} (step 4" in log
+    got, want = losses(out), losses(straight)
+    assert sorted(got) == [5, 6, 7, 8]
+    for step in got:  # same data, same order, same optimizer state: the same numbers
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert_same_weights(weights(out), weights(straight))
+
+
+def test_kill_during_save_then_elastic_restart(straight, tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    # Rank 1 is killed after writing its step-4 shards, before the checkpoint is marked
+    # complete; with no restarts allowed the job fails.
+    log = run(out, tiny_model_dir, data, "train.save_steps=2",
+              env={"FT_TEST_FAULT": "kill_in_save:4:1"}, expect_rc=1)
+    ckpts = out / "checkpoints"
+    assert (ckpts / "step-2" / "train_state.json").is_file()
+    assert (ckpts / "step-4").is_dir() and not (ckpts / "step-4" / "train_state.json").exists()
+
+    # Relaunch with restarts: the partial step-4 is ignored (step 2 is the newest complete
+    # one); then rank 0 dies at step 7 and torchrun restarts the group, which resumes from
+    # step 6 by itself. The result equals the uninterrupted run.
+    log = run(out, tiny_model_dir, data, "train.save_steps=2",
+              env={"FT_TEST_FAULT": "crash:7:0", "MAX_RESTARTS": "1"})
+    assert "ignoring incomplete checkpoint" in log and "step-4" in log
+    assert f"resumed from {ckpts / 'step-2'} (step 2" in log
+    assert f"resumed from {ckpts / 'step-6'} (step 6" in log  # after torchrun's restart
+    assert (ckpts / "step-4" / "train_state.json").is_file()  # rewritten, complete
+    assert_same_weights(weights(out), weights(straight))
+    got, want = losses(out), losses(straight)
+    assert sorted(got) == list(range(1, STEPS + 1))  # metrics.jsonl has no duplicates
+    assert all(got[s] == pytest.approx(want[s], abs=1e-6) for s in got)
+
+
+def test_sigterm_checkpoints_and_exits_zero(straight, tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    proc = start(out, tiny_model_dir, data, "train.save_steps=0")
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and metrics.read_text().count('"loss"') >= 1:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-6000:]
+    assert "stop signal" in output
+    saved = sorted((out / "checkpoints").iterdir())
+    assert len(saved) == 1, "save_steps=0: the only checkpoint is the one the signal asked for"
+    stopped_at = train_state(saved[0])["step"]
+    assert 1 <= stopped_at < STEPS, f"the job stopped at step {stopped_at}"
+    assert not (out / "best").exists()  # a stopped job does not export
+
+    log = run(out, tiny_model_dir, data, "train.save_steps=0")
+    assert f"(step {stopped_at}" in log
+    assert_same_weights(weights(out), weights(straight))
+
+
+def test_two_nodes_match_one_node(straight, tiny_model_dir, data, tmp_path):
+    """Two launch.sh invocations, one process each, rendezvous on localhost as two nodes."""
+    out = tmp_path / "run"
+    port = str(free_port())
+    procs = [
+        start(out, tiny_model_dir, data, nproc=1,
+              env={"NNODES": "2", "NODE_RANK": str(r), "MASTER_PORT": port})
+        for r in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, o in zip(procs, outputs):
+        assert p.returncode == 0, o[-6000:]
+    assert "2 node(s) x 1 process(es)" in outputs[0]
+    assert_same_weights(weights(out), weights(straight))
+
+
+def test_nan_step_is_skipped_on_all_ranks(tiny_model_dir, data, tmp_path):
+    out = tmp_path / "run"
+    log = run(out, tiny_model_dir, data, env={"FT_TEST_FAULT": "nan:3:1"})
+    assert "step 3 skipped on all ranks: non-finite loss" in log
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # 8 real updates
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    assert rows[-1]["skipped_steps"] == 1
+    assert all(torch.isfinite(w).all() for w in weights(out).values())
+    st = train_state(out / "checkpoints" / "step-8")
+    assert (st["skipped_steps"], st["skipped_samples"]) == (1, 4)
+
+    # With max_skipped_steps=1 the first skip stops the job; the step-2 checkpoint stays.
+    out2 = tmp_path / "run2"
+    log = run(out2, tiny_model_dir, data, "train.save_steps=2", "train.max_skipped_steps=1",
+              env={"FT_TEST_FAULT": "nan:3:1"}, expect_rc=1)
+    assert "1 steps in a row were skipped" in log
+    assert (out2 / "checkpoints" / "step-2" / "train_state.json").is_file()
+
+
+def test_sample_failing_mid_training(tiny_model_dir, data, tmp_path):
+    """A sample that fails to load on one rank only (its image vanished after the data
+    check): with skip, every rank skips that step and training goes on; with error,
+    every rank stops (none is left waiting in a collective)."""
+    out = tmp_path / "skip"
+    log = run(out, tiny_model_dir, data, "data.on_bad_sample=skip", env={"FT_TEST_FAULT": "bad_sample:2:1"})
+    assert "[ft rank 1] step 2 skipped (data.on_bad_sample=skip)" in log
+    st = train_state(out / "checkpoints" / "step-8")
+    assert (st["step"], st["skipped_steps"], st["skipped_samples"]) == (8, 1, 4)  # the whole step: 2 ranks x 2 micro-batches
+    assert st["samples_seen"] == 9 * 4  # the skipped step's rows count as seen
+
+    log = run(tmp_path / "error", tiny_model_dir, data, env={"FT_TEST_FAULT": "bad_sample:2:1"}, expect_rc=1)
+    assert "step 2: 1 rank(s) could not load a sample" in log and "a test fault stands for" in log
+
+
+def test_refusals_before_any_step(straight, tiny_model_dir, data, tmp_path):
+    """Each refusal exits (code 2 per rank; torchrun reports 1) with one message, before
+    any step and without touching the run it refuses."""
+    # resume=none on a folder that holds a run
+    log = run(straight, tiny_model_dir, data, "train.resume=none", expect_rc=1)
+    assert "already holds a run" in log and "overwrite_output_dir" in log
+    assert sorted(losses(straight)) == list(range(1, STEPS + 1))  # untouched
+    # a different world size
+    log = run(tmp_path / "a", tiny_model_dir, data, f"train.resume={straight / 'checkpoints/step-4'}",
+              nproc=1, expect_rc=1)
+    assert "world_size: 2 -> 1" in log
+    # a checkpoint whose weights were saved in another dtype
+    bad = tmp_path / "bf16-ckpt"
+    convert_checkpoint(straight / "checkpoints" / "step-4", bad, "model.model.language_model.norm.weight", torch.bfloat16)
+    log = run(tmp_path / "b", tiny_model_dir, data, f"train.resume={bad}", expect_rc=1)
+    assert "model.model.language_model.norm.weight was saved as torch.bfloat16" in log and "torch.float32" in log
+
+
+def convert_checkpoint(src: Path, dst: Path, key: str, dtype: torch.dtype) -> None:
+    """Copy a DCP checkpoint, storing tensor `key` as `dtype` (one process, no group)."""
+    import shutil
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
+
+    flat = dst.parent / "flat.pt"
+    dcp_to_torch_save(str(src), str(flat))
+    sd = torch.load(flat, weights_only=False)
+    section, name = key.split(".", 1)
+    sd[section][name] = sd[section][name].to(dtype)
+    torch.save(sd, flat)
+    torch_save_to_dcp(str(flat), str(dst))
+    shutil.copytree(src / "rng", dst / "rng")
+    shutil.copy(src / "train_state.json", dst / "train_state.json")
