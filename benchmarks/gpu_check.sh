@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# ft against the HF Trainer recipe on one GPU, with a random model of Qwen2.5-VL-3B's
+# layer shapes: bf16, activation checkpointing, Adafactor, FSDP (world size 1).
+#
+#   benchmarks/gpu_check.sh wheels   # on a machine with PyPI: fetch into .cache/gpu-wheels
+#                                    # the pure-Python wheels the GPU image lacks
+#   benchmarks/gpu_check.sh          # on the GPU machine (carry .cache/gpu-wheels there)
+#
+# Budget: about 5 minutes on an H100, model build included (~1 min), well inside 8.
+# Results (environment, build log, compare log and JSON) go to $OUT, or runs/gpu-check.
+#
+# The model has 8 of the 3B's 36 decoder layers and 8 of its 32 vision blocks (full
+# attention at block 7, as in the real tower), with every layer at full size, the full
+# 151,936-row tied embedding, lm_head and merger: about 1.1B parameters instead of 3.75B,
+# so that loading it and ft's final export fit the budget. Per-layer time and memory are
+# the 3B's; totals are not. Set TEXT_LAYERS / VISION_DEPTH for more.
+#
+# The demo photos are at most 448 px, at most 256 image tokens each: resized to
+# MIN_PIXELS = MAX_PIXELS = 512 x 28 x 28 they take ~512 tokens each (two-image rows
+# ~1,050, within max_length 2048), and 8 samples per step give the GPU ~4,500 tokens,
+# closer to a real fine-tune than the CPU demo's ~300-token samples.
+#
+# A dry run of the plumbing on a CPU machine (an existing tiny model, no wheels, fp32;
+# accelerate wherever it is installed):
+#   PYTHON=.venv/bin/python PYTHONPATH=.cache/bench-deps WHEELS=/nonexistent \
+#   MODEL=runs/bench/tiny-small STEPS=4 WARMUP=1 ROUNDS=1 BATCH=1 PRECISION=fp32 \
+#   MIN_PIXELS=3136 MAX_PIXELS=200704 OUT=/tmp/gpu-check benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WHEELS=${WHEELS:-.cache/gpu-wheels}
+if [[ "${1:-}" == wheels ]]; then
+  # The 'cuda' image has torch 2.11, transformers 5.17 and accelerate 1.15 but not
+  # these (python 3.12 there); pure Python, so one download serves any x86-64 machine.
+  mkdir -p "$WHEELS"
+  "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+    -d "$WHEELS" datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 dashscope==2.0.2
+  exit 0
+fi
+
+PY=${PYTHON:-python3}
+OUT=${OUT:-runs/gpu-check}
+MODEL=${MODEL:-/tmp/qwen2.5-vl-3b-shaped}
+TEXT_LAYERS=${TEXT_LAYERS:-8}
+VISION_DEPTH=${VISION_DEPTH:-8}
+STEPS=${STEPS:-20}
+WARMUP=${WARMUP:-5}
+ROUNDS=${ROUNDS:-2}
+BATCH=${BATCH:-8}
+MIN_PIXELS=${MIN_PIXELS:-401408}
+MAX_PIXELS=${MAX_PIXELS:-401408}
+PRECISION=${PRECISION:-bf16}
+mkdir -p "$OUT"
+
+# datasets (ft.data) and dashscope (the real tokenizer's vocabulary, ft.tiny), without
+# their dependencies: the image has the rest.
+if compgen -G "$WHEELS/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$WHEELS"/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# ft from this checkout (not installed there); launch.sh and compare use $PYTHON.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHON=$PY WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+
+{
+  date -u
+  nvidia-smi -L || true
+  "$PY" -c 'import sys, torch, transformers, accelerate, datasets
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "transformers", transformers.__version__, "accelerate", accelerate.__version__,
+      "datasets", datasets.__version__,
+      "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
+} 2>&1 | tee "$OUT/env.txt"
+
+"$PY" benchmarks/build_model.py "$MODEL" --if-missing \
+  --text-layers "$TEXT_LAYERS" --vision-depth "$VISION_DEPTH" 2>&1 | tee "$OUT/build.log"
+
+# compare.py rewrites compare.json after every run: a run cut short keeps what finished.
+timeout 420 "$PY" benchmarks/compare.py --model "$MODEL" --nproc 1 --precision "$PRECISION" \
+  --steps "$STEPS" --warmup "$WARMUP" --rounds "$ROUNDS" --batch-size "$BATCH" \
+  --min-pixels "$MIN_PIXELS" --max-pixels "$MAX_PIXELS" --json "$OUT/compare.json" \
+  2>&1 | tee "$OUT/compare.log"
