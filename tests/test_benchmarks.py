@@ -1,0 +1,117 @@
+"""The benchmark scripts' arithmetic, without training anything: reading ft's
+metrics.jsonl (every format the loop has written), the HF baseline's averages, the
+compare ratios, and the 3B-shaped config."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name):
+    # compare.py imports bench by name, as it does when run as a script.
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load("bench")
+
+
+def step_record(step, tokens_per_s, step_time_s, **extra):
+    return {"step": step, "loss": 1.0, "lr": 1e-5, "grad_norm": 1.0, "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": tokens_per_s / 2, "step_time_s": step_time_s, "data_s": 0.1 * step_time_s,
+            "fwd_bwd_s": 0.8 * step_time_s, "optim_s": 0.1 * step_time_s, **extra}
+
+
+def test_summary_record_wins_and_memory_is_the_peak():
+    records = [
+        step_record(1, 100.0, 2.0, peak_rss_gib=1.0),
+        step_record(2, 400.0, 1.0, peak_rss_gib=1.5),
+        {"step": 2, "eval_loss": 3.0},
+        {"step": 2, "summary": True, "warmup_steps": 1, "avg_tokens_per_s": 400.0,
+         "avg_tokens_per_s_per_device": 200.0, "avg_step_time_s": 1.0, "avg_data_s": 0.1,
+         "avg_fwd_bwd_s": 0.8, "avg_optim_s": 0.1, "peak_rss_gib": 1.25},
+    ]
+    r = bench.summarize(records, warmup=5, world=2)  # the summary's own warm-up counts
+    assert r["source"] == "summary record"
+    assert (r["warmup_steps"], r["steps_measured"], r["steps"]) == (1, 1, 2)
+    assert r["tokens_per_s_per_device"] == 200.0 and r["step_time_s"] == 1.0 and r["mfu"] is None
+    assert r["peak_rss_gib"] == 1.5
+
+
+def test_per_step_fallback_weights_by_time():
+    # Step 3: 300 tokens in 1 s; step 4: 100 tokens in 1 s; step 5: 600 tokens in 2 s.
+    records = [step_record(s, 1e6, 0.001) for s in (1, 2)] + [
+        step_record(3, 300.0, 1.0, mfu=0.3), step_record(4, 100.0, 1.0, mfu=0.1),
+        step_record(5, 300.0, 2.0, mfu=0.3)]
+    r = bench.summarize(records, warmup=2, world=2)
+    assert r["source"] == "per-step records" and r["steps_measured"] == 3
+    assert r["tokens_per_s_per_device"] == pytest.approx(1000 / 4 / 2)
+    assert r["step_time_s"] == pytest.approx(4 / 3)
+    assert r["fwd_bwd_s"] == pytest.approx(0.8 * 4 / 3)
+    assert r["mfu"] == pytest.approx((0.3 + 0.1 + 0.6) / 4)
+
+
+def test_windows_that_straddle_the_warmup_are_left_out():
+    # logging_steps=2: the window ending at step 4 holds steps 3-4, after warm-up 2;
+    # with warm-up 3 it straddles and only the window of steps 5-6 counts.
+    records = [step_record(s, 100.0 * s, 1.0) for s in (2, 4, 6)]
+    assert bench.summarize(records, warmup=2, world=1)["steps_measured"] == 4
+    r = bench.summarize(records, warmup=3, world=1)
+    assert r["steps_measured"] == 2 and r["tokens_per_s_per_device"] == pytest.approx(600.0)
+
+
+def test_oldest_loop_format_gb_to_gib():
+    records = [{"step": s, "loss": 1.0, "lr": 1e-5, "grad_norm": 1.0, "tokens_per_s": 10.0 * s,
+                "peak_mem_gb": 2**30 / 1e9, "skipped_steps": 0} for s in (1, 2, 3)]
+    r = bench.summarize(records, warmup=1, world=2)
+    assert r["tokens_per_s_per_device"] == pytest.approx((20 + 30) / 2 / 2)
+    assert r["step_time_s"] is None and r["peak_mem_gib"] == pytest.approx(1.0)
+    assert "peak mem 1.00 GiB" in bench.format_result("ft", r)
+
+
+def test_no_step_after_warmup_is_an_error():
+    with pytest.raises(ValueError, match="warm-up"):
+        bench.summarize([step_record(1, 1.0, 1.0)], warmup=1, world=1)
+
+
+def test_hf_aggregate_matches_ft_definitions():
+    hf = load("hf_trainer_baseline")
+    steps = [{"data_s": 1.0, "fwd_bwd_s": 8.0, "optim_s": 1.0, "tokens": 1.0, "flops": 1.0}] + [
+        {"data_s": 0.1, "fwd_bwd_s": 0.7, "optim_s": 0.2, "tokens": 400.0, "flops": 2e12}] * 2
+    r = hf.aggregate(steps, warmup=1, world=2, peak_flops=1e12)
+    assert r["steps_measured"] == 2 and r["step_time_s"] == pytest.approx(1.0)
+    assert r["tokens_per_s_per_device"] == pytest.approx(800 / 2 / 2)
+    assert r["mfu"] == pytest.approx(4e12 / 2 / (2 * 1e12))
+    assert hf.aggregate(steps, warmup=1, world=2, peak_flops=None)["mfu"] is None
+
+
+def test_compare_ratios_are_medians_of_rounds():
+    compare = load("compare")
+    runs = []
+    for round_, (ft_tps, hf_tps) in enumerate([(120.0, 100.0), (150.0, 100.0), (90.0, 100.0)], 1):
+        runs += [{"round": round_, "system": "ft", "tokens_per_s_per_device": ft_tps, "peak_rss_gib": 1.0},
+                 {"round": round_, "system": "hf_trainer", "tokens_per_s_per_device": hf_tps, "peak_rss_gib": 2.0}]
+    r = compare.ratios(runs + [{"round": 4, "system": "ft", "tokens_per_s_per_device": 1.0}])  # unpaired: ignored
+    assert r == {"tokens_per_s_per_device": pytest.approx(1.2), "peak_rss_gib": pytest.approx(0.5)}
+    assert compare.table(runs).count("\n") == len(runs) + 1
+
+
+def test_shaped_config_keeps_layer_shapes():
+    build_model = load("build_model")
+    config = build_model.shaped_config(Path(__file__).resolve().parent.parent / "configs/qwen2_5_vl_3b/config.json",
+                                       text_layers=2, vision_depth=10)
+    text, vision = config.text_config, config.vision_config
+    assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.vocab_size) == (2, 2048, 11008, 151936)
+    assert (vision.depth, vision.hidden_size, vision.fullatt_block_indexes) == (10, 1280, [7])
+    assert config.tie_word_embeddings
+    short = build_model.shaped_config(Path(__file__).resolve().parent.parent / "configs/qwen2_5_vl_3b/config.json",
+                                      text_layers=None, vision_depth=4)
+    assert short.text_config.num_hidden_layers == 36 and short.vision_config.fullatt_block_indexes == [3]
