@@ -183,7 +183,7 @@ def test_malformed_override(override, match):
 
 
 def test_bad_choice_suggests():
-    expected = r"train.optim: 'adamW' is not one of adafactor, adamw; did you mean 'adamw'"
+    expected = r"train.optim: 'adamW' is not one of adafactor, hf_adafactor, adamw; did you mean 'adamw'"
     with pytest.raises(ConfigError, match=expected):
         load_config(None, ["train.optim=adamW"])
 
