@@ -494,8 +494,8 @@ def train(cfg) -> None:
             try:
                 micro.append(next_batch())
                 if test_fault("bad_sample", state.step + 1, info):
-                    raise DataError(f"{micro.pop()['input_ids'].shape}: a test fault stands for a sample "
-                                    "whose image was deleted after the data check")
+                    micro.pop()
+                    raise DataError("test fault: stands for a sample whose image was deleted after the data check")
             except DataError as e:
                 bad = e
         stats = [batch_stats(b) for b in micro]  # on CPU tensors: no device sync
@@ -552,9 +552,9 @@ def train(cfg) -> None:
                 skip_step(state, cfg.train.max_skipped_steps,
                           f"non-finite loss ({loss_total}) or gradient norm ({grad_norm})", info)
             else:
-                scale = lr_scale(state.step, cfg.train.max_steps, cfg.train.warmup_ratio)
-                set_lr(optimizer, scale)  # every group: its own base lr x the schedule
-                lr = cfg.train.learning_rate * scale
+                lr_factor = lr_scale(state.step, cfg.train.max_steps, cfg.train.warmup_ratio)
+                set_lr(optimizer, lr_factor)  # every group: its own base lr x the schedule
+                lr = cfg.train.learning_rate * lr_factor
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 t_end = clock(info)
