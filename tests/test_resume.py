@@ -113,6 +113,17 @@ def test_exact_resume_from_a_checkpoint(straight, tiny_model_dir, data, tmp_path
     assert_same_weights(weights(out), weights(straight))
 
 
+@pytest.mark.parametrize("optim", ["hf_adafactor", "adamw"])
+def test_exact_resume_with_other_optimizers(optim, tiny_model_dir, data, tmp_path):
+    """The recipe's HF Adafactor and AdamW checkpoint through FSDP's optimizer state dict
+    (ft's Adafactor, above, through its own): both resume to the same weights."""
+    args = (f"train.optim={optim}", "train.max_steps=4", "train.save_steps=2")
+    run(tmp_path / "straight", tiny_model_dir, data, *args)
+    run(tmp_path / "resumed", tiny_model_dir, data, *args,
+        f"train.resume={tmp_path / 'straight' / 'checkpoints' / 'step-2'}")
+    assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
+
+
 def test_kill_during_save_then_elastic_restart(straight, tiny_model_dir, data, tmp_path):
     out = tmp_path / "run"
     # Rank 1 is killed after writing its step-4 shards, before the checkpoint is marked
