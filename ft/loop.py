@@ -138,12 +138,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def evaluate(model, eval_ds, collator, batch_size: int, num_workers: int, chunk_size: int,
-             info: dist.DistInfo) -> float:
+             on_bad_sample: str, info: dist.DistInfo) -> float:
     """Token-weighted loss over the whole eval set, identical on every rank.
 
     Each rank takes every world_size-th row. Ranks may end up with one batch fewer than
     rank 0, yet every rank must run as many forwards (each is a series of FSDP
     all-gathers): the short ranks repeat a batch they have and leave it out of the sum.
+    A batch that fails to load (a file gone since the data check) is replaced the same
+    way, and all ranks then stop together (on_bad_sample=error) or go on without it.
     """
     model.eval()
     local = list(range(info.rank, len(eval_ds), info.world_size))
@@ -152,18 +154,35 @@ def evaluate(model, eval_ds, collator, batch_size: int, num_workers: int, chunk_
         torch.utils.data.Subset(eval_ds, local or [0]),
         batch_size=batch_size, collate_fn=collator, num_workers=num_workers,
     )
-    total, count, batch = 0.0, 0, None
+    total, count, n_bad, inputs = 0.0, 0, 0, None
     it = iter(loader)
     for i in range(n_batches):
         real = i * batch_size < len(local)
-        if real or batch is None:  # a rank with no eval rows at all still needs a batch
-            batch = next(it)
-            inputs = to_device({k: v for k, v in batch.items() if k != "num_real_tokens"}, info.device)
+        if real or inputs is None:  # a rank with no eval rows at all still needs a batch
+            while True:
+                try:
+                    batch = next(it)
+                    if test_fault("bad_eval", i, info):
+                        raise DataError("test fault: stands for an eval sample deleted after the data check")
+                    inputs = to_device({k: v for k, v in batch.items() if k != "num_real_tokens"}, info.device)
+                    break
+                except StopIteration:  # a bad batch earlier left this rank one short
+                    real = False
+                    break
+                except DataError as e:
+                    warn_all(info, f"eval: {e}")
+                    n_bad += 1
+                    if inputs is not None:  # repeat the last good batch, uncounted
+                        real = False
+                        break
         s, n = loss_sum(model, inputs, chunk_size)  # SYNC (FSDP all-gathers inside)
         if real:
             total += s.item()
             count += n
-    total, count = dist.all_reduce_sum([total, count], info.device)  # SYNC
+    total, count, n_bad = dist.all_reduce_sum([total, count, n_bad], info.device)  # SYNC
+    if n_bad and on_bad_sample == "error":
+        raise DataError(f"eval: {int(n_bad)} batch(es) could not be loaded (the reasons are printed above; "
+                        "data.on_bad_sample=skip would leave them out)")
     model.train()
     return total / max(count, 1)
 
@@ -246,7 +265,7 @@ def warn_all(info: dist.DistInfo, msg: str) -> None:
 
 def test_fault(kind: str, step: int, info: dist.DistInfo) -> bool:
     """Fault injection for tests/test_resume.py only: FT_TEST_FAULT=kind:step:rank
-    (kind: crash, kill_in_save, nan, bad_sample). Fires once, on torchrun's first attempt only, so a
+    (kind: crash, kill_in_save, nan, bad_sample; bad_eval counts eval batches, not steps). Fires once, on torchrun's first attempt only, so a
     restart gets past it."""
     spec = os.environ.get("FT_TEST_FAULT")
     if not spec or spec in _FIRED or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
@@ -458,7 +477,7 @@ def train(cfg) -> None:
     def run_eval_and_maybe_export() -> None:
         eval_loss = evaluate(
             model, eval_ds, collator, cfg.train.per_device_eval_batch_size,
-            cfg.train.dataloader_num_workers, cfg.train.loss_chunk_size, info,
+            cfg.train.dataloader_num_workers, cfg.train.loss_chunk_size, cfg.data.on_bad_sample, info,
         )
         state.last_eval_step = state.step
         improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss

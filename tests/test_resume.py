@@ -224,6 +224,17 @@ def test_sample_failing_mid_training(tiny_model_dir, data, tmp_path):
     log = run(tmp_path / "error", tiny_model_dir, data, env={"FT_TEST_FAULT": "bad_sample:2:1"}, expect_rc=1)
     assert "step 2: 1 rank(s) could not load a sample" in log and "test fault: stands for a sample" in log
 
+    # The same in eval: rank 1's first eval batch fails, with no good batch yet to repeat;
+    # it moves on to its next one and repeats its last at the end, so both ranks still
+    # run the same number of forwards.
+    evals = ("train.max_steps=2", "train.eval_steps=2", f"data.eval_file={data / 'train.jsonl'}")
+    log = run(tmp_path / "eval-skip", tiny_model_dir, data, *evals, "data.on_bad_sample=skip",
+              env={"FT_TEST_FAULT": "bad_eval:0:1"})
+    assert "[ft rank 1] eval: test fault" in log and "step 2: eval_loss" in log
+    log = run(tmp_path / "eval-error", tiny_model_dir, data, *evals, env={"FT_TEST_FAULT": "bad_eval:0:1"},
+              expect_rc=1)
+    assert "eval: 1 batch(es) could not be loaded" in log
+
 
 def test_refusals_before_any_step(straight, tiny_model_dir, data, tmp_path):
     """Each refusal exits (code 2 per rank; torchrun reports 1) with one message, before
