@@ -72,7 +72,11 @@ setsid "$PYTHON" -m torch.distributed.run \
 TORCHRUN=$!
 
 workers() {  # torchrun starts its workers as direct children
-  cat /proc/"$TORCHRUN"/task/*/children 2>/dev/null || true
+  if command -v pgrep >/dev/null; then
+    pgrep -P "$TORCHRUN" || true
+  else  # no procps (slim images): the kernel's list
+    cat /proc/"$TORCHRUN"/task/*/children 2>/dev/null || true
+  fi
 }
 stop_gracefully() {
   echo "[launch] $1: asking the workers to checkpoint and stop" >&2
