@@ -3,6 +3,8 @@
 #   docker run --gpus all --ipc=host -v /models:/models -v /data:/data -v $PWD/runs:/ft/runs \
 #     ft configs/my_run.yaml
 # (--ipc=host: DataLoader workers and NCCL need more shared memory than Docker's default.)
+# `docker stop` sends SIGTERM to launch.sh, which has the workers finish their step,
+# checkpoint and exit 0: give them the time a step and a save take (docker stop -t 300).
 # Any CUDA build of torch >= 2.11 works: pick the tag that matches your drivers.
 ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
 FROM ${BASE_IMAGE}
