@@ -356,42 +356,65 @@ class _ShardMap:
 # =====================================================================================
 # The math, per original parameter: HF Adafactor's step, split where sums over the whole
 # parameter are needed (they are reduced across ranks in between).
+#
+# Per-step cost is mostly the number of small ops per parameter (kernel launches on a GPU),
+# so the shard layout is turned into `_Held` records once, at construction, and step()
+# batches what it can without changing any element's arithmetic: the 1-D parameters'
+# element-wise ops go through torch._foreach_* (the same op per element, in the same
+# order), and the clip divisors are computed per (group, parameter size) in one go (the
+# same scalar ops per element). Reductions (row/column sums, norms) stay per parameter.
 # =====================================================================================
-def _sq_sums(sl: ParamSlice, g: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial row and column sums of grad² + eps over the held elements."""
-    rows = sl.to_rows(g.square().add_(eps))
-    return rows.sum(-1), sl.col_sums(rows)
+class _Held:
+    """A `ParamSlice` this rank holds elements of (numel > 0), with what step() needs
+    precomputed: the shard layout is fixed."""
+
+    __slots__ = ("sl", "fqn", "lo", "hi", "slot", "factored", "whole", "R", "C", "k",
+                 "r0", "r1", "row_at", "col_at", "col_end")
+
+    def __init__(self, sl: ParamSlice, slot: int, sq_at: int | None):
+        self.sl, self.fqn, self.slot = sl, sl.fqn, slot  # slot: its entry in the norm buffer
+        self.lo, self.hi = sl.offset, sl.offset + sl.numel  # where the tensor holds it
+        self.factored = sl.factored
+        self.whole = sl.start == 0 and sl.stop == sl.full_numel
+        if self.factored:
+            self.R, self.C, self.k = sl.n_rows, sl.n_cols, sl.n_matrices
+            self.r0, self.r1 = sl.row_span
+            # Its row sums in the reduce buffer at [row_at, col_at), column sums up to col_end.
+            self.row_at = sq_at
+            self.col_at = sq_at + self.k * self.R
+            self.col_end = self.col_at + self.k * self.C
 
 
-def _update_moments(st: dict, sl: ParamSlice, g: torch.Tensor, row_sum, col_sum, eps: float, decay_rate: float) -> None:
-    st["step"] += 1
-    beta2t = 1.0 - math.pow(st["step"], decay_rate)
-    if sl.factored:
-        # Sums over the full rows/columns; HF's means over the last and second-last dim.
-        st["exp_avg_sq_row"].mul_(beta2t).add_(row_sum.view_as(st["exp_avg_sq_row"]) / sl.n_cols, alpha=1.0 - beta2t)
-        st["exp_avg_sq_col"].mul_(beta2t).add_(col_sum.view_as(st["exp_avg_sq_col"]) / sl.n_rows, alpha=1.0 - beta2t)
+def _sq_sums_into(sq: torch.Tensor, e: _Held, g: torch.Tensor, eps: float) -> None:
+    """Write the partial row and column sums of grad² + eps over the held elements into
+    their places in `sq` (zero elsewhere). A whole matrix's sums are written in place
+    (`out=`), the same reductions as HF's `mean(dim=-1)` / `mean(dim=-2)` sums; a shard's
+    partial matrices go through `ParamSlice.to_rows` / `col_sums`."""
+    x = g.square().add_(eps)
+    if e.whole:
+        torch.sum(x.view(-1, e.C), -1, out=sq[e.row_at:e.col_at])
+        torch.sum(x.view(e.k, e.R, e.C), 1, out=sq[e.col_at:e.col_end].view(e.k, e.C))
     else:
-        st["exp_avg_sq"].mul_(beta2t).add_(g.square().add_(eps), alpha=1.0 - beta2t)
+        rows = e.sl.to_rows(x)
+        sq[e.row_at + e.r0:e.row_at + e.r1] = rows.sum(-1)
+        sq[e.col_at:e.col_end] = e.sl.col_sums(rows).view(-1)
 
 
-def _direction(st: dict, sl: ParamSlice, g: torch.Tensor) -> torch.Tensor:
-    """The unclipped update for the held elements (HF's `_approx_sq_grad(...) * grad`)."""
-    if not sl.factored:
-        return st["exp_avg_sq"].rsqrt().mul_(g)
+def _factors(st: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's `_approx_sq_grad` factors, before their outer product."""
     row = st["exp_avg_sq_row"]
-    r_factor = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().view(-1)
-    c_factor = st["exp_avg_sq_col"].rsqrt().view(sl.n_matrices, sl.n_cols)
-    r0, r1 = sl.row_span
-    return sl.from_rows(torch.mul(r_factor[r0:r1, None], sl.cols_of_rows(c_factor))).mul(g)
+    return (row / row.mean(dim=-1, keepdim=True)).rsqrt_(), st["exp_avg_sq_col"].rsqrt()
 
 
-def _apply(w: torch.Tensor, update: torch.Tensor, sumsq: torch.Tensor, sl: ParamSlice, group: dict) -> None:
-    """Clip by the RMS of the update over the whole parameter, scale, decay, apply."""
-    rms = sumsq.sqrt() / (sl.full_numel ** 0.5)  # == HF's update.norm(2) / numel**0.5
-    update.div_((rms / group["clip_threshold"]).clamp_(min=1.0)).mul_(group["lr"])
-    if group["weight_decay"] != 0:
-        w.add_(w, alpha=-group["weight_decay"] * group["lr"])
-    w.add_(-update)
+def _factored_direction(e: _Held, r_factor: torch.Tensor, c_factor: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The unclipped update for the held elements of a matrix (HF's
+    `_approx_sq_grad(...) * grad`): each element is r_factor[row] * c_factor[col] * grad."""
+    if e.whole:  # HF's broadcast: r.unsqueeze(-1) * c.unsqueeze(-2)
+        outer = torch.mul(r_factor.view(e.k, e.R, 1), c_factor.view(e.k, 1, e.C))
+        return outer.view(-1).mul_(g)
+    sl = e.sl
+    rows = torch.mul(r_factor.view(-1)[e.r0:e.r1, None], sl.cols_of_rows(c_factor.view(e.k, e.C)))
+    return sl.from_rows(rows).mul(g)  # (from_rows may be a view of a larger buffer)
 
 
 # =====================================================================================
@@ -417,15 +440,33 @@ class Adafactor(torch.optim.Optimizer):
         tensors = [p for g in self.param_groups for p in g["params"]]
         self._map = _ShardMap(model, tensors, process_group)
         # Fixed buffer layouts, identical on every rank: the tensors and each FlatParameter's
-        # list of parameters are. _sq_at: row-sum offset of each matrix (column sums follow).
+        # list of parameters are. The row and column sums of every matrix, in order, make
+        # the first reduce buffer (_sq_numel); one slot per slice the second.
         self._all = [(p, sl) for p in tensors for sl in self._map.slices[id(p)]]
-        self._sq_at, n = {}, 0
+        sq_at, n = [], 0
         for _, sl in self._all:
+            sq_at.append(n if sl.factored else None)
             if sl.factored:
-                self._sq_at[sl.fqn] = n
                 n += sl.n_matrices * (sl.n_rows + sl.n_cols)
         self._sq_numel = n
-        self._index = {sl.fqn: i for i, (_, sl) in enumerate(self._all)}  # sumsq slot
+        # Per group, per tensor: its held slices. Clip buckets: the slots of the slices of
+        # one group with one parameter size, whose clip divisors step() computes together.
+        self._plan: list[list[tuple[torch.Tensor, list[_Held]]]] = []
+        buckets: dict[tuple[int, int], list[int]] = {}
+        slot = 0
+        for gi, group in enumerate(self.param_groups):
+            plan = []
+            for p in group["params"]:
+                held = []
+                for sl in self._map.slices[id(p)]:
+                    if sl.numel:
+                        held.append(_Held(sl, slot, sq_at[slot]))
+                    buckets.setdefault((gi, sl.full_numel), []).append(slot)
+                    slot += 1
+                plan.append((p, held))
+            self._plan.append(plan)
+        self._buckets = [(gi, numel, slots) for (gi, numel), slots in buckets.items()]
+        self._bucket_index: tuple = (None, [])  # (device, index tensors), made at first use
         # State of the parameters this rank holds elements of, made now rather than at the
         # first step (zeros and step 0 are what HF's first step starts from).
         for p in tensors:
@@ -439,16 +480,20 @@ class Adafactor(torch.optim.Optimizer):
                     "exp_avg_sq_col": torch.zeros(sl.shape[:-2] + sl.shape[-1:], device=device)}
         return {"step": 0, "exp_avg_sq": torch.zeros(sl.numel, device=device)}
 
-    def _held(self):
-        """(group, param, slice, fp32 grad piece) of every held element run with a grad."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                grad = p.grad.reshape(-1)
-                for sl in self._map.slices[id(p)]:
-                    if sl.numel:
-                        yield group, p, sl, grad[sl.offset:sl.offset + sl.numel].float()
+    def _clip_divisors(self, sumsq: torch.Tensor) -> torch.Tensor:
+        """Per slot, HF's `(rms(update) / clip_threshold).clamp_(min=1.0)` with rms =
+        sqrt(sum of squares) / numel**0.5: per element the same ops on the same scalars as
+        one parameter at a time, done for all the slices of one (group, size) at once."""
+        device, index = self._bucket_index
+        if device != sumsq.device:
+            index = [torch.tensor(slots, device=sumsq.device) for _, _, slots in self._buckets]
+            self._bucket_index = (sumsq.device, index)
+        roots = sumsq.sqrt()
+        out = torch.empty_like(sumsq)
+        for (gi, numel, _), idx in zip(self._buckets, index):
+            clip = self.param_groups[gi]["clip_threshold"]
+            out[idx] = (roots[idx] / (numel ** 0.5) / clip).clamp_(min=1.0)
+        return out
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -460,40 +505,102 @@ class Adafactor(torch.optim.Optimizer):
             return loss
         device = self._all[0][0].device
 
+        # What has a grad this step: (group, param, held slice, its grad piece, its state).
+        # The grad piece stays in the grad's dtype (`.float()` at each use: no copy for fp32
+        # grads, and no fp32 copy of a bf16 grad held across the step).
+        mats, vecs = [], []
+        for group, plan in zip(self.param_groups, self._plan):
+            for p, held in plan:
+                if p.grad is None or not held:
+                    continue
+                grad, states = p.grad.reshape(-1), self.state[p]
+                for e in held:
+                    (mats if e.factored else vecs).append((group, p, e, grad[e.lo:e.hi], states[e.fqn]))
+
         # 1. Row and column sums of grad² + eps of every matrix: one all-reduce.
         sq = torch.zeros(self._sq_numel, device=device)
-        for group, _, sl, g in self._held():
-            if sl.factored:
-                row_sum, col_sum = _sq_sums(sl, g, group["eps"])
-                at, n_row = self._sq_at[sl.fqn], sl.n_matrices * sl.n_rows
-                r0, r1 = sl.row_span
-                sq[at + r0:at + r1] = row_sum
-                sq[at + n_row:at + n_row + col_sum.numel()] = col_sum.view(-1)
+        for group, _, e, g, _ in mats:
+            _sq_sums_into(sq, e, g.float(), group["eps"])
         sq = self._map.all_reduce(sq)
 
         # 2. Moments, then each parameter's squared update norm: the second all-reduce.
-        sumsq = torch.zeros(len(self._all), device=device)
-        for group, p, sl, g in self._held():
-            st = self.state[p][sl.fqn]
-            row_sum = col_sum = None
-            if sl.factored:
-                at, n_row = self._sq_at[sl.fqn], sl.n_matrices * sl.n_rows
-                row_sum = sq[at:at + n_row]
-                col_sum = sq[at + n_row:at + n_row + sl.n_matrices * sl.n_cols]
-            _update_moments(st, sl, g, row_sum, col_sum, group["eps"], group["decay_rate"])
-            # vector_norm**2, not a sum of squares: for a whole parameter sqrt() of it
-            # gives back HF's update.norm(2) exactly.
-            sumsq[self._index[sl.fqn]] = torch.linalg.vector_norm(_direction(st, sl, g)) ** 2
-        sumsq = self._map.all_reduce(sumsq)
+        # Moments are updated in batches of one beta2t (steps are per slice, but usually
+        # equal): each element still sees HF's `mul_(beta2t).add_(mean, alpha=1 - beta2t)`.
+        norms = torch.zeros(len(self._all), device=device)
+        moments: dict[float, tuple[list, list]] = {}
+        for group, _, e, _, st in mats:
+            st["step"] += 1
+            beta2t = 1.0 - math.pow(st["step"], group["decay_rate"])
+            avg, new = moments.setdefault(beta2t, ([], []))
+            row, col = st["exp_avg_sq_row"], st["exp_avg_sq_col"]
+            # Sums over the full rows/columns; HF's means over the last and second-last dim.
+            avg += (row, col)
+            new += (sq[e.row_at:e.col_at].view_as(row) / e.C, sq[e.col_at:e.col_end].view_as(col) / e.R)
+        for beta2t, (avg, new) in moments.items():
+            torch._foreach_mul_(avg, beta2t)
+            torch._foreach_add_(avg, new, alpha=1.0 - beta2t)
+        del moments, new
+        # The matrices' factors are kept for step 3 (the size of the factored state); their
+        # shard-sized update is not: it is recomputed there (two element-wise ops, same
+        # bits) rather than held across the all-reduce.
+        factors = []
+        for _, _, e, g, st in mats:
+            r_factor, c_factor = _factors(st)
+            factors.append((r_factor, c_factor))
+            # vector_norm, squared below, not a sum of squares: for a whole parameter sqrt()
+            # of it gives back HF's update.norm(2) exactly.
+            torch.linalg.vector_norm(_factored_direction(e, r_factor, c_factor, g.float()), out=norms[e.slot])
+        # 1-D (and 0-D) parameters, batched per (group, beta2t); their updates (the size of
+        # their second moments: biases and norms) are kept for step 3.
+        vec_batches: dict[tuple[int, float], tuple[dict, list, list, list, list]] = {}
+        for group, p, e, g, st in vecs:
+            st["step"] += 1
+            beta2t = 1.0 - math.pow(st["step"], group["decay_rate"])
+            b = vec_batches.setdefault((id(group), beta2t), (group, [], [], [], []))
+            b[1].append(st["exp_avg_sq"])
+            b[2].append(g.float())
+            b[3].append(e)
+            b[4].append(p)
+        vec_updates = []
+        for (_, beta2t), (group, avg, gs, es, ps) in vec_batches.items():
+            new = torch._foreach_mul(gs, gs)  # g.square(): x * x per element
+            torch._foreach_add_(new, group["eps"])
+            torch._foreach_mul_(avg, beta2t)
+            torch._foreach_add_(avg, new, alpha=1.0 - beta2t)
+            del new
+            updates = torch._foreach_rsqrt(avg)
+            torch._foreach_mul_(updates, gs)
+            for e, u in zip(es, updates):
+                torch.linalg.vector_norm(u, out=norms[e.slot])
+            vec_updates.append((group, es, ps, updates))
+        sumsq = self._map.all_reduce(norms ** 2)
 
-        # 3. Apply. The update is recomputed (cheap, element-wise, same bits) rather than
-        # kept from step 2, which would hold a second shard-sized buffer across the reduce.
-        for group, p, sl, g in self._held():
-            w = p.detach().view(-1)[sl.offset:sl.offset + sl.numel]
-            w32 = w.float()  # HF updates fp16/bf16 parameters in fp32, then copies back
-            _apply(w32, _direction(self.state[p][sl.fqn], sl, g), sumsq[self._index[sl.fqn]], sl, group)
+        # 3. Apply: clip by the RMS of the update over the whole parameter, scale, decay
+        # (HF's weight decay), apply; fp16/bf16 parameters are updated in fp32 and copied
+        # back, as HF does.
+        divisors = self._clip_divisors(sumsq)
+        for (group, p, e, g, _), (r_factor, c_factor) in zip(mats, factors):
+            update = _factored_direction(e, r_factor, c_factor, g.float())
+            update.div_(divisors[e.slot]).mul_(group["lr"])
+            w = p.detach().view(-1)[e.lo:e.hi]
+            w32 = w.float()
+            if group["weight_decay"] != 0:
+                w32.add_(w32, alpha=-group["weight_decay"] * group["lr"])
+            w32.sub_(update)  # == add_(-update): round(w - u) either way
             if w32 is not w:
                 w.copy_(w32)
+        del factors
+        for group, es, ps, updates in vec_updates:
+            torch._foreach_div_(updates, [divisors[e.slot] for e in es])
+            torch._foreach_mul_(updates, group["lr"])
+            ws = [p.detach().view(-1)[e.lo:e.hi] for e, p in zip(es, ps)]
+            w32s = [w.float() for w in ws]
+            if group["weight_decay"] != 0:
+                torch._foreach_add_(w32s, w32s, alpha=-group["weight_decay"] * group["lr"])
+            torch._foreach_sub_(w32s, updates)
+            for w, w32 in zip(ws, w32s):
+                if w32 is not w:
+                    w.copy_(w32)
         return loss
 
     # ---------------------------------------------------------------------------------
