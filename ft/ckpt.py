@@ -65,8 +65,11 @@ def write_json_atomic(path: str, obj: dict) -> None:
 class Checkpoint:
     step: int
     path: str
-    complete: bool
-    why_incomplete: str = ""
+    why_incomplete: str  # "" when complete
+
+    @property
+    def complete(self) -> bool:
+        return not self.why_incomplete
 
 
 def checkpoint_path(output_dir: str, step: int) -> str:
@@ -110,8 +113,7 @@ def list_checkpoints(output_dir: str) -> list[Checkpoint]:
         m = re.fullmatch(r"step-(\d+)", name)
         if m:
             path = os.path.join(root, name)
-            why = incomplete_reason(path)
-            found.append(Checkpoint(int(m.group(1)), path, not why, why))
+            found.append(Checkpoint(int(m.group(1)), path, incomplete_reason(path)))
     return sorted(found, key=lambda c: c.step)
 
 

@@ -213,22 +213,19 @@ def find_resume_checkpoint(train_cfg, out: str, info: dist.DistInfo) -> str | No
                 shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
             log(info, f"train.overwrite_output_dir: deleted {', '.join(leftovers)} in {out}")
         return None
-    if mode != "auto":
-        path = mode
-        if not os.path.isdir(path):
-            raise ResumeError(f"train.resume={path}: no such checkpoint folder")
-        ckpts = [ckpt.Checkpoint(-1, path, not ckpt.incomplete_reason(path), ckpt.incomplete_reason(path))]
-    else:
-        ckpts = ckpt.list_checkpoints(out)
+    if mode != "auto":  # a given checkpoint folder
+        if not os.path.isdir(mode):
+            raise ResumeError(f"train.resume={mode}: no such checkpoint folder")
+        why = ckpt.incomplete_reason(mode)
+        if why:
+            raise ResumeError(f"train.resume={mode} is not a complete checkpoint: {why}")
+        return mode
+    ckpts = ckpt.list_checkpoints(out)
     for c in ckpts:
         if not c.complete:
             log(info, f"ignoring incomplete checkpoint {c.path}: {c.why_incomplete}")
     complete = [c for c in ckpts if c.complete]
-    if mode != "auto" and not complete:
-        raise ResumeError(f"train.resume={mode} is not a complete checkpoint: {ckpts[0].why_incomplete}")
-    if not complete:
-        return None
-    return complete[-1].path
+    return complete[-1].path if complete else None
 
 
 def check_run_shape(path: str, saved: dict, now: dict) -> None:
