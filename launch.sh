@@ -57,6 +57,17 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 
+# Fail fast, once: a typo in a key or a bad value is refused here, before torchrun
+# starts any worker (and before any restart could repeat it).
+"$PYTHON" -m ft.config "$CONFIG" "$@" >/dev/null || exit 2
+# A refusal found later (bad data, a checkpoint that cannot be resumed, a wrap plan that
+# does not fit) is printed once by rank 0 and written here; the workers then exit 0 so
+# that torchrun neither restarts them nor prints its own traceback, and this script
+# exits 2.
+FT_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/ft-exit.XXXXXX")
+export FT_EXIT_FILE
+trap 'rm -f "$FT_EXIT_FILE"' EXIT
+
 echo "[launch] $NNODES node(s) x $NPROC_PER_NODE process(es), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT, max restarts $MAX_RESTARTS, config $CONFIG"
 # torchrun in its own session: a signal sent to this script's process group (Ctrl-C,
 # a scheduler's kill) must reach the workers through the trap below, not torchrun,
@@ -102,4 +113,7 @@ while true; do
   wait "$TORCHRUN" || RC=$?
   kill -0 "$TORCHRUN" 2>/dev/null || break
 done
+if [[ -s "$FT_EXIT_FILE" ]]; then
+  exit 2  # rank 0 printed why
+fi
 exit "$RC"

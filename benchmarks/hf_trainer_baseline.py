@@ -20,7 +20,7 @@ into data (fetching the step's micro-batches, which the Trainer does before
 `on_step_begin`), forward+backward (up to `on_pre_optimizer_step`, gradient clipping
 included as in ft), and optimizer (to `on_step_end`); the Trainer's logging after a
 step is left out, as ft leaves its own out. Tokens are the collator's
-`num_real_tokens` (no padding, no dummy image) of all ranks, FLOPs are ft.metrics'
+`ft.data.BatchStats.tokens` (no padding, no dummy image) of all ranks, FLOPs are ft.metrics'
 count of the same batches, memory is ft.metrics.memory_stats, highest over ranks.
 """
 
@@ -92,7 +92,7 @@ def build_trainer(trainer_class, recipe: dict, dropped: dict, **trainer_kwargs):
 
 
 class MeasuredCollator:
-    """ft's Collator, plus the batch's model FLOPs (ft.metrics conventions) as
+    """ft's Collator's inputs, plus the batch's real tokens as `num_real_tokens` and its model FLOPs (ft.metrics conventions) as
     `bench_flops`, computed here on CPU tensors so that nothing waits for the GPU."""
 
     def __init__(self, collator, model_config):
@@ -100,10 +100,11 @@ class MeasuredCollator:
         self.model_config = model_config
 
     def __call__(self, samples):
-        from ft.metrics import batch_stats, train_flops
+        from ft.metrics import train_flops
 
-        batch = self.collator(samples)
-        batch["bench_flops"] = torch.tensor(train_flops(self.model_config, batch_stats(batch)), dtype=torch.float64)
+        batch, stats = self.collator(samples)
+        batch["num_real_tokens"] = torch.tensor(stats.tokens)
+        batch["bench_flops"] = torch.tensor(train_flops(self.model_config, stats), dtype=torch.float64)
         return batch
 
 

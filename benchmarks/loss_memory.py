@@ -34,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ft.model import chunked_cross_entropy_sum
 
-HIDDEN, VOCAB = 2048, 151_936  # Qwen2.5-VL-3B (FACTS.md)
+HIDDEN, VOCAB = 2048, 151_936  # Qwen2.5-VL-3B's published config.json
 GiB = 2**30
 
 

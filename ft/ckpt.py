@@ -6,7 +6,8 @@ Layout under `train.output_dir`:
     checkpoints/step-N/     one resumable checkpoint:
         __0_0.distcp ...    DCP shards of model + optimizer (every rank writes its own)
         .metadata           DCP's index, written once all shards are
-        rng/rank-R.pt       each rank's python / numpy / torch (/ cuda) RNG state
+        rng/rank-R.pt       each rank's python / numpy / torch (/ cuda) RNG state, as
+                            tensors only (`ft.rng`: loaded without unpickling)
         train_state.json    the completion marker: train state, data position, run shape;
                             written (fsync'd) by rank 0 after every rank finished. A
                             folder without it is incomplete: reported, never resumed.
@@ -20,27 +21,20 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
-import signal
 from dataclasses import dataclass
 
-import numpy as np
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 
+from ft import faults, rng
+from ft.backends import backend_of
 from ft.dist import DistInfo, barrier
+from ft.optim import spec_of
 from ft.processor import export_processor_files
 
 TRAIN_STATE_FILE = "train_state.json"
@@ -117,29 +111,6 @@ def list_checkpoints(output_dir: str) -> list[Checkpoint]:
     return sorted(found, key=lambda c: c.step)
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _optim_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    # ft's Adafactor keeps factored row/column statistics that FSDP's optimizer state
-    # dict cannot express (FACTS.md); it exports its own world-size-independent state.
-    if hasattr(optimizer, "fqn_state_dict"):
-        return optimizer.fqn_state_dict()
-    return get_optimizer_state_dict(model, optimizer)
-
-
 def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -147,7 +118,6 @@ def save_checkpoint(
     output_dir: str,
     info: DistInfo,
     keep_last_n: int = 0,
-    _crash_before_marker: bool = False,
 ) -> str:
     """Save everything needed to continue exactly: model and optimizer shards (every rank
     writes its own, no gather), each rank's RNG state, and `meta` (train state, data
@@ -164,18 +134,14 @@ def save_checkpoint(
         # (maybe from another world size) with the new ones.
         shutil.rmtree(path)
     barrier()  # SYNC
-    model_sd = get_model_state_dict(model)
-    optim_sd = _optim_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=dcp.FileSystemWriter(path, sync_files=True))
+    model_sd = backend_of(model).model_state_dict(model)
+    optim_sd = spec_of(optimizer).checkpoint.state_dict(model, optimizer)  # SYNC (ft's Adafactor: an all-reduce)
+    dcp.save({"model": model_sd, "optim": optim_sd},  # SYNC
+             storage_writer=dcp.FileSystemWriter(path, sync_files=True))
     rng_dir = os.path.join(path, RNG_DIR)
     os.makedirs(rng_dir, exist_ok=True)
-    rng_file = os.path.join(rng_dir, f"rank-{info.rank}.pt")
-    with open(rng_file, "wb") as f:
-        torch.save(_rng_state(info.device), f)
-        f.flush()
-        os.fsync(f.fileno())
-    if _crash_before_marker:  # test hook: a kill in the middle of a save
-        os.kill(os.getpid(), signal.SIGKILL)
+    rng.save(os.path.join(rng_dir, f"rank-{info.rank}.pt"), info.device)
+    faults.hook("kill_in_save", meta["train_state"]["step"], info.rank)
     barrier()  # SYNC: every rank's shards and RNG state are on disk
     if info.is_main:
         _fsync_dir(rng_dir)
@@ -277,27 +243,15 @@ def load_checkpoint(
             f"{path} was written by {meta['world_size']} ranks; this run has {info.world_size}. "
             "Resume with the same world size, or start over (train.resume=none)."
         )
-    model_sd = get_model_state_dict(model)
-    if hasattr(optimizer, "load_fqn_state_dict"):
-        # ft's Adafactor: full, replicated tensors; make a template from the metadata.
-        saved = _saved_tensor_meta(path)
-        optim_sd = {
-            k[len("optim."):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
-            for k, m in saved.items() if k.startswith("optim.")
-        }
-    else:
-        # Builds the optimizer's state (a zero-lr step) so there is something to load into.
-        optim_sd = get_optimizer_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    check_compatible(path, {"model": model_sd} if hasattr(optimizer, "load_fqn_state_dict") else state)
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    if hasattr(optimizer, "load_fqn_state_dict"):
-        optimizer.load_fqn_state_dict(state["optim"])
-    else:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
-    rng = torch.load(os.path.join(path, RNG_DIR, f"rank-{info.rank}.pt"), weights_only=False)
-    _set_rng_state(rng, info.device)
+    backend, io = backend_of(model), spec_of(optimizer).checkpoint
+    model_sd = backend.model_state_dict(model)
+    saved_optim = {k[len("optim."):]: m for k, m in _saved_tensor_meta(path).items() if k.startswith("optim.")}
+    state = {"model": model_sd, "optim": io.template(model, optimizer, saved_optim)}
+    check_compatible(path, state if io.check_saved else {"model": model_sd})
+    dcp.load(state, checkpoint_id=path)  # SYNC
+    backend.load_model_state_dict(model, state["model"])
+    io.load(model, optimizer, state["optim"])
+    rng.load(os.path.join(path, RNG_DIR, f"rank-{info.rank}.pt"), info.device)
     return meta
 
 
@@ -342,18 +296,14 @@ def export_hf(
     info: DistInfo,
     export_info: dict,
 ) -> None:
-    """Gather the full weights to rank 0 and write an HF folder at `path`, atomically.
-
-    On GPU the gathered tensors are offloaded to CPU as they arrive (only rank 0 keeps
-    them). On CPU offload must stay off: with the model already on CPU it crashes
-    ("setStorage ... out of bounds", FACTS.md), so every rank gathers a full copy there.
-    """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=info.on_gpu)
-    state_dict = get_model_state_dict(model, options=options)  # collective
+    """Gather the full weights and write an HF folder at `path` from rank 0, atomically
+    (see the backend's `full_state_dict` for where the gathered copy lives)."""
+    backend = backend_of(model)
+    state_dict = backend.full_state_dict(model, info)  # SYNC
     if info.is_main:
         tmp = f"{path}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        hf_model = getattr(model, "module", model)  # the HF model under the root FSDP unit
+        hf_model = backend.unwrap(model)
         # Training runs without a KV cache; the export is for inference, which wants it.
         hf_model.config.use_cache = True
         try:
@@ -365,4 +315,61 @@ def export_hf(
         _make_readable(tmp)
         _swap_into_place(tmp, path)
     del state_dict
-    barrier()
+    barrier()  # SYNC
+
+
+# =====================================================================================
+# Which checkpoint a run continues from
+# =====================================================================================
+# What a previous run leaves in output_dir; `resume=none` refuses to mix with it.
+RUN_OUTPUTS = ("checkpoints", "best", "metrics.jsonl", "wandb", "wandb_run_id")
+
+
+class ResumeError(RuntimeError):
+    """This run cannot continue from what is in output_dir as configured (the same on
+    every rank; a restart would not change it)."""
+
+
+def find_resume_checkpoint(train_cfg, out: str, info: DistInfo, log=print) -> str | None:
+    """The checkpoint this run continues from (None: start fresh), per `train.resume`.
+    Every rank decides the same from the same files; rank 0 alone deletes anything."""
+    mode = train_cfg.resume
+    if mode == "none":
+        leftovers = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
+        if leftovers and not train_cfg.overwrite_output_dir:
+            raise ResumeError(
+                f"train.resume=none but {out} already holds a run ({', '.join(leftovers)}). "
+                "Use train.resume=auto to continue it, train.overwrite_output_dir=true to "
+                "delete it and start over, or another train.output_dir."
+            )
+        barrier()  # SYNC: every rank has looked before rank 0 deletes
+        if leftovers and info.is_main:
+            for name in leftovers:
+                path = os.path.join(out, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            log(f"train.overwrite_output_dir: deleted {', '.join(leftovers)} in {out}")
+        return None
+    if mode != "auto":  # a given checkpoint folder
+        if not os.path.isdir(mode):
+            raise ResumeError(f"train.resume={mode}: no such checkpoint folder")
+        why = incomplete_reason(mode)
+        if why:
+            raise ResumeError(f"train.resume={mode} is not a complete checkpoint: {why}")
+        return mode
+    ckpts = list_checkpoints(out)
+    for c in ckpts:
+        if not c.complete:
+            log(f"ignoring incomplete checkpoint {c.path}: {c.why_incomplete}")
+    complete = [c for c in ckpts if c.complete]
+    return complete[-1].path if complete else None
+
+
+def check_run_shape(path: str, saved: dict, now: dict) -> None:
+    """A checkpoint's data position (epoch, batches into it) and per-rank RNG states
+    mean the same thing only with the same world size, batch sizes, seed and data."""
+    changed = [f"{k}: {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise ResumeError(
+            f"cannot resume from {path}: the run changed ({'; '.join(changed)}). Resume with "
+            "the original settings, or start over with train.resume=none."
+        )

@@ -18,6 +18,9 @@ Values are checked against each field's type rather than silently converted:
 * ``int`` fields take integers (a quoted ``"100"`` too), never floats or booleans;
 * ``float`` fields take ints and floats, and strings such as ``2e-5`` that PyYAML's
   YAML 1.1 resolver leaves as strings because they lack a decimal point;
+* fields typed ``Literal["a", "b", ...]`` select between alternatives: they load like
+  ``str`` fields, then must be one of the listed strings (:data:`CHOICES`,
+  :func:`field_choices`);
 * ``str`` fields from the YAML file must be strings: ``mode: off`` loads as the boolean
   ``false`` and is refused with a hint to quote it. From an override the text after
   ``=`` is taken verbatim, so ``wandb.mode=offline`` and ``wandb.run_name=2024`` are
@@ -46,7 +49,7 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import yaml
 
@@ -60,9 +63,11 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "WandbConfig",
+    "choices",
     "config_reference_markdown",
     "config_to_dict",
     "config_to_yaml",
+    "field_choices",
     "field_docs",
     "load_config",
     "save_config",
@@ -89,13 +94,13 @@ class ModelConfig:
     (for demos and tests) instead of failing. Leave false for real checkpoints so that a
     typo in `path` is an error rather than a silent fine-tune of a random model."""
 
-    tiny_vocab: str = "real"
+    tiny_vocab: Literal["real", "small"] = "real"
     """Vocabulary of the tiny model made by `build_tiny_if_missing`: `real` uses the full
     Qwen2.5-VL tokenizer (~151k tokens, so the embedding dominates the tiny model's size);
     `small` uses a reduced vocabulary, making the model much smaller and faster. Ignored
     when `path` already exists."""
 
-    attn_implementation: str = "sdpa"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     """Attention kernel passed to transformers: `sdpa` (PyTorch scaled-dot-product
     attention, works everywhere), `eager` (plain matmuls, slowest, for debugging), or
     `flash_attention_2` (needs the flash-attn package and a CUDA GPU)."""
@@ -143,7 +148,7 @@ class DataConfig:
     downscaled, keeping their aspect ratio. The default 200704 = 256 × 28 × 28 caps an
     image at about 256 tokens. Must be at least `min_pixels`."""
 
-    on_bad_sample: str = "error"
+    on_bad_sample: Literal["error", "skip"] = "error"
     """What to do with rows that cannot be trained on. Before training, every row of
     `train_file` and `eval_file` is checked (malformed JSON, unknown keys or roles, no
     assistant turn, missing, unreadable or truncated image, a count of `<image>`
@@ -267,7 +272,7 @@ class TrainConfig:
     seed: int = 42
     """Seed for data shuffling and the random number generators."""
 
-    optim: str = "adafactor"
+    optim: Literal["adafactor", "hf_adafactor", "adamw"] = "adafactor"
     """Optimizer. `adafactor`: ft's Adafactor, which applies to every original parameter
     exactly the update of the recipe's HF `Adafactor(lr, scale_parameter=False,
     relative_step=False)` on one process, whatever the world size and FSDP sharding:
@@ -278,7 +283,7 @@ class TrainConfig:
     then depends on the world size; for comparison with the recipe. `adamw`: torch's
     AdamW with HF's defaults (betas 0.9/0.999, eps 1e-8; two full-size fp32 moments)."""
 
-    precision: str = "auto"
+    precision: Literal["bf16", "fp32", "auto"] = "auto"
     """Compute precision: `bf16` (bfloat16 mixed precision: parameters and activations in
     bf16, sharded master weights and optimizer state in fp32), `fp32`, or `auto` (bf16 on
     GPU, fp32 on CPU, where bf16 matmuls are about 6× slower)."""
@@ -303,14 +308,18 @@ class TrainConfig:
 class FSDPConfig:
     """How the model is sharded across processes with PyTorch FSDP."""
 
-    sharding_strategy: str = "FULL_SHARD"
+    sharding_strategy: Literal[
+        "FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"
+    ] = "FULL_SHARD"
     """What FSDP shards across ranks: `FULL_SHARD` (parameters, gradients and optimizer
     state; least memory), `SHARD_GRAD_OP` (gradients and optimizer state; parameters
     stay gathered between forward and backward, trading memory for less communication),
     `NO_SHARD` (plain data parallelism), `HYBRID_SHARD` (full sharding within a node,
     replication across nodes)."""
 
-    backward_prefetch: str = "BACKWARD_PRE"
+    backward_prefetch: Literal[
+        "BACKWARD_PRE", "BACKWARD_POST", "NONE"
+    ] = "BACKWARD_PRE"
     """When FSDP gathers the next layer's parameters during backward: `BACKWARD_PRE`
     (before the current layer's gradient computation; fastest, most memory),
     `BACKWARD_POST` (after it), or `NONE` (no prefetch)."""
@@ -344,7 +353,7 @@ class FSDPConfig:
     checkpoint wrapper (applied after FSDP wrapping). Saves a lot of memory for roughly a
     third more compute."""
 
-    reduce_dtype: str = "fp32"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the gradient reduce-scatter/all-reduce under `bf16` precision: `fp32`
     (exact sums, twice the traffic) or `bf16` (half the traffic, rounding error grows
     with world size). Under `fp32` precision gradients are always reduced in fp32."""
@@ -361,7 +370,7 @@ class WandbConfig:
     """W&B run name. The empty string uses the last path component of
     `train.output_dir`."""
 
-    mode: str = "auto"
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """`online` logs to the W&B server; `offline` writes runs locally (to upload later
     with `wandb sync`); `disabled` turns W&B off; `auto` is online when an
     API key is configured (the WANDB_API_KEY environment variable or an api.wandb.ai
@@ -391,18 +400,65 @@ class Config:
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
+
+def _field_types(cls: type) -> dict[str, Any]:
+    # `from __future__ import annotations` leaves field.type as a string; resolve it.
+    return typing.get_type_hints(cls)
+
+
+def _literal_choices(typ: Any) -> tuple[str, ...] | None:
+    """The allowed values of a ``Literal[...]`` field type, or None for any other type."""
+    if typing.get_origin(typ) is not Literal:
+        return None
+    args = typing.get_args(typ)
+    if not args or not all(isinstance(arg, str) for arg in args):
+        raise TypeError(f"config fields support Literal types of strings only, got {typ}")
+    return args
+
+
+def _base_type(typ: Any) -> type:
+    """The type a value must have before the choice check: str for a Literal of strings."""
+    return str if _literal_choices(typ) is not None else typ
+
+
+def choices(cls_or_section: type | str, name: str) -> tuple[str, ...] | None:
+    """The allowed values of field `name` of a section, from its ``Literal[...]`` type.
+
+    `cls_or_section` is a section dataclass (e.g. ``TrainConfig``) or a section name
+    (``"train"``). Returns None for a field that is not typed with a Literal; raises
+    KeyError for an unknown section or field.
+    """
+    cls = SECTIONS[cls_or_section] if isinstance(cls_or_section, str) else cls_or_section
+    types = _field_types(cls)
+    if name not in types:
+        raise KeyError(f"{cls.__name__} has no field {name!r}")
+    return _literal_choices(types[name])
+
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.tiny_vocab": ("real", "small"),
-    "data.on_bad_sample": ("error", "skip"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "train.optim": ("adafactor", "hf_adafactor", "adamw"),
-    "train.precision": ("bf16", "fp32", "auto"),
-    "fsdp.sharding_strategy": ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"),
-    "fsdp.backward_prefetch": ("BACKWARD_PRE", "BACKWARD_POST", "NONE"),
-    "fsdp.reduce_dtype": ("fp32", "bf16"),
-    "wandb.mode": ("auto", "online", "offline", "disabled"),
+    f"{section}.{name}": allowed
+    for section, cls in SECTIONS.items()
+    for name in _field_types(cls)
+    if (allowed := choices(cls, name)) is not None
 }
-"""Allowed values of the string fields that select between alternatives."""
+"""Allowed values of the string fields that select between alternatives, keyed by
+``section.key``, in declaration order. Derived from the fields' ``Literal[...]`` types."""
+
+
+def field_choices(key: str) -> tuple[str, ...]:
+    """The allowed values of the field ``section.key``, e.g. for argparse's ``choices=``.
+
+    Raises KeyError for an unknown key or a field that is not typed with a Literal (use
+    ``CHOICES.get(key)`` to get None for those instead).
+    """
+    section, dot, name = key.partition(".")
+    if not dot or section not in SECTIONS:
+        raise KeyError(f"unknown config key {key!r}")
+    allowed = choices(section, name)
+    if allowed is None:
+        raise KeyError(f"config key {key!r} has no fixed choices")
+    return allowed
+
 
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_length": (lambda v: v >= 16, ">= 16"),
@@ -451,17 +507,18 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _field_types(cls: type) -> dict[str, type]:
-    # `from __future__ import annotations` leaves field.type as a string; resolve it.
-    return typing.get_type_hints(cls)
-
-
 def _suggest(name: str, candidates: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def _has_type(value: Any, typ: type) -> bool:
+def _type_name(typ: Any) -> str:
+    return _base_type(typ).__name__
+
+
+def _has_type(value: Any, typ: Any) -> bool:
+    # A Literal field only needs the right type here; _validate checks the choice.
+    typ = _base_type(typ)
     if typ is float:  # an int is a valid float, as in Python's numeric tower
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if typ is int:  # bool subclasses int, but `true` is not a step count
@@ -469,8 +526,13 @@ def _has_type(value: Any, typ: type) -> bool:
     return isinstance(value, typ)
 
 
-def _coerce(value: Any, typ: type, key: str, where: str) -> Any:
-    """Return `value` as an instance of `typ`, or raise ConfigError naming key and source."""
+def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
+    """Return `value` as an instance of `typ`, or raise ConfigError naming key and source.
+
+    A Literal field is coerced as its base type (str); whether the value is one of the
+    choices is checked later, by _validate, once every override has been applied.
+    """
+    typ = _base_type(typ)
 
     def refuse(hint: str = "") -> typing.NoReturn:
         raise ConfigError(
@@ -561,7 +623,7 @@ def _apply_override(cfg: Config, override: str, sources: dict[str, str]) -> None
     field_type = _field_types(type(section_obj)).get(name)
     # String fields take the text verbatim: YAML would turn `mode=off` into False and
     # `run_name=2024` into an int, and `path=` into None.
-    if field_type is str:
+    if field_type is not None and _base_type(field_type) is str:
         value: Any = text
     else:
         try:
@@ -590,7 +652,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
             value = getattr(section_obj, name)
             if not _has_type(value, typ):
                 raise ConfigError(
-                    f"{where(key)}: {key}: expected {typ.__name__}, got "
+                    f"{where(key)}: {key}: expected {_type_name(typ)}, got "
                     f"{type(value).__name__} {value!r}"
                 )
     for key, allowed in CHOICES.items():
@@ -709,9 +771,13 @@ def config_reference_markdown() -> str:
         ]
         for f in dataclasses.fields(cls):
             key = f"{section}.{f.name}"
+            doc = docs[f.name]
+            allowed = _literal_choices(types[f.name])
+            if allowed is not None:
+                doc += " One of: " + ", ".join(f"`{value}`" for value in allowed) + "."
             lines.append(
-                f"| `{key}` | {types[f.name].__name__} | "
-                f"`{_yaml_scalar(getattr(default, f.name))}` | {_markdown_cell(docs[f.name])} |"
+                f"| `{key}` | {_type_name(types[f.name])} | "
+                f"`{_yaml_scalar(getattr(default, f.name))}` | {_markdown_cell(doc)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -38,7 +38,7 @@ import itertools
 import json
 import os
 import re
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import datasets
 import torch
@@ -519,16 +519,57 @@ class ConversationDataset(torch.utils.data.Dataset):
         return {**sample, **cut}
 
 
-class Collator:
-    """Pads samples from :class:`ConversationDataset` into one batch.
+@dataclasses.dataclass(frozen=True)
+class BatchStats:
+    """The work in one micro-batch, padding and the dummy image excluded: what the loop,
+    the metrics and the FLOP count need to know of a batch, however its rows were built."""
 
-    The batch holds the model's forward kwargs ``input_ids``, ``attention_mask``,
-    ``labels``, ``mm_token_type_ids``, ``pixel_values``, ``image_grid_thw``, plus
-    ``num_real_tokens`` (0-d: tokens of the samples, without padding or a dummy image),
-    which the training loop pops before the forward. Sequences are right-padded: ids
-    with the pad id, labels with IGNORE_INDEX, mm_token_type_ids with 0; the attention
-    mask is 1 on real tokens. Images are concatenated in sample order, the order in
-    which the model assigns image features to pad tokens.
+    seq_lens: tuple[int, ...]
+    """Real tokens of each sample (text and image tokens), in batch order."""
+
+    label_tokens: int
+    """Positions with a next-token label: the rows of the loss."""
+
+    image_grids: tuple[tuple[int, int, int], ...]
+    """(t, h, w) of each real image, in vision patches (14×14 pixels; t counts pairs
+    of frames, 1 for a still image)."""
+
+    dummy_image: bool = False
+    """Whether the collator added its dummy image (the batch had none; see
+    `Collator._add_dummy_image`)."""
+
+    @property
+    def samples(self) -> int:
+        """Samples in the batch (one per row today; several once rows are packed)."""
+        return len(self.seq_lens)
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens of the batch (text and image): the tokens/s numerator."""
+        return sum(self.seq_lens)
+
+    @property
+    def patches(self) -> int:
+        """Vision patches of the real images."""
+        return sum(t * h * w for t, h, w in self.image_grids)
+
+
+class Batch(NamedTuple):
+    """What the collator returns: the model's forward kwargs, and the batch's statistics."""
+
+    inputs: dict[str, torch.Tensor]
+    stats: BatchStats
+
+
+class Collator:
+    """Pads samples from :class:`ConversationDataset` into one :class:`Batch`.
+
+    ``inputs`` holds the model's forward kwargs ``input_ids``, ``attention_mask``,
+    ``labels``, ``mm_token_type_ids``, ``pixel_values``, ``image_grid_thw``, and nothing
+    else. Sequences are right-padded: ids with the pad id, labels with IGNORE_INDEX,
+    mm_token_type_ids with 0; the attention mask is 1 on real tokens. Images are
+    concatenated in sample order, the order in which the model assigns image features
+    to pad tokens. ``stats`` is counted here, on the CPU, before any padding.
 
     Every batch carries at least one image; see :meth:`_add_dummy_image`.
     """
@@ -551,25 +592,30 @@ class Collator:
         self.dummy_pixel_values = out["pixel_values"]
         self.dummy_image_grid_thw = out["image_grid_thw"]
 
-    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> Batch:
         input_ids = [s["input_ids"] for s in samples]
         labels = [s["labels"] for s in samples]
         mm_types = [s["mm_token_type_ids"] for s in samples]
         pixel_values = [s["pixel_values"] for s in samples if "pixel_values" in s]
         grids = [s["image_grid_thw"] for s in samples if "image_grid_thw" in s]
-        num_real_tokens = sum(len(ids) for ids in input_ids)
+        stats = BatchStats(
+            seq_lens=tuple(len(ids) for ids in input_ids),
+            label_tokens=sum(int((lab[1:] != IGNORE_INDEX).sum()) for lab in labels),
+            image_grids=tuple(tuple(int(x) for x in row) for g in grids for row in g.tolist()),
+            dummy_image=not grids,
+        )
         if not grids:
             self._add_dummy_image(input_ids, labels, mm_types, pixel_values, grids)
         length = max(len(ids) for ids in input_ids)
-        return {
+        inputs = {
             "input_ids": _pad(input_ids, length, self.pad_id),
             "attention_mask": _pad([torch.ones_like(ids) for ids in input_ids], length, 0),
             "labels": _pad(labels, length, IGNORE_INDEX),
             "mm_token_type_ids": _pad(mm_types, length, 0),
             "pixel_values": torch.cat(pixel_values),
             "image_grid_thw": torch.cat(grids),
-            "num_real_tokens": torch.tensor(num_real_tokens),
         }
+        return Batch(inputs, stats)
 
     def _add_dummy_image(self, input_ids, labels, mm_types, pixel_values, grids) -> None:
         """Append a small black image after the first sample's last token (in place).

@@ -56,19 +56,43 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
             # Started without torchrun (`python -m ft.loop`): FSDP still needs a process
             # group, so make a one-rank group on an in-memory store.
             kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
-        elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        else:
             # torchrun's static rendezvous (--master-addr/--master-port) keeps one store
             # across restarts, while the workers' env:// rendezvous assumes a fresh one:
             # a restarted group could read the dead workers' gloo/NCCL addresses and wait
-            # forever to connect (seen in tests/test_resume.py). One key space per attempt.
-            store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
-                                               timeout=datetime.timedelta(minutes=timeout_minutes)))
-            attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
-            kwargs.update(store=dist.PrefixStore(f"ft/attempt_{attempt}", store), rank=rank, world_size=world_size)
+            # forever to connect (seen in tests/test_resume.py). One key space per attempt;
+            # the store itself is kept for what outlives an attempt (`record_refusal`).
+            global _STORE
+            _STORE, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
+                                                timeout=datetime.timedelta(minutes=timeout_minutes)))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            kwargs.update(store=dist.PrefixStore(f"ft/attempt_{attempt}", _STORE), rank=rank,
+                          world_size=world_size)
         dist.init_process_group(
             backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+_STORE = None  # torchrun's store: it outlives a restart of the group
+_REFUSAL_KEY = "ft/refusal"
+
+
+def record_refusal(message: str) -> None:
+    """Leave `message` (why this job cannot go on: bad config, data or checkpoint) in
+    torchrun's store, where a restarted attempt finds it (`earlier_refusal`)."""
+    if _STORE is not None:
+        _STORE.set(_REFUSAL_KEY, message)
+
+
+def earlier_refusal() -> str | None:
+    """The refusal an earlier attempt of this job recorded, if any: a restart cannot fix
+    it, so the attempt should stop at once with the same message."""
+    if _STORE is None or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        return None
+    if not _STORE.check([_REFUSAL_KEY]):
+        return None
+    return _STORE.get(_REFUSAL_KEY).decode()
 
 
 def is_distributed() -> bool:

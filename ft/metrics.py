@@ -4,7 +4,7 @@ accelerator (hence MFU), and peak memory.
 All of it is plain arithmetic on the model config and on a batch's CPU tensors, cheap
 enough to run every micro-batch before the host-to-device copy:
 
-    stats = batch_stats(batch)                        # before popping "num_real_tokens"
+    inputs, stats = collator(samples)                 # ft.data.Batch: stats counted there
     step_flops += train_flops(hf_config, stats, frozen)  # over the step's micro-batches
     ...
     mfu(step_flops, step_seconds, peak_flops(device))   # this device's; None on CPU
@@ -22,7 +22,8 @@ FLOP conventions (those of PaLM's MFU, Chowdhery et al. 2022, appendix B):
   checkpointing is switched on or off.
 * Only work on real data counts: padding tokens, and the dummy image the collator adds
   to a batch without images (`ft.data.Collator._add_dummy_image`; it exists only to
-  keep FSDP's collectives in step across ranks), are overhead, like padding.
+  keep FSDP's collectives in step across ranks), are overhead, like padding: the
+  collator's `ft.data.BatchStats` leaves both out.
 * Attention: QKᵀ and AV, 2 FLOPs per multiply-add each, over the (query, key) pairs
   the model needs: every pair within a sequence (vision windows, full-attention
   blocks), and for the causal language model only the pairs with key ≤ query, the
@@ -36,23 +37,19 @@ FLOP conventions (those of PaLM's MFU, Chowdhery et al. 2022, appendix B):
 
 from __future__ import annotations
 
-import itertools
-import operator
 import re
 import resource
 import sys
 from dataclasses import dataclass
-from typing import Any, Collection, Mapping
+from typing import Any, Collection
 
 import torch
 
-from ft.data import IGNORE_INDEX
+from ft.data import BatchStats
+from ft.parts import PART_NAMES, backward_reaches
 
 __all__ = [
-    "PARTS",
-    "BatchStats",
     "Flops",
-    "batch_stats",
     "forward_flops",
     "matmul_params",
     "memory_stats",
@@ -61,60 +58,6 @@ __all__ = [
     "peak_flops_for_name",
     "train_flops",
 ]
-
-
-# =====================================================================================
-# What a batch asks of the model
-# =====================================================================================
-@dataclass(frozen=True)
-class BatchStats:
-    """The work in one micro-batch, padding and dummy image excluded."""
-
-    seq_lens: tuple[int, ...]
-    """Real tokens of each sample (text and image tokens), in batch order."""
-
-    label_tokens: int
-    """Positions with a next-token label: the rows of the loss."""
-
-    image_grids: tuple[tuple[int, int, int], ...]
-    """(t, h, w) of each real image, in vision patches (14×14 pixels; t counts pairs
-    of frames, 1 for a still image)."""
-
-    @property
-    def tokens(self) -> int:
-        """Real tokens of the batch (text and image): the tokens/s numerator."""
-        return sum(self.seq_lens)
-
-    @property
-    def patches(self) -> int:
-        """Vision patches of the real images."""
-        return sum(t * h * w for t, h, w in self.image_grids)
-
-
-def batch_stats(batch: Mapping[str, torch.Tensor]) -> BatchStats:
-    """BatchStats of a batch from `ft.data.Collator`, still holding `num_real_tokens`
-    (call it before the loop pops that key), on the CPU (each field costs one small
-    reduction; nothing is synchronised with a GPU).
-
-    The collator's dummy image is recognised by the token count: it adds tokens to the
-    first sample that `num_real_tokens` does not count, and only to a batch that has no
-    other image.
-    """
-    if "num_real_tokens" not in batch:
-        raise KeyError("batch_stats needs the collator's 'num_real_tokens': call it before popping that key")
-    seq_lens = [int(n) for n in batch["attention_mask"].sum(dim=1).tolist()]
-    grids = [tuple(int(x) for x in g) for g in batch["image_grid_thw"].tolist()]
-    dummy_tokens = sum(seq_lens) - int(batch["num_real_tokens"])
-    if dummy_tokens:
-        if len(grids) != 1 or dummy_tokens < 0:
-            raise ValueError(
-                f"batch has {dummy_tokens} tokens beyond num_real_tokens and {len(grids)} images: "
-                "not the collator's dummy-image layout (one image appended to sample 0)"
-            )
-        seq_lens[0] -= dummy_tokens
-        grids = []
-    label_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return BatchStats(tuple(seq_lens), label_tokens, tuple(grids))
 
 
 # =====================================================================================
@@ -230,35 +173,30 @@ def forward_flops(config: Any, stats: BatchStats, *, causal: bool = True) -> Flo
     )
 
 
-PARTS = ("vision_tower", "merger", "llm")
-"""The parts `model.freeze_*` acts on, in data-flow order (ft.fsdp_wrap.PARTS)."""
-
-
 def train_flops(config: Any, stats: BatchStats, frozen: Collection[str] = ()) -> float:
     """Model FLOPs of a training forward + backward on a batch (causal attention counted
     as its half, checkpoint recomputation not counted): 3 × forward when every part
     trains.
 
-    With `frozen` parts (names from `PARTS`), each part's backward counts what autograd
-    still computes: the gradients with respect to its inputs (its matmuls once more,
-    its attention twice) when it or a part before it trains, since the gradient must
-    pass through it; those with respect to its weights (its matmuls once more) when it
-    trains. E.g. a frozen vision tower before a trained language model needs no
-    backward at all.
+    With `frozen` parts (names from `ft.parts.PART_NAMES`), each part's backward counts
+    what autograd still computes: the gradients with respect to its inputs (its matmuls
+    once more, its attention twice) when backward reaches it
+    (`ft.parts.backward_reaches`: it or a part before it trains); those with respect to
+    its weights (its matmuls once more) when it trains. E.g. a frozen vision tower
+    before a trained language model needs no backward at all.
     """
-    unknown = set(frozen) - set(PARTS)
+    unknown = set(frozen) - set(PART_NAMES)
     if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}; parts are {', '.join(PARTS)}")
+        raise ValueError(f"unknown parts {sorted(unknown)}; parts are {', '.join(PART_NAMES)}")
     f = forward_flops(config, stats)
     matmuls = {"vision_tower": f.vision_matmuls, "merger": f.merger, "llm": f.text_matmuls + f.lm_head}
     attention = {"vision_tower": f.vision_attention, "merger": 0.0, "llm": f.text_attention}
-    trains = [part not in frozen for part in PARTS]
-    reached = itertools.accumulate(trains, operator.or_)  # a part at or before it trains
+    trainable = {part for part in PART_NAMES if part not in frozen}
     total = f.total
-    for part, part_trains, part_reached in zip(PARTS, trains, reached):
-        if part_reached:
+    for part in PART_NAMES:
+        if backward_reaches(part, trainable):
             total += matmuls[part] + 2 * attention[part]
-        if part_trains:
+        if part in trainable:
             total += matmuls[part]
     return total
 

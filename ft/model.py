@@ -7,9 +7,9 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
+from ft.backends import backend_of
 from ft.data import IGNORE_INDEX
 from ft.dist import DistInfo
 
@@ -44,7 +44,8 @@ def load_model(path: str, info: DistInfo, attn_implementation: str = "sdpa") -> 
         model.to_empty(device=info.device)
         # to_empty gives lm_head and embed_tokens separate storage even when the config
         # ties them; re-tie, or rank 0 and this rank disagree on the parameter list and
-        # the broadcast aborts with "collective mismatch" (FACTS.md).
+        # the broadcast aborts (gloo: "Received data size doesn't match expected size ...
+        # collective mismatch"; NCCL hangs).
         model.tie_weights()
     model.train()
     return model
@@ -109,7 +110,7 @@ def _chunked_loss_hooks(model: torch.nn.Module, keep: torch.Tensor, targets: tor
     implementation detail. Nothing is renamed or replaced: state-dict keys and weight
     tying stay as they are, and the hooks are removed when the forward returns.
     """
-    hf_model = model.module if isinstance(model, FSDP) else model
+    hf_model = backend_of(model).unwrap(model)
     captured: dict[str, torch.Tensor] = {}
 
     def keep_hidden(module, args, output):

@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from ft.optim import Adafactor, adafactor_state_bytes, state_bytes
+from ft.adafactor import Adafactor, adafactor_state_bytes
+from ft.optim import state_bytes
 
 STEPS, RESUME_AT, HF_STEPS, LR, WD = 5, 3, 3, 1e-2, 0.05
 CPU = torch.device("cpu")
@@ -235,7 +236,7 @@ def _qwen_phase(rank, model_dir, out_dir):
     Conv3d patch embedding) and optimizer construction, as the loop does it."""
     from ft.config import FSDPConfig, TrainConfig
     from ft.dist import DistInfo
-    from ft.fsdp_wrap import apply_checkpointing, plan_units, wrap_model
+    from ft.fsdp_wrap import plan_units, wrap_model
     from ft.model import load_model
     from ft.optim import build_optimizer
 
@@ -244,7 +245,6 @@ def _qwen_phase(rank, model_dir, out_dir):
     units = plan_units(model)
     planned = adafactor_state_bytes(units, 3, rank)  # before wrapping frees the originals
     wrapped = wrap_model(model, units, FSDPConfig(), "fp32", info)
-    apply_checkpointing(wrapped)
     cfg = TrainConfig(optim="adafactor", learning_rate=QWEN_LR, weight_decay=WD)
     opt = build_optimizer(wrapped.parameters(), cfg, model=wrapped)
     batch = torch.load(os.path.join(out_dir, "batch.pt"))
@@ -277,8 +277,7 @@ def _qwen_batch(model_dir):
     # Small images (8 x 8 patches each): the vision tower's cost is in its patch count.
     processor = load_processor(model_dir, min_pixels=112 * 112, max_pixels=112 * 112)
     ds = ConversationDataset(load_rows(os.path.join(repo, "data/demo/train.jsonl")), processor, 1024)
-    batch = Collator(processor)([ds[0], ds[1]])
-    batch.pop("num_real_tokens")
+    batch = Collator(processor)([ds[0], ds[1]]).inputs
     return batch
 
 

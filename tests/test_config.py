@@ -1,6 +1,7 @@
 import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from ft.config import (
     Config,
     ConfigError,
     TrainConfig,
+    choices,
     config_reference_markdown,
     config_to_dict,
+    field_choices,
     field_docs,
     load_config,
     main,
@@ -196,6 +199,92 @@ def test_every_choice_field_is_checked(key, allowed):
         load_config(None, [f"{key}=not-a-choice"])
 
 
+def literal_fields() -> dict[str, tuple[str, ...]]:
+    """Walk the section dataclasses: every Literal-typed field and its arguments."""
+    found = {}
+    for section, cls in SECTIONS.items():
+        for name, typ in typing.get_type_hints(cls).items():
+            if typing.get_origin(typ) is typing.Literal:
+                found[f"{section}.{name}"] = typing.get_args(typ)
+    return found
+
+
+def test_choices_come_from_literal_types():
+    expected = literal_fields()
+    assert expected, "no Literal-typed field found"
+    assert CHOICES == expected  # one entry per Literal field, and only those
+    assert "train.optim" in CHOICES and "wandb.mode" in CHOICES
+    assert "train.resume" not in CHOICES  # a plain str field with free-form values
+    for key, allowed in expected.items():
+        section, name = key.split(".")
+        assert choices(section, name) == allowed
+        assert choices(SECTIONS[section], name) == allowed
+        assert field_choices(key) == allowed
+        assert all(isinstance(value, str) for value in allowed)
+
+
+def test_every_literal_default_is_a_choice():
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        assert getattr(SECTIONS[section](), name) in allowed, key
+
+
+def test_field_choices():
+    assert field_choices("train.optim") == ("adafactor", "hf_adafactor", "adamw")
+    assert field_choices("wandb.mode") == ("auto", "online", "offline", "disabled")
+    assert choices("train", "max_steps") is None
+    for key in ["train.max_steps", "train.nope", "trian.optim", "optim"]:
+        with pytest.raises(KeyError):
+            field_choices(key)
+
+
+def test_bad_literal_value_from_override_lists_choices():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.optim=adam"])
+    assert str(e.value).startswith(
+        "override 'train.optim=adam': train.optim: 'adam' is not one of "
+        "adafactor, hf_adafactor, adamw"
+    )
+
+
+def test_bad_literal_value_from_file_lists_choices(tmp_path):
+    path = write_yaml(tmp_path, "wandb:\n  mode: offlin\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, [])
+    assert str(e.value) == (
+        f"{path}: wandb.mode: 'offlin' is not one of auto, online, offline, disabled"
+        "; did you mean 'offline'?"
+    )
+
+
+def test_literal_field_in_file_must_be_a_string(tmp_path):
+    # Unquoted `off` is a YAML 1.1 boolean: refused as for a plain str field.
+    path = write_yaml(tmp_path, "wandb:\n  mode: off\n")
+    with pytest.raises(ConfigError, match="quote the value in YAML") as e:
+        load_config(path, [])
+    assert f"{path}: wandb.mode: expected str, got bool False" in str(e.value)
+
+
+def test_literal_override_is_taken_verbatim():
+    # YAML would read `off` as False; the override text is kept as the string "off",
+    # which is then refused as a choice (not as a type error).
+    with pytest.raises(ConfigError, match=r"wandb.mode: 'off' is not one of"):
+        load_config(None, ["wandb.mode=off"])
+    assert load_config(None, ["wandb.mode=offline"]).wandb.mode == "offline"
+
+
+def test_later_override_fixes_a_bad_choice():
+    cfg = load_config(None, ["train.optim=adam", "train.optim=adamw"])
+    assert cfg.train.optim == "adamw"
+
+
+def test_validate_config_checks_literal_fields():
+    with pytest.raises(ConfigError, match=r"default: train.optim: 'sgd' is not one of"):
+        validate_config(Config(train=TrainConfig(optim="sgd")))
+    with pytest.raises(ConfigError, match=r"train.optim: expected str, got int 3"):
+        validate_config(Config(train=TrainConfig(optim=3)))
+
+
 def test_bad_choice_in_file_names_file(tmp_path):
     path = write_yaml(tmp_path, "fsdp:\n  sharding_strategy: full_shard\n")
     with pytest.raises(ConfigError, match="FULL_SHARD") as e:
@@ -318,6 +407,20 @@ def test_reference_mentions_every_field():
             prefix = f"| `{section}.{f.name}` |"
             row = next(line for line in reference.splitlines() if line.startswith(prefix))
             assert row.count(" | ") == 3, row  # a pipe in a doc would break the table
+
+
+def test_reference_lists_literal_choices():
+    rows = config_reference_markdown().splitlines()
+    row = next(line for line in rows if line.startswith("| `train.optim` |"))
+    assert row.startswith('| `train.optim` | str | `"adafactor"` | Optimizer.')
+    assert row.endswith(" One of: `adafactor`, `hf_adafactor`, `adamw`. |")
+    for key, allowed in CHOICES.items():
+        row = next(line for line in rows if line.startswith(f"| `{key}` |"))
+        listed = ", ".join(f"`{value}`" for value in allowed)
+        assert row.endswith(f" One of: {listed}. |"), row
+    # Fields without choices get no list.
+    row = next(line for line in rows if line.startswith("| `train.resume` |"))
+    assert "One of:" not in row
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "example_qwen2_5_vl_7b.yaml"])

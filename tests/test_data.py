@@ -304,11 +304,12 @@ def test_collator_pads_and_concatenates(data_dir, processor, tiny_model):
     ds = dataset(path, processor)
     samples = [ds[0], ds[1], ds[2]]
     collator = Collator(processor)
-    batch = collator(samples)
-    assert set(batch) == BATCH_KEYS | {"num_real_tokens"}
+    batch, stats = collator(samples)
+    assert set(batch) == BATCH_KEYS
     lengths = [len(s["input_ids"]) for s in samples]
     assert batch["input_ids"].shape == (3, max(lengths))
-    assert int(batch["num_real_tokens"]) == sum(lengths)
+    assert stats.seq_lens == tuple(lengths) and stats.samples == 3 and not stats.dummy_image
+    assert stats.image_grids == tuple(tuple(g) for s in samples[1:] for g in s["image_grid_thw"].tolist())
     pad_id = processor.tokenizer.pad_token_id
     for i, (sample, n) in enumerate(zip(samples, lengths)):
         for key, fill in (("input_ids", pad_id), ("labels", IGNORE_INDEX), ("mm_token_type_ids", 0)):
@@ -318,7 +319,6 @@ def test_collator_pads_and_concatenates(data_dir, processor, tiny_model):
     assert torch.equal(batch["pixel_values"], torch.cat([samples[1]["pixel_values"], samples[2]["pixel_values"]]))
     assert torch.equal(batch["image_grid_thw"], torch.cat([samples[1]["image_grid_thw"], samples[2]["image_grid_thw"]]))
 
-    batch.pop("num_real_tokens")
     with torch.no_grad():
         loss = tiny_model(**batch).loss
     assert torch.isfinite(loss)
@@ -335,7 +335,7 @@ def test_dummy_image_changes_no_output_and_no_gradient(data_dir, processor, tiny
     samples = [ds[0], ds[1]]
     lengths = [len(s["input_ids"]) for s in samples]
     collator = Collator(processor)
-    batch = collator(samples)
+    batch, stats = collator(samples)
 
     # The dummy image follows the first sample's last token, unlearned but attended to.
     dummy = collator.dummy_input_ids
@@ -351,7 +351,7 @@ def test_dummy_image_changes_no_output_and_no_gradient(data_dir, processor, tiny
     assert (batch["labels"][0, first] == IGNORE_INDEX).all()
     assert (batch["attention_mask"][0, first] == 1).all()
     assert torch.equal(batch["mm_token_type_ids"][0, first], (dummy == image_id).long())
-    assert int(batch["num_real_tokens"]) == sum(lengths)
+    assert stats.tokens == sum(lengths) and stats.dummy_image and stats.image_grids == ()
     assert int(batch["attention_mask"].sum()) == sum(lengths) + n
 
     # The same samples padded without a dummy: no image, so the vision tower would not run.
@@ -365,7 +365,6 @@ def test_dummy_image_changes_no_output_and_no_gradient(data_dir, processor, tiny
         "mm_token_type_ids": torch.stack([torch.nn.functional.pad(s["mm_token_type_ids"],
                                                                   (0, length - len(s["input_ids"]))) for s in samples]),
     }
-    batch.pop("num_real_tokens")
     tiny_model.zero_grad(set_to_none=True)
     with_dummy = tiny_model(**batch)
     with_dummy.loss.backward()

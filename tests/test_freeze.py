@@ -18,18 +18,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from conftest import free_port, write_test_image
 from ft.config import ConfigError, FSDPConfig, ModelConfig, TrainConfig, load_config
 from ft.dist import DistInfo
-from ft.fsdp_wrap import (
-    PART_NAMES,
-    WRAP_PLAN,
-    WrapPlanError,
-    apply_freezing,
-    build_on_meta,
-    check_uniform_requires_grad,
-    format_plan,
-    part_learning_rates,
-    plan_units,
-    wrap_model,
-)
+from ft.dryrun import build_on_meta, format_plan
+from ft.fsdp_wrap import WRAP_PLAN, WrapPlanError, check_uniform_requires_grad, checkpoint_summary, plan_units, wrap_model
+from ft.parts import PART_NAMES, apply_freezing, part_learning_rates
 
 SWITCHES = ("freeze_vision_tower", "freeze_merger", "freeze_llm")
 
@@ -157,7 +148,7 @@ def _worker(rank, world, port, model_dir, data_file, out_dir):
 
     from ft import dist
     from ft.data import Collator, ConversationDataset, load_rows
-    from ft.fsdp_wrap import apply_checkpointing, param_groups
+    from ft.parts import param_groups
     from ft.model import load_model, loss_sum
     from ft.processor import load_processor
 
@@ -166,8 +157,7 @@ def _worker(rank, world, port, model_dir, data_file, out_dir):
     ds = ConversationDataset(load_rows(data_file), processor, 512)
     # Rank 0 trains on two images, rank 1 on a text-only row (the collator adds a dummy
     # image, which every rank's frozen or trainable tower then runs on).
-    batch = Collator(processor)([ds[0], ds[1]] if rank == 0 else [ds[2]])
-    batch.pop("num_real_tokens")
+    batch = Collator(processor)([ds[0], ds[1]] if rank == 0 else [ds[2]]).inputs
     assert rank == 0 or batch["image_grid_thw"].shape[0] == 1
 
     def build(freeze, rules=WRAP_PLAN):
@@ -175,7 +165,7 @@ def _worker(rank, world, port, model_dir, data_file, out_dir):
         apply_freezing(model, ModelConfig(**freeze))
         units = plan_units(model, rules)
         wrapped = wrap_model(model, units, FSDPConfig(), "fp32", info)
-        return wrapped, format_plan(units, world), apply_checkpointing(wrapped)
+        return wrapped, format_plan(units, world), checkpoint_summary(units)
 
     def full_state(model):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))

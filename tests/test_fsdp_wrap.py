@@ -12,19 +12,9 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import free_port
 from ft.config import ModelConfig
-from ft.fsdp_wrap import (
-    WRAP_PLAN,
-    WrapPlanError,
-    WrapRule,
-    apply_freezing,
-    build_on_meta,
-    estimate_memory,
-    format_plan,
-    main as dry_run,
-    plan_units,
-    root_members,
-    shard_numel,
-)
+from ft.dryrun import build_on_meta, estimate_memory, format_plan, main as dry_run, shard_numel
+from ft.fsdp_wrap import WRAP_PLAN, WrapPlanError, WrapRule, plan_units, root_members
+from ft.parts import apply_freezing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,9 +146,7 @@ def _batch(model_dir):
 
     processor = load_processor(model_dir)
     ds = ConversationDataset(load_rows(os.path.join(REPO, "data/demo/train.jsonl")), processor, 1024)
-    batch = Collator(processor)([ds[0], ds[1]])
-    batch.pop("num_real_tokens")
-    return batch
+    return Collator(processor)([ds[0], ds[1]]).inputs
 
 
 def _worker(rank, world, port, model_dir, out_dir):
@@ -168,7 +156,7 @@ def _worker(rank, world, port, model_dir, out_dir):
 
     from ft import ckpt, dist
     from ft.config import FSDPConfig
-    from ft.fsdp_wrap import apply_checkpointing, wrap_model
+    from ft.fsdp_wrap import wrap_model
     from ft.model import load_model, loss_sum
 
     info = dist.init_distributed()
@@ -177,7 +165,6 @@ def _worker(rank, world, port, model_dir, out_dir):
         model = load_model(model_dir, info)
         units = plan_units(model)
         wrapped = wrap_model(model, units, FSDPConfig(), "fp32", info)
-        apply_checkpointing(wrapped)
         return wrapped, units
 
     model, units = build()

@@ -10,12 +10,9 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.vision_utils import get_vision_window_index
 
 from conftest import write_test_image
-from ft.data import Collator, ConversationDataset, load_rows
+from ft.data import BatchStats, Collator, ConversationDataset, load_rows
 from ft.metrics import (
-    PARTS,
-    BatchStats,
     _vision_attention_pairs,
-    batch_stats,
     forward_flops,
     matmul_params,
     memory_stats,
@@ -27,7 +24,7 @@ from ft.metrics import (
 from ft.model import loss_sum
 from ft.processor import load_processor
 
-# Qwen2.5-VL-3B's published config (FACTS.md).
+# Qwen2.5-VL-3B's published config.json.
 CONFIG_3B = dict(
     text_config=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                      num_attention_heads=16, num_key_value_heads=2, vocab_size=151936,
@@ -64,7 +61,7 @@ def data(tiny_model_dir, tmp_path_factory):
 
 
 def _count(model, batch, backward=False):
-    inputs = {k: v for k, v in batch.items() if k != "num_real_tokens"}
+    inputs = batch
     with FlopCounterMode(display=False) as counter:
         with torch.set_grad_enabled(backward):
             s, _ = loss_sum(model, inputs, CHUNK)
@@ -84,10 +81,9 @@ def eager_model(tiny_model_dir):
 def test_text_batch_flops_equal_flop_counter(eager_model, data):
     ds, collate = data
     sample = ds[0]
-    collated = collate([sample])  # a text-only batch: the collator adds its dummy image
-    stats = batch_stats(collated)
+    collated, stats = collate([sample])  # a text-only batch: the collator adds its dummy image
     n = len(sample["input_ids"])
-    assert stats == BatchStats((n,), int((sample["labels"][1:] != -100).sum()), ())
+    assert stats == BatchStats((n,), int((sample["labels"][1:] != -100).sum()), (), dummy_image=True)
     assert collated["attention_mask"].sum() > n  # the dummy is there, and not counted
 
     # The model on the same sample without the dummy image does exactly the counted work.
@@ -103,8 +99,7 @@ def test_text_batch_flops_equal_flop_counter(eager_model, data):
 
 def test_image_batch_flops_equal_flop_counter(eager_model, data):
     ds, collate = data
-    batch = collate([ds[1]])
-    stats = batch_stats(batch)
+    batch, stats = collate([ds[1]])
     assert len(stats.image_grids) == 2 and stats.tokens == len(ds[1]["input_ids"])
     flops = forward_flops(eager_model.config, stats, causal=False)
     assert flops.vision_attention > 0 and flops.lm_head > 0
@@ -132,8 +127,7 @@ def test_image_batch_flops_equal_flop_counter(eager_model, data):
 def test_frozen_parts_flops_equal_flop_counter(tiny_model_dir, data, frozen):
     """With frozen parts, the backward work train_flops counts is what autograd does."""
     ds, collate = data
-    batch = collate([ds[1]])
-    stats = batch_stats(batch)
+    batch, stats = collate([ds[1]])
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
     visual = model.model.visual
@@ -159,23 +153,18 @@ def test_frozen_parts_flops_equal_flop_counter(tiny_model_dir, data, frozen):
 
 
 def test_parts_are_the_freezable_parts():
-    from ft.fsdp_wrap import PART_NAMES
-
-    assert PARTS == tuple(PART_NAMES)
     with pytest.raises(ValueError, match="unknown parts"):
         train_flops(Qwen2_5_VLConfig(**CONFIG_3B), BatchStats((4,), 3, ()), frozen=("vision",))
 
 
 def test_padded_batch_counts_real_tokens_only(data):
     ds, collate = data
-    batch = collate([ds[0], ds[1]])
-    stats = batch_stats(batch)
+    batch, stats = collate([ds[0], ds[1]])
     assert stats.seq_lens == (len(ds[0]["input_ids"]), len(ds[1]["input_ids"]))
-    assert stats.tokens == int(batch["num_real_tokens"]) < batch["input_ids"].numel()
+    assert stats.tokens == int(batch["attention_mask"].sum()) < batch["input_ids"].numel()
     assert stats.label_tokens == int((batch["labels"][:, 1:] != -100).sum())
     assert stats.image_grids == tuple(tuple(g) for g in ds[1]["image_grid_thw"].tolist())
-    with pytest.raises(KeyError, match="num_real_tokens"):
-        batch_stats({k: v for k, v in batch.items() if k != "num_real_tokens"})
+    assert stats.samples == 2 and not stats.dummy_image
 
 
 def test_matmul_params_match_the_3b_modules():

@@ -1,7 +1,7 @@
 """Resume exactly and survive faults: every test runs the real ./launch.sh (torchrun,
 2 gloo ranks, tiny model) and compares against one uninterrupted run of the same job.
 
-The faults are injected through FT_TEST_FAULT=kind:step:rank (see ft.loop.test_fault),
+The faults are injected through FT_TEST_FAULT=kind:step:rank (see ft.faults),
 which fires on torchrun's first attempt only.
 """
 

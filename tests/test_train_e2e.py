@@ -119,8 +119,7 @@ def reference(model_dir: str, data: Path, freeze_vision_tower: bool = False):
     sched = get_constant_schedule_with_warmup(opt, int(-(-STEPS * WARMUP // 1)))
     losses, norms = [], []
     for step in range(STEPS):
-        batch = collate([ds[i] for i in order[2 * step: 2 * step + 2]])
-        batch.pop("num_real_tokens")
+        batch = collate([ds[i] for i in order[2 * step: 2 * step + 2]]).inputs
         loss = model(**batch).loss  # HF's mean over every label token of the global batch
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(trainable, CLIP).item())
@@ -132,7 +131,7 @@ def reference(model_dir: str, data: Path, freeze_vision_tower: bool = False):
     model.eval()
     eval_ds = ConversationDataset(load_rows(data / "eval.jsonl"), processor, MAX_LEN)
     with torch.no_grad():
-        eval_loss = model(**{k: v for k, v in collate(list(eval_ds)).items() if k != "num_real_tokens"}).loss.item()
+        eval_loss = model(**collate(list(eval_ds)).inputs).loss.item()
     return losses, norms, eval_loss, {k: v.detach() for k, v in model.state_dict().items()}
 
 

@@ -1,0 +1,42 @@
+"""The sharding backends, registered once. Code outside a backend module asks
+`backend_of(model)` instead of testing `isinstance(model, FSDP)`.
+
+A backend is a module with these functions (see `ft.fsdp1`, the only one today):
+
+    NAME                                     its name
+    owns(model) -> bool                      was `model` wrapped by it?
+    unwrap(model) -> nn.Module               the HF model inside
+    clean_name(name) -> str                  a path without the wrappers' prefixes
+    original_params(model)                   [(name, tensor, [(owning module, clean name)])]
+    shard_numel(numel, world_size) -> int    elements of a unit each rank holds
+    flattens_units(fsdp_cfg) -> bool         one requires_grad per unit?
+    wrap(model, unit_modules, recompute, fsdp_cfg, precision, info)   shard + checkpointing
+    shard_layout(model, tensors, group)      `ft.shards.ShardLayout` for the optimizer
+    planned_slices(unit_params, world, rank) the `ParamSlice`s a rank will hold, unwrapped
+    clip_grad_norm(model, max_norm) -> float
+    model_state_dict / load_model_state_dict
+    optimizer_state_dict / load_optimizer_state_dict
+    full_state_dict(model, info)             for exports
+
+Every function accepts a plain (unwrapped) model too.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from torch import nn
+
+from ft import fsdp1
+
+BACKENDS: dict[str, ModuleType] = {fsdp1.NAME: fsdp1}
+DEFAULT = fsdp1.NAME
+
+
+def backend_of(model: nn.Module) -> ModuleType:
+    """The backend that wrapped `model`; the default one for a plain model, which every
+    backend treats as unsharded."""
+    for backend in BACKENDS.values():
+        if backend.owns(model):
+            return backend
+    return BACKENDS[DEFAULT]

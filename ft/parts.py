@@ -1,0 +1,163 @@
+"""The parts of Qwen2.5-VL a user can freeze or give their own learning rate, and what
+follows from freezing: `requires_grad`, the optimizer's parameter groups, and which
+parts a backward pass still runs through.
+
+- `PARTS`: the vision tower, the merger and the language model (`model.freeze_*`,
+  `train.vision_lr`, `train.merger_lr`), matched by class, never by attribute path
+  (transformers 4.x and 5.x nest the towers differently).
+- `apply_freezing` sets `requires_grad` from the config, before wrapping (FSDP1 fixes
+  each flat parameter's `requires_grad` when it builds it).
+- `param_groups` builds the optimizer's groups from the wrapped model, one per part.
+- `backward_reaches` is the one rule for "does backward run through this part": the
+  checkpointing decision (`ft.fsdp_wrap`) and the FLOP count (`ft.metrics`) both use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Collection
+
+from torch import nn
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLPatchMerger,
+)
+
+from ft.backends import backend_of
+
+
+class WrapPlanError(RuntimeError):
+    """The wrap plan or the parts do not fit the model: names the rule or unit to fix."""
+
+
+@dataclass(frozen=True)
+class Part:
+    name: str
+    cls: type[nn.Module] | None  # the part is this class's subtree; None: all the rest
+    freeze_field: str  # in ModelConfig
+    lr_field: str  # in TrainConfig; a negative value there means train.learning_rate
+    what: str
+
+
+# In forward data-flow order (pixels -> tower -> merger -> language model): a frozen part
+# still carries gradients in backward when a part before it trains.
+PARTS: list[Part] = [
+    Part(
+        "vision_tower", Qwen2_5_VisionTransformerPretrainedModel, "freeze_vision_tower", "vision_lr",
+        "the ViT: patch_embed, blocks, rotary_pos_emb (its child merger is a part of its own)",
+    ),
+    Part(
+        "merger", Qwen2_5_VLPatchMerger, "freeze_merger", "merger_lr",
+        "the projector from vision features to the language model's embeddings",
+    ),
+    Part(
+        "llm", None, "freeze_llm", "learning_rate",
+        "everything else: embed_tokens, decoder layers, final norm, lm_head",
+    ),
+]
+PART_NAMES = [p.name for p in PARTS]
+
+
+def backward_reaches(part: str, trainable_parts: Collection[str]) -> bool:
+    """Whether a backward pass runs through the modules of `part`: yes when it trains,
+    or when a part before it in `PARTS` does (the gradient must flow through it). A
+    frozen vision tower before a trained language model is never reached."""
+    upstream = PART_NAMES[: PART_NAMES.index(part) + 1]
+    return any(p in trainable_parts for p in upstream)
+
+
+def module_parts(model: nn.Module) -> dict[int, str]:
+    """The part of every module of `model`, by `id`: that of its nearest ancestor (itself
+    included) whose class a `Part` names. Wrapper modules match no part, so this works
+    the same on the wrapped model."""
+    by_cls = {p.cls: p.name for p in PARTS if p.cls is not None}
+    rest = next(p.name for p in PARTS if p.cls is None)
+    parts: dict[int, str] = {}
+    found: set[type] = set()
+    stack = [(model, rest)]
+    while stack:
+        mod, part = stack.pop()
+        if type(mod) in by_cls:
+            found.add(type(mod))
+            part = by_cls[type(mod)]
+        parts[id(mod)] = part
+        stack += [(child, part) for child in mod.children()]
+    missing = [cls.__name__ for cls in by_cls if cls not in found]
+    if missing:
+        # Otherwise freeze_vision_tower would silently freeze nothing.
+        raise WrapPlanError(
+            f"part class {', '.join(missing)} matched no module of {type(model).__name__}: "
+            "fix PARTS in ft/parts.py (transformers may have renamed the class)"
+        )
+    return parts
+
+
+def parameters_by_part(model: nn.Module) -> list[tuple[str, nn.Parameter, dict[str, list[str]]]]:
+    """Each parameter tensor of `model` once: (its name, it, {part: names of the weights
+    of that part it holds}). A plain parameter holds one weight; a wrapped model's
+    tensor may hold several (an FSDP1 flat parameter holds its whole unit)."""
+    parts = module_parts(model)
+    result = []
+    for name, p, held in backend_of(model).original_params(model):
+        by_part: dict[str, list[str]] = {}
+        for owner, fqn in held:
+            by_part.setdefault(parts[id(owner)], []).append(fqn)
+        result.append((name, p, {part: by_part[part] for part in PART_NAMES if part in by_part}))
+    return result
+
+
+def trainable_parts(model: nn.Module) -> set[str]:
+    """The parts with at least one trainable weight."""
+    return {part for _, p, held in parameters_by_part(model) if p.requires_grad for part in held}
+
+
+def apply_freezing(model: nn.Module, model_cfg) -> dict[str, dict[str, int | bool]]:
+    """Set `requires_grad` of every parameter from `model_cfg.freeze_*`, before wrapping.
+    Returns {part: {"params": count, "frozen": bool}} in `PARTS` order."""
+    frozen = {p.name for p in PARTS if getattr(model_cfg, p.freeze_field)}
+    summary: dict[str, dict[str, int | bool]] = {
+        name: {"params": 0, "frozen": name in frozen} for name in PART_NAMES
+    }
+    for _, param, held in parameters_by_part(model):
+        (part,) = held  # unwrapped: one weight per parameter
+        param.requires_grad_(part not in frozen)
+        summary[part]["params"] += param.numel()
+    return summary
+
+
+def part_learning_rates(train_cfg) -> dict[str, float]:
+    """Peak learning rate of each part: its own field when set (>= 0), else learning_rate."""
+    lrs = {}
+    for p in PARTS:
+        lr = getattr(train_cfg, p.lr_field)
+        lrs[p.name] = lr if lr >= 0 else train_cfg.learning_rate
+    return lrs
+
+
+def param_groups(model: nn.Module, train_cfg) -> list[dict]:
+    """The optimizer's parameter groups of the wrapped `model`, one per part that trains:
+    [{"name": part, "params": [trainable tensors], "lr": peak lr}] in `PARTS` order.
+
+    Under FSDP1 (use_orig_params=False) these are flat parameters, one per unit, so each
+    unit must hold one part's weights only (the plan guarantees it; an edited plan that
+    merges two parts is refused here).
+    """
+    lrs = part_learning_rates(train_cfg)
+    groups: dict[str, list[nn.Parameter]] = {name: [] for name in PART_NAMES}
+    for name, param, held in parameters_by_part(model):
+        if not param.requires_grad:
+            continue
+        if len(held) > 1:
+            detail = "; ".join(f"{part}: {few(names)}" for part, names in held.items())
+            raise WrapPlanError(
+                f"{name} holds weights of {len(held)} parts, which then cannot have their "
+                f"own learning rates ({detail}). Give each part its own units in WRAP_PLAN "
+                "(ft/fsdp_wrap.py)."
+            )
+        groups[next(iter(held))].append(param)
+    return [{"name": name, "params": ps, "lr": lrs[name]} for name, ps in groups.items() if ps]
+
+
+def few(names: list[str], n: int = 3) -> str:
+    """The first `n` names, and how many more there are."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
