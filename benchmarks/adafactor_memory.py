@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from ft.fsdp_wrap import build_on_meta, plan_units, shard_numel
-from ft.optim import adafactor_state_bytes
+from ft.dryrun import build_on_meta, shard_numel
+from ft.fsdp_wrap import plan_units
+from ft.adafactor import adafactor_state_bytes
 
 REPO = Path(__file__).resolve().parent.parent
 WORLD_SIZES = (1, 8, 64)

@@ -7,10 +7,10 @@ whatever the world size and wrap plan: on plain tensors (an unwrapped model) it 
 result bit for bit; under FSDP1 (`use_orig_params=False`) the sums are reduced across
 ranks, so results agree to float rounding.
 
-FSDP1 hands the optimizer one 1-D `FlatParameter` shard per unit: each rank holds an
+FSDP1 hands the optimizer one 1-D flat shard per unit: each rank holds an
 equal slice of the unit's padded, flattened parameters, which may begin or end in the
 middle of a matrix row, and may hold nothing of some parameter. FSDP's own metadata on
-each FlatParameter (`_fqns`, `_shapes`, `_numels`, `_shard_param_infos`) says which
+each flat parameter (private fields, read only by `ft.fsdp1`) says which
 elements of which original parameter a shard holds; `ft.fsdp1.shard_layout` turns it
 into `ft.shards.ParamSlice`s, the only form this module reads. With
 that, per step:
@@ -143,7 +143,7 @@ class Adafactor(torch.optim.Optimizer):
         super().__init__(params, defaults)
         tensors = [p for g in self.param_groups for p in g["params"]]
         self._map = backend_of(model).shard_layout(model, tensors, process_group)
-        # Fixed buffer layouts, identical on every rank: the tensors and each FlatParameter's
+        # Fixed buffer layouts, identical on every rank: the tensors and each flat parameter's
         # list of parameters are. The row and column sums of every matrix, in order, make
         # the first reduce buffer (_sq_numel); one slot per slice the second.
         self._all = [(p, sl) for p in tensors for sl in self._map.slices[id(p)]]
@@ -378,7 +378,7 @@ class Adafactor(torch.optim.Optimizer):
         return {fqn: st for per_tensor in self.state.values() for fqn, st in per_tensor.items()}
 
     def state_dict(self):
-        # torch.distributed.checkpoint's get_optimizer_state_dict fails on FSDP1 with
+        # torch.distributed.checkpoint's optimizer state dict fails on FSDP1 with
         # state not shaped like the flat shard (gloo: "invalid tensor size");
         # and a per-rank dict would tie the checkpoint to the world size anyway.
         raise RuntimeError(

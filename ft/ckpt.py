@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ft import faults, rng
 from ft.backends import backend_of
-from ft.dist import DistInfo, barrier
+from ft.dist import DistInfo, all_gather_object, barrier
 from ft.optim import spec_of
 from ft.processor import export_processor_files
 
@@ -251,7 +251,15 @@ def load_checkpoint(
     dcp.load(state, checkpoint_id=path)  # SYNC
     backend.load_model_state_dict(model, state["model"])
     io.load(model, optimizer, state["optim"])
-    rng.load(os.path.join(path, RNG_DIR, f"rank-{info.rank}.pt"), info.device)
+    try:
+        rng.load(os.path.join(path, RNG_DIR, f"rank-{info.rank}.pt"), info.device)
+        error = None
+    except ValueError as e:  # pickled objects, or not the RNG state ft writes
+        error = str(e)
+    # One rank's file may be bad and the others' not: all ranks refuse together.
+    errors = [e for e in all_gather_object(error) if e]  # SYNC
+    if errors:
+        raise CheckpointMismatch(errors[0])
     return meta
 
 

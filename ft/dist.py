@@ -146,5 +146,9 @@ def broadcast_module_state(module: torch.nn.Module, src: int = 0) -> None:
 
 
 def cleanup() -> None:
+    global _STORE
     if dist.is_initialized():
         dist.destroy_process_group()
+    # Drop the store now: a TCPStore still alive at interpreter shutdown aborts the
+    # process ("terminate called without an active exception").
+    _STORE = None

@@ -51,7 +51,7 @@ def hook(kind: str, step: int, rank: int) -> None:
     if kind == "kill_in_save":
         os.kill(os.getpid(), signal.SIGKILL)
     if kind in ("bad_sample", "bad_eval"):
-        raise DataError(f"test fault {kind}: stands for a sample whose image was deleted after the data check")
+        raise DataError(f"test fault: stands for a sample whose image was deleted after the data check ({kind})")
 
 
 def poison_loss(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:

@@ -8,6 +8,8 @@ which fires on torchrun's first attempt only.
 import json
 import math
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,8 +223,10 @@ def test_sample_failing_mid_training(tiny_model_dir, data, tmp_path):
     assert (st["step"], st["skipped_steps"], st["skipped_samples"]) == (8, 1, 4)  # the whole step: 2 ranks x 2 micro-batches
     assert st["samples_seen"] == 9 * 4  # the skipped step's rows count as seen
 
-    log = run(tmp_path / "error", tiny_model_dir, data, env={"FT_TEST_FAULT": "bad_sample:2:1"}, expect_rc=1)
-    assert "step 2: 1 rank(s) could not load a sample" in log and "test fault: stands for a sample" in log
+    log = run(tmp_path / "error", tiny_model_dir, data, env={"FT_TEST_FAULT": "bad_sample:2:1", "MAX_RESTARTS": "2"},
+              expect_rc=2)
+    assert "test fault: stands for a sample" in log
+    assert_refused_once(log, "ft: data error: step 2: 1 rank(s) could not load a sample")
 
     # The same in eval: rank 1's first eval batch fails, with no good batch yet to repeat;
     # it moves on to its next one and repeats its last at the end, so both ranks still
@@ -232,26 +236,51 @@ def test_sample_failing_mid_training(tiny_model_dir, data, tmp_path):
               env={"FT_TEST_FAULT": "bad_eval:0:1"})
     assert "[ft rank 1] eval: test fault" in log and "step 2: eval_loss" in log
     log = run(tmp_path / "eval-error", tiny_model_dir, data, *evals, env={"FT_TEST_FAULT": "bad_eval:0:1"},
-              expect_rc=1)
-    assert "eval: 1 batch(es) could not be loaded" in log
+              expect_rc=2)
+    assert_refused_once(log, "eval: 1 batch(es) could not be loaded")
 
 
 def test_refusals_before_any_step(straight, tiny_model_dir, data, tmp_path):
-    """Each refusal exits (code 2 per rank; torchrun reports 1) with one message, before
-    any step and without touching the run it refuses."""
+    """Each refusal exits 2 with one message, before any step, without touching the run it
+    refuses, and is not retried by torchrun's restarts."""
     # resume=none on a folder that holds a run
-    log = run(straight, tiny_model_dir, data, "train.resume=none", expect_rc=1)
-    assert "already holds a run" in log and "overwrite_output_dir" in log
+    log = run(straight, tiny_model_dir, data, "train.resume=none", env={"MAX_RESTARTS": "3"}, expect_rc=2)
+    assert_refused_once(log, "already holds a run")
+    assert "overwrite_output_dir" in log
     assert sorted(losses(straight)) == list(range(1, STEPS + 1))  # untouched
     # a different world size
     log = run(tmp_path / "a", tiny_model_dir, data, f"train.resume={straight / 'checkpoints/step-4'}",
-              nproc=1, expect_rc=1)
-    assert "world_size: 2 -> 1" in log
+              nproc=1, expect_rc=2)
+    assert_refused_once(log, "world_size: 2 -> 1")
     # a checkpoint whose weights were saved in another dtype
     bad = tmp_path / "bf16-ckpt"
     convert_checkpoint(straight / "checkpoints" / "step-4", bad, "model.model.language_model.norm.weight", torch.bfloat16)
-    log = run(tmp_path / "b", tiny_model_dir, data, f"train.resume={bad}", expect_rc=1)
-    assert "model.model.language_model.norm.weight was saved as torch.bfloat16" in log and "torch.float32" in log
+    log = run(tmp_path / "b", tiny_model_dir, data, f"train.resume={bad}", expect_rc=2)
+    assert_refused_once(log, "model.model.language_model.norm.weight was saved as torch.bfloat16")
+    assert "torch.float32" in log
+    # a checkpoint whose RNG file holds a pickled object: refused, never unpickled
+    pickled = tmp_path / "pickled-ckpt"
+    shutil.copytree(straight / "checkpoints" / "step-4", pickled)
+    torch.save({"python": random.getstate()}, pickled / "rng" / "rank-1.pt")  # rank 1's only
+    log = run(tmp_path / "c", tiny_model_dir, data, f"train.resume={pickled}", expect_rc=2)
+    assert_refused_once(log, "holds pickled Python objects")
+
+
+def assert_refused_once(log: str, message: str) -> None:
+    """A refusal: printed once, by rank 0, without a traceback or torchrun's summary."""
+    assert log.count(message) == 1, log[-4000:]
+    assert "Traceback" not in log and "ChildFailedError" not in log, log[-4000:]
+
+
+def test_config_typo_fails_fast_and_once(tmp_path):
+    """A typo in a key is refused by launch.sh before torchrun starts: one message, exit 2."""
+    env = {**os.environ, "PYTHON": sys.executable, "MAX_RESTARTS": "3"}
+    proc = subprocess.run([str(REPO / "launch.sh"), str(REPO / "configs/demo.yaml"), "train.lerning_rate=1e-4",
+                           f"train.output_dir={tmp_path}"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    out = proc.stdout + proc.stderr
+    assert out.count("unknown key 'train.lerning_rate'; did you mean 'train.learning_rate'?") == 1, out
+    assert "torch.distributed.run" not in out and "[launch]" not in out and "Traceback" not in out
 
 
 def convert_checkpoint(src: Path, dst: Path, key: str, dtype: torch.dtype) -> None:

@@ -1,0 +1,137 @@
+"""The seams the rest of ft builds on: one module reads FSDP1's internals, optimizers are
+registered once, unit and checkpointing are separate decisions of the wrap plan, test
+faults stay out of the way unless asked for."""
+
+import os
+import re
+import subprocess
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLDecoderLayer,
+    Qwen2_5_VLPatchMerger,
+    Qwen2_5_VLVisionBlock,
+)
+
+from conftest import free_port
+from ft import faults
+from ft.config import TrainConfig, field_choices
+from ft.dryrun import build_on_meta, estimate_memory, format_plan
+from ft.fsdp_wrap import WrapRule, checkpoint_summary, plan_units
+from ft.optim import OPTIMIZERS, build_optimizer, spec_of
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One unit for the whole vision tower (its merger apart: another part), checkpointing
+# per vision block and per decoder layer.
+TOWER_PLAN = [
+    WrapRule(Qwen2_5_VisionTransformerPretrainedModel, "the whole vision tower"),
+    WrapRule(Qwen2_5_VLVisionBlock, "recomputed, not a unit", unit=False, checkpoint=True),
+    WrapRule(Qwen2_5_VLPatchMerger, "merger"),
+    WrapRule(Qwen2_5_VLDecoderLayer, "layer", checkpoint=True),
+]
+
+
+def _tracked_files() -> list[str]:
+    return subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_fsdp1_internals_are_read_in_one_module():
+    private = re.compile(r"_shard_param_infos|\._fqns|_param_infos|_flat_param|FlatParameter|FullyShardedDataParallel"
+                         r"|_fsdp_wrapped_module|state_dict_type|get_optimizer_state_dict|get_model_state_dict")
+    readers = sorted(f for f in _tracked_files() if f.startswith("ft/") and f.endswith(".py")
+                     and private.search(open(os.path.join(REPO, f)).read()))
+    assert readers == ["ft/fsdp1.py"]
+
+
+def test_no_file_cites_a_document_the_repository_lacks():
+    name = "FACTS" + ".md"  # split, or this file would cite it
+    citing = [f for f in _tracked_files() if not f.endswith((".png", ".jpg", ".jpeg"))
+              and name in open(os.path.join(REPO, f), errors="replace").read()]
+    assert citing == []
+
+
+def test_optimizers_are_registered_once(tiny_model_dir):
+    assert tuple(OPTIMIZERS) == field_choices("train.optim")
+    model = torch.nn.Linear(4, 3)
+    for name, spec in OPTIMIZERS.items():
+        opt = build_optimizer(model.parameters(), TrainConfig(optim=name), model=model)
+        assert type(opt) is spec.cls and spec_of(opt) is spec
+    # The dry run's optimizer figure is the registry's, and they differ by optimizer.
+    units = plan_units(build_on_meta(tiny_model_dir))
+    figures = {name: estimate_memory(units, 4, name, "bf16").optimizer for name in OPTIMIZERS}
+    assert figures == {name: spec.state_bytes(units, 4, "fsdp1") for name, spec in OPTIMIZERS.items()}
+    assert len(set(figures.values())) == len(figures)
+
+
+def test_unit_and_checkpointing_are_separate_decisions(tiny_model_dir):
+    model = build_on_meta(tiny_model_dir)
+    units = plan_units(model, TOWER_PLAN)
+    assert [u.fqn for u in units] == ["model.visual", "model.visual.merger", "model.language_model.layers.0",
+                                      "model.language_model.layers.1", ""]
+    tower = units[0]
+    assert list(tower.recompute) == ["model.visual.blocks.0", "model.visual.blocks.1"] and not tower.checkpoint
+    assert units[2].checkpoint and list(units[2].recompute) == ["model.language_model.layers.0"]
+    assert checkpoint_summary(units) == (4, 0)
+    line = next(line for line in format_plan(units, 2).splitlines() if line.strip().startswith("model.visual "))
+    assert re.search(r"\s2\s+train$", line), line  # two modules recomputed inside the unit
+
+
+def _wrap_worker(rank, world, port, model_dir, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from ft import dist
+    from ft.config import FSDPConfig
+    from ft.data import Collator, ConversationDataset, load_rows
+    from ft.fsdp_wrap import WRAP_PLAN, wrap_model
+    from ft.model import load_model, loss_sum
+    from ft.processor import load_processor
+
+    info = dist.init_distributed()
+    processor = load_processor(model_dir)
+    ds = ConversationDataset(load_rows(os.path.join(REPO, "data/demo/train.jsonl")), processor, 1024)
+    batch = Collator(processor)([ds[rank], ds[rank + 2]]).inputs
+    results = {}
+    for name, rules in (("default", WRAP_PLAN), ("tower", TOWER_PLAN)):
+        model = load_model(model_dir, info)
+        wrapped = wrap_model(model, plan_units(model, rules), FSDPConfig(), "fp32", info)
+        s, n = loss_sum(wrapped, batch)
+        (s / n).backward()
+        norm = wrapped.clip_grad_norm_(float("inf"))
+        ckpt_names = sorted(n for n, m in wrapped.named_modules() if isinstance(m, CheckpointWrapper))
+        results[name] = (s.item(), norm.item(), len(ckpt_names))
+    if rank == 0:
+        torch.save(results, out)
+    dist.cleanup()
+
+
+def test_whole_tower_unit_with_block_checkpointing_trains_the_same(tiny_model_dir, tmp_path):
+    out = str(tmp_path / "r.pt")
+    mp.spawn(_wrap_worker, args=(2, free_port(), tiny_model_dir, out), nprocs=2, join=True)
+    r = torch.load(out)
+    assert r["default"][2] == r["tower"][2] == 4  # 2 blocks + 2 layers recomputed either way
+    assert r["tower"][0] == pytest.approx(r["default"][0], abs=1e-5)
+    assert r["tower"][1] == pytest.approx(r["default"][1], rel=1e-5)
+
+
+def test_faults_fire_once_and_only_when_asked(monkeypatch):
+    monkeypatch.delenv("FT_TEST_FAULT", raising=False)
+    assert not faults.fires("crash", 3, 0)
+    monkeypatch.setenv("FT_TEST_FAULT", "nan:3:1")
+    monkeypatch.setattr(faults, "_fired", set())
+    assert not faults.fires("nan", 3, 0) and not faults.fires("nan", 2, 1) and not faults.fires("crash", 3, 1)
+    loss = torch.tensor(2.0)
+    assert torch.isnan(faults.poison_loss(loss, 3, 1))
+    assert faults.poison_loss(loss, 3, 1) is loss  # once
+    monkeypatch.setattr(faults, "_fired", set())
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert not faults.fires("nan", 3, 1)  # never after a restart
+    monkeypatch.setenv("FT_TEST_FAULT", "typo:1:0")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    with pytest.raises(ValueError, match="unknown kind 'typo'"):
+        faults.fires("nan", 1, 0)
