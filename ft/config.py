@@ -1,5 +1,8 @@
 """The job config: typed sections loaded from a YAML file plus command-line overrides.
 
+(Long because every field carries its documentation, from which the README's reference
+and the CLI are generated: one schema, kept in one file.)
+
 A config is a :class:`Config` made of five sections (``model``, ``data``, ``train``,
 ``fsdp``, ``wandb``). Each field is documented by the string literal that follows it
 (torchtitan's convention); :func:`field_docs` reads those strings back so that the

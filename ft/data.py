@@ -1,5 +1,10 @@
 """Conversation data: JSONL rows to model inputs, and the batch collator.
 
+(One file for one contract: the row formats, how a row becomes tokens and exact
+assistant-only labels, the check that runs the same code before training, and the
+collator that packs those samples; splitting them would separate a label rule from
+the check that proves it.)
+
 Pipeline:
 
 1. :func:`load_rows` reads a JSONL file into a :class:`datasets.Dataset` holding each

@@ -10,6 +10,9 @@ data that differs between ranks in a way that changes which collectives run: tha
 why eval pads ranks to the same number of batches, why the collator gives an
 image-less batch a dummy image, and why every decision to skip or stop a step is taken
 from the step's one all-reduce (`agree`), which all ranks see alike.
+
+The file is longer than ft's other modules on purpose: a reader follows a whole step, its
+skips, logs, eval and save here, without jumping through modules.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Build a tiny, randomly initialised Qwen2.5-VL checkpoint that loads like a real one.
 
+(Long because it rebuilds the real Qwen2 tokenizer offline as well as the model: both
+are one artefact, the demo checkpoint.)
+
 The tiny model keeps every structural feature the training loop depends on (vision
 tower with windowed and full-attention blocks, patch merger, M-RoPE, tied or untied
 LM head, Qwen's special-token ids) at a size that runs on a CPU in milliseconds.

@@ -8,7 +8,6 @@ which fires on torchrun's first attempt only.
 import json
 import math
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -261,7 +261,7 @@ def test_refusals_before_any_step(straight, tiny_model_dir, data, tmp_path):
     # a checkpoint whose RNG file holds a pickled object: refused, never unpickled
     pickled = tmp_path / "pickled-ckpt"
     shutil.copytree(straight / "checkpoints" / "step-4", pickled)
-    torch.save({"python": random.getstate()}, pickled / "rng" / "rank-1.pt")  # rank 1's only
+    torch.save({"numpy": np.random.get_state()}, pickled / "rng" / "rank-1.pt")  # rank 1's only: older ft's format
     log = run(tmp_path / "c", tiny_model_dir, data, f"train.resume={pickled}", expect_rc=2)
     assert_refused_once(log, "holds pickled Python objects")
 
