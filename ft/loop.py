@@ -124,6 +124,20 @@ class Meter:
         return out
 
 
+class StopRequest:
+    """The SIGTERM (cluster preemption; launch.sh forwards it) and SIGUSR1 (SLURM's
+    warning signal) handler: finish the current step, checkpoint, exit 0. It only sets
+    a flag; the ranks agree on it in the step's all-reduce, so they all stop at the same
+    step. A small object of its own, not a closure over the `Run`: the interpreter keeps
+    signal handlers until its very end, and a handler holding the model would keep the
+    process group alive into interpreter shutdown (see `dist.cleanup`)."""
+
+    signum: int = 0
+
+    def __call__(self, signum, _frame) -> None:
+        self.signum = signum
+
+
 @dataclass
 class Run:
     """What one training run holds while it goes: built once by `train()`, read by the
@@ -134,7 +148,7 @@ class Run:
     precision: str
     resume_path: str | None
     state: TrainState = field(default_factory=TrainState)
-    stop_signal: int = 0  # set by the SIGTERM/SIGUSR1 handler; agreed on in `agree`
+    stop: StopRequest = field(default_factory=StopRequest)  # agreed on in `agree`
     # data
     train_ds: object = None
     eval_ds: object = None
@@ -238,14 +252,8 @@ def setup(cfg) -> Run:
     hf_logging.disable_progress_bar()  # per-rank "Loading weights" bars: noise under torchrun
     run = Run(cfg, info, resolve_precision(cfg.train.precision, info), None)
 
-    # SIGTERM (cluster preemption; launch.sh forwards it) or SIGUSR1 (SLURM's warning
-    # signal): finish the current step, checkpoint, exit 0. The handler only sets a flag;
-    # the ranks agree on it in the step's all-reduce, so they all stop at the same step.
-    def request_stop(signum, _frame):
-        run.stop_signal = signum
-
     for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, request_stop)
+        signal.signal(sig, run.stop)
 
     run.resume_path = ckpt.find_resume_checkpoint(cfg.train, run.out, info, lambda m: log(info, m))  # SYNC
     if info.is_main:
@@ -406,7 +414,7 @@ def agree(run: Run, micro: list[Batch], bad: DataError | None) -> list[float]:
         sum(b.stats.tokens for b in micro),
         sum(train_flops(hf_config, b.stats, frozen) for b in micro),
         bad is not None,
-        run.stop_signal != 0,
+        run.stop.signum != 0,
     ], run.info.device)
 
 
@@ -580,7 +588,6 @@ def finish(run: Run, stopped: bool) -> None:
         log(info, f"skipped {state.skipped_steps} step(s) ({state.skipped_samples} samples) in all")
     if run.tracker:
         run.tracker.close()
-    dist.cleanup()
 
 
 @torch.no_grad()
@@ -699,13 +706,19 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         return
     config_path = argv[0] if argv and "=" not in argv[0] else None
+    refusal = None
     try:
         train(load_config(config_path, argv[1:] if config_path else argv))
     except Refused as e:
-        refuse(str(e))
+        refusal = str(e)
     except tuple(REFUSALS) as e:
         kind = next(v for k, v in REFUSALS.items() if isinstance(e, k))
-        refuse(f"ft: {kind}: {e}")
+        refusal = f"ft: {kind}: {e}"
+    # Out here, not in the except blocks: the traceback (and the model its frames hold)
+    # is gone, so `dist.cleanup` can take the process group down while Python runs.
+    if refusal:
+        refuse(refusal)
+    dist.cleanup()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """ft.rng: exact, pickle-free round trips of the per-rank RNG state."""
 
-import os
 import random
 
 import numpy as np
