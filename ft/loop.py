@@ -17,6 +17,7 @@ skips, logs, eval and save here, without jumping through modules.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -34,7 +35,6 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from ft import ckpt, dist, faults
-from ft.backends import backend_of
 from ft.ckpt import CheckpointMismatch, ResumeError
 from ft.config import ConfigError, config_to_dict, load_config, save_config
 from ft.data import Batch, Collator, DataError, build_datasets, validate
@@ -159,6 +159,7 @@ class Run:
     run_shape: dict = field(default_factory=dict)
     # model, optimizer, metrics
     model: torch.nn.Module | None = None
+    flops_of: object = None  # BatchStats -> training FLOPs of this model (frozen parts known)
     optimizer: torch.optim.Optimizer | None = None
     tracker: Tracker | None = None
     meter: Meter | None = None
@@ -222,6 +223,8 @@ def train(cfg) -> None:
                 state.step += 1
                 state.skips_in_a_row = 0
                 state.tokens_seen += int(n_tokens)
+                if run.bar is not None:
+                    run.bar.update(1)
                 run.meter.add(loss_sum=result["loss_sum"], labels=n_labels, tokens=n_tokens, flops=n_flops,
                               samples=run.global_batch, **result["timings"])
                 faults.hook("crash", state.step, run.info.rank)
@@ -348,6 +351,8 @@ def build_model(run: Run) -> torch.nn.Module:
     apply_freezing(model, cfg.model)
     units = plan_units(model)
     log(info, format_plan(units, info.world_size, root_names=root_members(model, units)))
+    frozen = [p.name for p in PARTS if getattr(cfg.model, p.freeze_field)]
+    run.flops_of = functools.partial(train_flops, model.config, frozen=frozen)
     model = wrap_model(model, units, cfg.fsdp, run.precision, info)  # SYNC (weights broadcast)
     if cfg.fsdp.activation_checkpointing:
         ck = checkpoint_summary(units)
@@ -407,12 +412,10 @@ def agree(run: Run, micro: list[Batch], bad: DataError | None) -> list[float]:
     """The step's one all-reduce: its label-token, token and FLOP counts over all ranks,
     and two flags every rank must agree on: "a sample failed to load", "a stop signal
     arrived". A collective."""
-    frozen = [p.name for p in PARTS if getattr(run.cfg.model, p.freeze_field)]
-    hf_config = backend_of(run.model).unwrap(run.model).config
     return dist.all_reduce_sum([  # SYNC
         sum(b.stats.label_tokens for b in micro),
         sum(b.stats.tokens for b in micro),
-        sum(train_flops(hf_config, b.stats, frozen) for b in micro),
+        sum(run.flops_of(b.stats) for b in micro),
         bad is not None,
         run.stop.signum != 0,
     ], run.info.device)
@@ -514,8 +517,7 @@ def log_window(run: Run, result: dict) -> None:
     if "mfu" in rec:
         shown["mfu"] = f"{rec['mfu']:.1%}"
     if run.bar is not None:
-        run.bar.set_postfix(shown, refresh=False)
-        run.bar.update(run.state.step - run.bar.n)
+        run.bar.set_postfix(shown)
     elif time.monotonic() - run.last_line >= PROGRESS_LINE_S or run.state.step == run.cfg.train.max_steps:
         run.last_line = time.monotonic()
         log(run.info, f"step {run.state.step}/{run.cfg.train.max_steps}: "
