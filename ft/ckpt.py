@@ -372,9 +372,15 @@ def find_resume_checkpoint(train_cfg, out: str, info: DistInfo, log=print) -> st
     return complete[-1].path if complete else None
 
 
+RUN_SHAPE_ADDED = {"pack_length": 0}
+"""Run-shape keys newer than some checkpoints, with the value such a checkpoint implies
+(it predates packing, so it did not pack)."""
+
+
 def check_run_shape(path: str, saved: dict, now: dict) -> None:
     """A checkpoint's data position (epoch, batches into it) and per-rank RNG states
     mean the same thing only with the same world size, batch sizes, seed and data."""
+    saved = {**RUN_SHAPE_ADDED, **saved}
     changed = [f"{k}: {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v]
     if changed:
         raise ResumeError(

@@ -169,6 +169,20 @@ class DataConfig:
     keeps the plain shuffled order of the HF Trainer reference: grouped steps see all
     short or all long samples, so the per-step loss swings with length."""
 
+    packing: bool = False
+    """Pack several whole samples into each row instead of padding one sample per row:
+    no compute is spent on padding. A micro-batch is then `per_device_train_batch_size`
+    packed rows of up to `pack_length` tokens each (eval batches likewise, with
+    `per_device_eval_batch_size`). Every sample keeps its own positions and attends only
+    to itself, so the loss and gradients are those of the same samples padded. Works
+    with `sdpa` and `eager` (which build a block-diagonal mask, memory rows x
+    pack_length² per layer call) and `flash_attention_2` (variable-length kernels, no
+    mask: the fast choice for long packs). Excludes `group_by_length`."""
+
+    pack_length: int = 0
+    """Tokens per packed row when `packing` is on; 0 means `max_length`, and any other
+    value must be at least `max_length` (a sample is never split across rows)."""
+
 
 @dataclass
 class TrainConfig:
@@ -467,6 +481,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_length": (lambda v: v >= 16, ">= 16"),
     "data.min_pixels": (lambda v: v > 0, "> 0"),
     "data.max_pixels": (lambda v: v > 0, "> 0"),
+    "data.pack_length": (lambda v: v >= 0, ">= 0 (0 means data.max_length)"),
     "train.max_steps": (lambda v: v >= 1, ">= 1"),
     "train.per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
     "train.per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
@@ -674,6 +689,18 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
             f"data.min_pixels ({cfg.data.min_pixels}, from {where('data.min_pixels')}) "
             f"must be <= data.max_pixels ({cfg.data.max_pixels}, from "
             f"{where('data.max_pixels')})"
+        )
+    if cfg.data.pack_length and cfg.data.pack_length < cfg.data.max_length:
+        raise ConfigError(
+            f"data.pack_length ({cfg.data.pack_length}, from {where('data.pack_length')}) must be "
+            f"0 or at least data.max_length ({cfg.data.max_length}, from {where('data.max_length')}): "
+            "a sample is never split across packed rows"
+        )
+    if cfg.data.packing and cfg.data.group_by_length:
+        raise ConfigError(
+            f"data.packing (from {where('data.packing')}) and data.group_by_length (from "
+            f"{where('data.group_by_length')}) are both true: packing already plans rows by "
+            "length; set data.group_by_length=false"
         )
     freeze_keys = ("model.freeze_vision_tower", "model.freeze_merger", "model.freeze_llm")
     if all(value_of(key) for key in freeze_keys):

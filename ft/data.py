@@ -49,6 +49,8 @@ import datasets
 import torch
 from PIL import Image
 
+from ft.packing import ROW_MULTIPLE, varlen_kwargs
+
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
     "IGNORE_INDEX",
@@ -543,10 +545,21 @@ class BatchStats:
     """Whether the collator added its dummy image (the batch had none; see
     `Collator._add_dummy_image`)."""
 
+    rows: int = 0
+    """Rows of the batch tensor: samples when padded, packs when packed."""
+
+    row_length: int = 0
+    """Tokens per row of the batch tensor, padding and the dummy image included."""
+
     @property
     def samples(self) -> int:
-        """Samples in the batch (one per row today; several once rows are packed)."""
+        """Samples in the batch: one per row when padded, several per row when packed."""
         return len(self.seq_lens)
+
+    @property
+    def slots(self) -> int:
+        """Token positions the batch tensor holds: what the forward computes on."""
+        return self.rows * self.row_length
 
     @property
     def tokens(self) -> int:
@@ -577,9 +590,18 @@ class Collator:
     to pad tokens. ``stats`` is counted here, on the CPU, before any padding.
 
     Every batch carries at least one image; see :meth:`_add_dummy_image`.
+
+    Packed (`rope_index` given, see :mod:`ft.packing`): the collator takes a list of
+    packs (lists of samples) and makes one row per pack, the samples one after the
+    other. Then ``inputs`` has ``position_ids`` [4, rows, length] (text positions and
+    M-RoPE, restarting at 0 for every sample) and no ``attention_mask``; a shorter row
+    ends in a pad segment whose positions also restart at 0, and the row length is a
+    multiple of ``ft.packing.ROW_MULTIPLE``. With `varlen`, also flash-attention's
+    ``cu_seq_lens_q/k`` and ``max_length_q/k`` over the flattened rows.
     """
 
-    def __init__(self, processor: Any):
+    def __init__(self, processor: Any, rope_index: Callable | None = None, varlen: bool = False):
+        self.rope_index, self.varlen = rope_index, varlen
         tokenizer = processor.tokenizer
         # Padded positions are masked out of attention and loss, so any valid id will
         # do when the tokenizer defines no pad token.
@@ -597,19 +619,16 @@ class Collator:
         self.dummy_pixel_values = out["pixel_values"]
         self.dummy_image_grid_thw = out["image_grid_thw"]
 
-    def __call__(self, samples: list[dict[str, torch.Tensor]]) -> Batch:
+    def __call__(self, samples: list) -> Batch:
+        if self.rope_index is not None:
+            return self._packed(samples)
         input_ids = [s["input_ids"] for s in samples]
         labels = [s["labels"] for s in samples]
         mm_types = [s["mm_token_type_ids"] for s in samples]
         pixel_values = [s["pixel_values"] for s in samples if "pixel_values" in s]
         grids = [s["image_grid_thw"] for s in samples if "image_grid_thw" in s]
-        stats = BatchStats(
-            seq_lens=tuple(len(ids) for ids in input_ids),
-            label_tokens=sum(int((lab[1:] != IGNORE_INDEX).sum()) for lab in labels),
-            image_grids=tuple(tuple(int(x) for x in row) for g in grids for row in g.tolist()),
-            dummy_image=not grids,
-        )
-        if not grids:
+        dummy = not grids
+        if dummy:
             self._add_dummy_image(input_ids, labels, mm_types, pixel_values, grids)
         length = max(len(ids) for ids in input_ids)
         inputs = {
@@ -620,7 +639,49 @@ class Collator:
             "pixel_values": torch.cat(pixel_values),
             "image_grid_thw": torch.cat(grids),
         }
-        return Batch(inputs, stats)
+        return Batch(inputs, _stats(samples, dummy, len(samples), length))
+
+    def _packed(self, packs: list[list[dict[str, torch.Tensor]]]) -> Batch:
+        samples = [s for p in packs for s in p]
+        rows = [list(p) for p in packs]
+        dummy = not any("image_grid_thw" in s for s in samples)
+        if dummy:  # a segment of its own, after the first row's last sample
+            rows[0].append({
+                "input_ids": self.dummy_input_ids,
+                "labels": torch.full_like(self.dummy_input_ids, IGNORE_INDEX),
+                "mm_token_type_ids": self.dummy_mm_token_type_ids,
+                "pixel_values": self.dummy_pixel_values,
+                "image_grid_thw": self.dummy_image_grid_thw,
+            })
+        used = [sum(len(s["input_ids"]) for s in row) for row in rows]
+        length = -(-max(used) // ROW_MULTIPLE) * ROW_MULTIPLE
+        ids, labels, mm_types, positions, segments = [], [], [], [], []
+        for row, n in zip(rows, used):
+            for s in row:
+                if s["labels"][0] != IGNORE_INDEX:  # what keeps the loss inside each sample
+                    raise RuntimeError("a packed sample's first token has a label: the previous "
+                                       "sample's last token would learn to predict it")
+                positions.append(self.rope_index(s["input_ids"], s["mm_token_type_ids"], s.get("image_grid_thw")))
+                segments.append(len(s["input_ids"]))
+            pad = length - n
+            filler = torch.full((pad,), self.pad_id, dtype=torch.long)
+            ids.append(torch.cat([s["input_ids"] for s in row] + [filler]))
+            labels.append(torch.cat([s["labels"] for s in row] + [torch.full((pad,), IGNORE_INDEX)]))
+            mm_types.append(torch.cat([s["mm_token_type_ids"] for s in row] + [torch.zeros(pad, dtype=torch.long)]))
+            if pad:
+                positions.append(torch.arange(pad).expand(4, pad))
+                segments.append(pad)
+        inputs = {
+            "input_ids": torch.stack(ids),
+            "labels": torch.stack(labels),
+            "mm_token_type_ids": torch.stack(mm_types),
+            "position_ids": torch.cat(positions, dim=1).view(4, len(rows), length),
+            "pixel_values": torch.cat([s["pixel_values"] for row in rows for s in row if "pixel_values" in s]),
+            "image_grid_thw": torch.cat([s["image_grid_thw"] for row in rows for s in row if "image_grid_thw" in s]),
+        }
+        if self.varlen:
+            inputs.update(varlen_kwargs(segments))
+        return Batch(inputs, _stats(samples, dummy, len(rows), length))
 
     def _add_dummy_image(self, input_ids, labels, mm_types, pixel_values, grids) -> None:
         """Append a small black image after the first sample's last token (in place).
@@ -644,6 +705,16 @@ class Collator:
         mm_types[0] = torch.cat([mm_types[0], self.dummy_mm_token_type_ids])
         pixel_values.append(self.dummy_pixel_values)
         grids.append(self.dummy_image_grid_thw)
+
+
+def _stats(samples: list[dict[str, torch.Tensor]], dummy: bool, rows: int, row_length: int) -> BatchStats:
+    return BatchStats(
+        seq_lens=tuple(len(s["input_ids"]) for s in samples),
+        label_tokens=sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples),
+        image_grids=tuple(tuple(int(x) for x in g) for s in samples if "image_grid_thw" in s
+                          for g in s["image_grid_thw"].tolist()),
+        dummy_image=dummy, rows=rows, row_length=row_length,
+    )
 
 
 def _pad(sequences: list[torch.Tensor], length: int, value: int) -> torch.Tensor:

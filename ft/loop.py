@@ -26,12 +26,14 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from ft import ckpt, dist, faults
@@ -44,6 +46,7 @@ from ft.metrics import memory_stats, mfu, peak_flops, train_flops
 from ft.model import load_model, loss_sum
 from ft.optim import build_optimizer, clip_grad_norm, lr_scale, set_lr
 from ft.parts import PARTS, WrapPlanError, apply_freezing, param_groups
+from ft.packing import PackedBatchSampler, PackedRows, RopeIndex, eval_batches, varlen_refusal
 from ft.processor import load_processor
 from ft.sampler import ShardedBatchSampler
 from ft.track import Tracker
@@ -88,7 +91,8 @@ class Meter:
     the first `warmup_steps` steps of this process (allocator warm-up, first-touch page
     faults, lazy initialisation), for the end-of-run summary."""
 
-    KEYS = ("steps", "loss_sum", "labels", "tokens", "samples", "flops", "data_s", "fwd_bwd_s", "optim_s", "step_s")
+    KEYS = ("steps", "loss_sum", "labels", "tokens", "samples", "rows", "slots", "flops",
+            "data_s", "fwd_bwd_s", "optim_s", "step_s")
 
     def __init__(self, warmup_steps: int):
         self.warmup_steps, self.steps_here = warmup_steps, 0
@@ -106,19 +110,26 @@ class Meter:
         return window
 
     @staticmethod
-    def rates(w: dict, world: int, peak: float | None) -> dict:
+    def rates(w: dict, world: int, peak: float | None, pack_length: int = 0) -> dict:
         """Per-step means and rates of a window: tokens are real (non-pad) text and image
         tokens of all ranks; MFU is model FLOPs (ft.metrics conventions) per device over
-        the device's bf16 peak, only where that peak is known (never on CPU)."""
+        the device's bf16 peak, only where that peak is known (never on CPU); the model
+        FLOP/s are reported everywhere (a CPU's own peak: benchmarks/cpu_peak.py). The
+        padding share is of the token positions computed on; with packing
+        (`pack_length`), the pack efficiency is real tokens / (rows x pack_length)."""
         n, dt = max(w["steps"], 1.0), max(w["step_s"], 1e-9)
         out = {
+            "padding_share": 1.0 - w["tokens"] / max(w["slots"], 1.0),
             "tokens_per_s": w["tokens"] / dt,
             "tokens_per_s_per_device": w["tokens"] / dt / world,
+            "flops_per_s_per_device": w["flops"] / dt / world,
             "step_time_s": w["step_s"] / n,
             "data_s": w["data_s"] / n,
             "fwd_bwd_s": w["fwd_bwd_s"] / n,
             "optim_s": w["optim_s"] / n,
         }
+        if pack_length:
+            out["pack_efficiency"] = w["tokens"] / max(w["rows"] * pack_length, 1.0)
         if peak:
             out["mfu"] = mfu(w["flops"] / world, dt, peak)
         return out
@@ -152,8 +163,9 @@ class Run:
     # data
     train_ds: object = None
     eval_ds: object = None
+    eval_lengths: list | None = None  # tokens per eval row (for packing its batches)
     collator: Collator | None = None
-    sampler: ShardedBatchSampler | None = None
+    sampler: ShardedBatchSampler | PackedBatchSampler | None = None
     loader: DataLoader | None = None
     batches: object = None  # the iterator over `loader` for the current epoch
     run_shape: dict = field(default_factory=dict)
@@ -177,8 +189,15 @@ class Run:
 
     @property
     def global_batch(self) -> int:
+        """Rows per optimizer step over all ranks: samples, or packs when packing."""
         t = self.cfg.train
         return t.per_device_train_batch_size * t.gradient_accumulation_steps * self.info.world_size
+
+    @property
+    def pack_length(self) -> int:
+        """Tokens per packed row; 0 when not packing."""
+        d = self.cfg.data
+        return (d.pack_length or d.max_length) if d.packing else 0
 
 
 # =====================================================================================
@@ -209,24 +228,23 @@ def train(cfg) -> None:
     # ---- the loop: one optimizer step per pass
     while state.step < cfg.train.max_steps:
         t_start = clock(run.info)
-        micro, bad = fetch_step(run)
-        n_labels, n_tokens, n_flops, n_bad, n_stop = agree(run, micro, bad)  # SYNC: the step's all-reduce
-        state.samples_seen += run.global_batch
+        micro, bad, unloaded = fetch_step(run)
+        counts = agree(run, micro, bad, unloaded)  # SYNC: the step's all-reduce
+        state.samples_seen += int(counts.samples)
         saved = False
-        if n_bad:
-            skip_bad_data(run, bad, n_bad)
+        if counts.bad:
+            skip_bad_data(run, bad, counts)
         else:
-            result = train_step(run, micro, n_labels, t_start)  # SYNC (FSDP, clip, loss, optimizer)
+            result = train_step(run, micro, counts.labels, t_start)  # SYNC (FSDP, clip, loss, optimizer)
             if isinstance(result, str):
-                skip(run, result)
+                skip(run, result, counts)
             else:
                 state.step += 1
                 state.skips_in_a_row = 0
-                state.tokens_seen += int(n_tokens)
+                state.tokens_seen += int(counts.tokens)
                 if run.bar is not None:
                     run.bar.update(1)
-                run.meter.add(loss_sum=result["loss_sum"], labels=n_labels, tokens=n_tokens, flops=n_flops,
-                              samples=run.global_batch, **result["timings"])
+                run.meter.add(loss_sum=result["loss_sum"], **counts.summable(), **result["timings"])
                 faults.hook("crash", state.step, run.info.rank)
                 if state.step % cfg.train.logging_steps == 0 or state.step == cfg.train.max_steps:
                     log_window(run, result)  # SYNC (peak memory over ranks)
@@ -236,7 +254,7 @@ def train(cfg) -> None:
                     save(run)  # SYNC
                     saved = True
         # ---- a stop signal reached some rank before this step: all ranks stop here
-        if n_stop:
+        if counts.stop:
             if not saved:
                 save(run, " (stop signal; relaunch to continue)")  # SYNC
             stopped = True
@@ -302,6 +320,9 @@ def build_data(run: Run, processor) -> None:
     rank reads a disjoint 1/world_size of every epoch."""
     cfg, info = run.cfg, run.info
     bs, world = cfg.train.per_device_train_batch_size, info.world_size
+    refusal = run.pack_length and varlen_refusal(cfg.model.attn_implementation)
+    if refusal:
+        raise ConfigError(refusal)
     train_ds, eval_ds = build_datasets(cfg.data, processor)
     t0 = time.perf_counter()
     train_ds, train_lengths, note = validate(  # SYNC (all-gather)
@@ -309,8 +330,9 @@ def build_data(run: Run, processor) -> None:
         num_workers=cfg.train.dataloader_num_workers)
     if note:
         log(info, note)
+    eval_lengths = None
     if eval_ds is not None:
-        eval_ds, _, note = validate(  # SYNC (all-gather)
+        eval_ds, eval_lengths, note = validate(  # SYNC (all-gather)
             eval_ds, cfg.data.on_bad_sample, info.rank, world, dist.all_gather_object,
             num_workers=cfg.train.dataloader_num_workers)
         if note:
@@ -324,22 +346,51 @@ def build_data(run: Run, processor) -> None:
     # Every rank gets the same number of batches per epoch, hence runs the same number
     # of forwards (a rank with one more would wait forever in an all-gather). The order
     # is a pure function of (seed, epoch): resuming sets the position, nothing else.
-    run.sampler = ShardedBatchSampler(train_lengths, batch_size=bs, num_replicas=world, rank=info.rank,
-                                      seed=cfg.train.seed, group_by_length=cfg.data.group_by_length)
-    run.collator = Collator(processor)
+    if run.pack_length:
+        run.sampler = PackedBatchSampler(train_lengths, run.pack_length, batch_size=bs, num_replicas=world,
+                                         rank=info.rank, seed=cfg.train.seed)
+        check_packs(run, train_lengths)
+        train_ds, eval_ds = PackedRows(train_ds), eval_ds and PackedRows(eval_ds)
+        rope_index = RopeIndex(AutoConfig.from_pretrained(cfg.model.path))
+        run.collator = Collator(processor, rope_index, varlen=cfg.model.attn_implementation == "flash_attention_2")
+    else:
+        run.sampler = ShardedBatchSampler(train_lengths, batch_size=bs, num_replicas=world, rank=info.rank,
+                                          seed=cfg.train.seed, group_by_length=cfg.data.group_by_length)
+        run.collator = Collator(processor)
     run.loader = DataLoader(train_ds, batch_sampler=run.sampler, collate_fn=run.collator,
                             num_workers=cfg.train.dataloader_num_workers, pin_memory=info.on_gpu)
-    run.train_ds, run.eval_ds = train_ds, eval_ds
+    run.train_ds, run.eval_ds, run.eval_lengths = train_ds, eval_ds, eval_lengths
     log(info, f"train rows {len(train_ds)}, eval rows {len(eval_ds) if eval_ds else 0}; global batch "
-              f"{run.global_batch} = {bs} per device x {cfg.train.gradient_accumulation_steps} "
-              f"accumulation x {world} ranks")
+              f"{run.global_batch} {'packs' if run.pack_length else 'rows'} = {bs} per device x "
+              f"{cfg.train.gradient_accumulation_steps} accumulation x {world} ranks")
     # What a checkpoint's data position means depends on these; resume refuses a change.
     run.run_shape = {
         "world_size": world, "per_device_train_batch_size": bs,
         "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps, "seed": cfg.train.seed,
         "train_file": os.path.abspath(cfg.data.train_file), "train_rows": len(train_ds),
-        "group_by_length": cfg.data.group_by_length,
+        "group_by_length": cfg.data.group_by_length, "pack_length": run.pack_length,
     }
+
+
+def check_packs(run: Run, lengths: list[int]) -> None:
+    """Refuse data too small for one packed micro-batch on every rank; log what packing
+    saves: the packs' fill against the padding of the same rows unpacked."""
+    cfg, sampler = run.cfg, run.sampler
+    if not sampler.batches_in(0):
+        raise DataError(
+            f"{cfg.data.train_file}: {len(lengths)} usable rows fill fewer than the {sampler.group} packs of "
+            f"{run.pack_length} tokens that one micro-batch on every rank needs (per_device_train_batch_size "
+            f"{sampler.batch_size} x world size {sampler.num_replicas}): lower data.pack_length or the batch size"
+        )
+    efficiency, used, left = sampler.efficiency(0)
+    unpacked = [b for r in range(sampler.num_replicas)
+                for b in ShardedBatchSampler(lengths, sampler.batch_size, sampler.num_replicas, r,
+                                             cfg.train.seed).batches(0)]
+    real = sum(lengths[i] for b in unpacked for i in b)
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in unpacked)
+    log(run.info, f"packing: epoch 0 packs {used} rows into {sampler.batches_in(0) * sampler.group} rows of "
+                  f"{run.pack_length} tokens, {efficiency:.1%} filled ({left} rows wait for the next epoch); "
+                  f"unpacked, {1 - real / padded:.1%} of the batch would be padding")
 
 
 def build_model(run: Run) -> torch.nn.Module:
@@ -382,7 +433,10 @@ def next_batch(run: Run) -> Batch:
     """The next micro-batch of this rank; moves the data position even when the sample
     is bad, so that every rank's position stays the same."""
     state = run.state
-    if state.epoch_batches == len(run.sampler):  # epoch boundary: reshuffle
+    # Epoch boundary: reshuffle. `while`, not `if`: a packed epoch can come out one
+    # micro-batch short of what the last one had, which for a dataset of one
+    # micro-batch an epoch is none (the packing check at start-up saw epoch 0 only).
+    while state.epoch_batches == run.sampler.batches_in(state.epoch):
         state.epoch += 1
         state.epoch_batches = 0
         run.sampler.set_position(state.epoch, 0)
@@ -391,13 +445,14 @@ def next_batch(run: Run) -> Batch:
     return next(run.batches)
 
 
-def fetch_step(run: Run) -> tuple[list[Batch], DataError | None]:
+def fetch_step(run: Run) -> tuple[list[Batch], DataError | None, int]:
     """The whole optimizer step's micro-batches, fetched first: the loss is divided by
     the label-token count of all of them on all ranks, known before any backward. A
     sample that fails to load (file gone since the data check) must not take down this
     rank alone: note it, keep fetching so every rank's position moves alike, and let
-    all ranks decide together."""
-    micro, bad = [], None
+    all ranks decide together. Also returns how many samples the failed micro-batches
+    held."""
+    micro, bad, unloaded = [], None, 0
     for _ in range(run.cfg.train.gradient_accumulation_steps):
         try:
             batch = next_batch(run)
@@ -405,20 +460,43 @@ def fetch_step(run: Run) -> tuple[list[Batch], DataError | None]:
             micro.append(batch)
         except DataError as e:
             bad = e
-    return micro, bad
+            unloaded += run.sampler.samples_in(run.state.epoch, run.state.epoch_batches - 1)
+    return micro, bad, unloaded
 
 
-def agree(run: Run, micro: list[Batch], bad: DataError | None) -> list[float]:
-    """The step's one all-reduce: its label-token, token and FLOP counts over all ranks,
+class StepCounts(NamedTuple):
+    """A step's counts summed over all ranks (`agree`): the same numbers on every rank."""
+
+    labels: float  # label tokens: the loss divisor
+    tokens: float  # real tokens (text and image), padding excluded
+    flops: float  # model FLOPs (ft.metrics.train_flops)
+    samples: float  # samples (several per row when packed)
+    rows: float  # rows of the batch tensors (packs when packed)
+    slots: float  # token positions computed on: rows x row length, padding included
+    bad: float  # ranks on which a sample failed to load
+    stop: float  # ranks that got a stop signal
+
+    def summable(self) -> dict:
+        """The counts a `Meter` adds up over steps."""
+        return {k: getattr(self, k) for k in ("labels", "tokens", "flops", "samples", "rows", "slots")}
+
+
+def agree(run: Run, micro: list[Batch], bad: DataError | None, unloaded: int = 0) -> StepCounts:
+    """The step's one all-reduce: its label-token, token, FLOP, sample and row counts
+    over all ranks (samples include the `unloaded` ones of micro-batches that failed),
     and two flags every rank must agree on: "a sample failed to load", "a stop signal
     arrived". A collective."""
-    return dist.all_reduce_sum([  # SYNC
-        sum(b.stats.label_tokens for b in micro),
-        sum(b.stats.tokens for b in micro),
-        sum(run.flops_of(b.stats) for b in micro),
+    stats = [b.stats for b in micro]
+    return StepCounts(*dist.all_reduce_sum([  # SYNC
+        sum(s.label_tokens for s in stats),
+        sum(s.tokens for s in stats),
+        sum(run.flops_of(s) for s in stats),
+        sum(s.samples for s in stats) + unloaded,
+        sum(s.rows for s in stats),
+        sum(s.slots for s in stats),
         bad is not None,
         run.stop.signum != 0,
-    ], run.info.device)
+    ], run.info.device))
 
 
 def train_step(run: Run, micro: list[Batch], global_labels: float, t_start: float) -> dict | str:
@@ -464,24 +542,24 @@ def train_step(run: Run, micro: list[Batch], global_labels: float, t_start: floa
     }
 
 
-def skip_bad_data(run: Run, bad: DataError | None, n_bad: float) -> None:
+def skip_bad_data(run: Run, bad: DataError | None, counts: StepCounts) -> None:
     """Some rank could not load a sample of this step: stop (on_bad_sample=error) or
     skip the step, on every rank alike."""
     step = run.state.step + 1
     if run.cfg.data.on_bad_sample == "error":
         if bad is not None:
             warn_all(run.info, f"step {step}: {bad}")
-        raise DataError(f"step {step}: {int(n_bad)} rank(s) could not load a sample "
+        raise DataError(f"step {step}: {int(counts.bad)} rank(s) could not load a sample "
                         "(the reason is printed above; data.on_bad_sample=skip would skip the step)")
     if bad is not None:
         warn_all(run.info, f"step {step} skipped (data.on_bad_sample=skip): {bad}")
-    skip(run, "a sample could not be loaded")
+    skip(run, "a sample could not be loaded", counts)
 
 
-def skip(run: Run, why: str) -> None:
+def skip(run: Run, why: str, counts: StepCounts) -> None:
     state, limit = run.state, run.cfg.train.max_skipped_steps
     state.skipped_steps += 1
-    state.skipped_samples += run.global_batch
+    state.skipped_samples += int(counts.samples)
     state.skips_in_a_row += 1
     log(run.info, f"step {state.step + 1} skipped on all ranks: {why} "
                   f"({state.skips_in_a_row} in a row, limit train.max_skipped_steps={limit})")
@@ -504,7 +582,7 @@ def log_window(run: Run, result: dict) -> None:
         "loss": window["loss_sum"] / max(window["labels"], 1.0),
         "lr": result["lr"],
         "grad_norm": result["grad_norm"],
-        **Meter.rates(window, run.info.world_size, run.peak),
+        **Meter.rates(window, run.info.world_size, run.peak, run.pack_length),
         **peak_memory(run.info),  # SYNC
         "skipped_steps": run.state.skipped_steps,
     }
@@ -539,7 +617,7 @@ def progress_bar(run: Run) -> tqdm | None:
 
 def eval_and_export(run: Run) -> None:
     state, cfg = run.state, run.cfg
-    eval_loss = evaluate(run.model, run.eval_ds, run.collator, cfg.train.per_device_eval_batch_size,  # SYNC
+    eval_loss = evaluate(run.model, run.eval_ds, run.collator, eval_plan(run),  # SYNC
                          cfg.train.dataloader_num_workers, cfg.train.loss_chunk_size, cfg.data.on_bad_sample,
                          run.info)
     state.last_eval_step = state.step
@@ -580,7 +658,8 @@ def finish(run: Run, stopped: bool) -> None:
         log(info, f"no eval set: exported the final model (step {state.step}) -> {os.path.abspath(run.best_dir)}")
     totals = run.meter.totals
     if totals["steps"]:
-        summary = {f"avg_{k}": v for k, v in Meter.rates(totals, info.world_size, run.peak).items()}
+        rates = Meter.rates(totals, info.world_size, run.peak, run.pack_length)
+        summary = {f"avg_{k}": v for k, v in rates.items()}
         summary.update(peak_memory(info))  # SYNC
         if run.tracker:
             run.tracker.log({"step": state.step, "summary": True,
@@ -592,26 +671,39 @@ def finish(run: Run, stopped: bool) -> None:
         run.tracker.close()
 
 
+def eval_plan(run: Run) -> tuple[list, int, int]:
+    """This rank's eval batches (row indices, or packs of them), how many of them are
+    real, and how many forwards every rank runs: the most any rank has. Padded, each
+    rank takes every world_size-th row; packed, all rows are packed and the packs dealt
+    to the ranks evening out tokens. A rank with no rows gets row 0 to run, uncounted."""
+    bs, info = run.cfg.train.per_device_eval_batch_size, run.info
+    if run.pack_length:
+        batches, n_batches = eval_batches(run.eval_lengths, run.pack_length, bs, info.world_size, info.rank)
+        return batches or [[[0]]], len(batches), n_batches
+    local = list(range(info.rank, len(run.eval_ds), info.world_size))
+    n_batches = math.ceil(math.ceil(len(run.eval_ds) / info.world_size) / bs)  # rank 0's count
+    batches = [local[i:i + bs] for i in range(0, len(local), bs)]
+    return batches or [[0]], len(batches), n_batches
+
+
 @torch.no_grad()
-def evaluate(model, eval_ds, collator, batch_size: int, num_workers: int, chunk_size: int,
+def evaluate(model, eval_ds, collator, plan: tuple[list, int, int], num_workers: int, chunk_size: int,
              on_bad_sample: str, info: dist.DistInfo) -> float:
     """Token-weighted loss over the whole eval set, identical on every rank. A collective.
 
-    Each rank takes every world_size-th row. Ranks may end up with one batch fewer than
-    rank 0, yet every rank must run as many forwards (each is a series of FSDP
-    all-gathers): the short ranks repeat a batch they have and leave it out of the sum.
-    A batch that fails to load (a file gone since the data check) is replaced the same
-    way, and all ranks then stop together (on_bad_sample=error) or go on without it.
+    `plan` is `eval_plan`'s. Ranks may have fewer batches than others, yet every rank
+    must run as many forwards (each is a series of FSDP all-gathers): the short ranks
+    repeat a batch they have and leave it out of the sum. A batch that fails to load (a
+    file gone since the data check) is replaced the same way, and all ranks then stop
+    together (on_bad_sample=error) or go on without it.
     """
     model.eval()
-    local = list(range(info.rank, len(eval_ds), info.world_size))
-    n_batches = math.ceil(math.ceil(len(eval_ds) / info.world_size) / batch_size)  # rank 0's count
-    loader = DataLoader(torch.utils.data.Subset(eval_ds, local or [0]),
-                        batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
+    batches, n_real, n_batches = plan
+    loader = DataLoader(eval_ds, batch_sampler=batches, collate_fn=collator, num_workers=num_workers)
     total, count, n_bad, inputs = 0.0, 0, 0, None
     it = iter(loader)
     for i in range(n_batches):
-        real = i * batch_size < len(local)
+        real = i < n_real
         if real or inputs is None:  # a rank with no eval rows at all still needs a batch
             while True:
                 try:
@@ -668,7 +760,8 @@ def peak_memory(info: dist.DistInfo) -> dict:
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The batch's tensors on `device` (flash-attention's max_length_q/k are ints)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 # =====================================================================================

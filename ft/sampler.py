@@ -101,6 +101,15 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
         """Batches per rank per epoch (all of them, whatever :meth:`set_position` skips)."""
         return self.num_rows // self.global_batch
 
+    def batches_in(self, epoch: int) -> int:
+        """Batches per rank in epoch `epoch`: the same in every epoch here (a packed
+        sampler's count varies, so the loop asks per epoch)."""
+        return len(self)
+
+    def samples_in(self, epoch: int, index: int) -> int:
+        """Samples in this rank's batch `index` of epoch `epoch`: every batch is full."""
+        return self.batch_size
+
     def set_epoch(self, epoch: int) -> None:
         """Iterate over epoch `epoch` from its first batch."""
         self.set_position(epoch, 0)

@@ -83,7 +83,8 @@ def test_text_batch_flops_equal_flop_counter(eager_model, data):
     sample = ds[0]
     collated, stats = collate([sample])  # a text-only batch: the collator adds its dummy image
     n = len(sample["input_ids"])
-    assert stats == BatchStats((n,), int((sample["labels"][1:] != -100).sum()), (), dummy_image=True)
+    assert stats == BatchStats((n,), int((sample["labels"][1:] != -100).sum()), (), dummy_image=True,
+                               rows=1, row_length=collated["input_ids"].shape[1])
     assert collated["attention_mask"].sum() > n  # the dummy is there, and not counted
 
     # The model on the same sample without the dummy image does exactly the counted work.

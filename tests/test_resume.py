@@ -8,6 +8,7 @@ which fires on torchrun's first attempt only.
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -124,6 +125,26 @@ def test_exact_resume_with_other_optimizers(optim, tiny_model_dir, data, tmp_pat
     run(tmp_path / "resumed", tiny_model_dir, data, *args,
         f"train.resume={tmp_path / 'straight' / 'checkpoints' / 'step-2'}")
     assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
+
+
+def test_exact_resume_with_packing(tiny_model_dir, data, tmp_path):
+    """Packed batches resume exactly mid-epoch: which samples share a row is a function
+    of (seed, epoch), like the order. 128-token packs hold one to three of the 10 rows;
+    step 3 ends mid-epoch and step 6 is in a later epoch."""
+    args = ("data.packing=true", "data.max_length=128", "train.gradient_accumulation_steps=1",
+            "train.max_steps=6", "train.save_steps=3")
+    log = run(tmp_path / "straight", tiny_model_dir, data, *args)
+    rows, packs = map(int, re.search(r"\[ft\] packing: epoch 0 packs (\d+) rows into (\d+) rows", log).groups())
+    st = train_state(tmp_path / "straight" / "checkpoints" / "step-3")
+    assert st["step"] == 3 and 0 < st["epoch_batches"] < packs // 2  # mid-epoch (2 ranks, 1 pack each)
+    assert train_state(tmp_path / "straight" / "checkpoints" / "step-6")["epoch"] >= 1  # and past it
+    resumed = tmp_path / "resumed"
+    run(resumed, tiny_model_dir, data, *args, f"train.resume={tmp_path / 'straight' / 'checkpoints' / 'step-3'}")
+    got, want = losses(resumed), losses(tmp_path / "straight")
+    assert sorted(got) == [4, 5, 6]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=1e-6), step
+    assert_same_weights(weights(resumed), weights(tmp_path / "straight"))
 
 
 def test_kill_during_save_then_elastic_restart(straight, tiny_model_dir, data, tmp_path):
