@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 MEMORY_NAMES = ("peak_rss", "max_allocated", "max_reserved", "peak_mem")
 UNITS = {"_gib": 1.0, "_gb": 1e9 / 2**30}
 SPLIT = ("step_time_s", "data_s", "fwd_bwd_s", "optim_s")
+RATES = ("flops_per_s_per_device", "padding_share", "pack_efficiency")  # summary only
 
 
 def free_port() -> int:
@@ -94,7 +95,7 @@ def summarize(records: list[dict], warmup: int, world: int) -> dict:
             steps_measured=summary["step"] - summary["warmup_steps"],
             tokens_per_s_per_device=summary["avg_tokens_per_s_per_device"],
             mfu=summary.get("avg_mfu"),
-            **{k: summary.get(f"avg_{k}") for k in SPLIT},
+            **{k: summary.get(f"avg_{k}") for k in SPLIT + RATES},
         )
         return result
 
