@@ -320,6 +320,18 @@ class TrainConfig:
     """Worker processes per rank for loading and preprocessing samples (image decoding
     and resizing). 0 loads in the training process."""
 
+    hang_timeout_s: float = 900.0
+    """Seconds a rank may wait in one collective of the training loop (a step's
+    all-reduce, a forward's all-gathers, eval, a checkpoint) before ft calls it a hang:
+    every rank that can still run then prints where each rank is (step and the label of
+    its last collective, from torchrun's store), names the ranks that are behind or
+    elsewhere, dumps its Python stack and exits with status 3, so that torchrun's
+    restarts resume from the last checkpoint. Start-up (weights loading, data check) is
+    not watched. The process group's own timeout is set above it (this + 120 s, at
+    least 30 min) so that ft's report comes first. Raise it if one checkpoint save or
+    export legitimately takes longer (a very large model on a slow file system). 0
+    turns the watchdog off."""
+
 
 @dataclass
 class FSDPConfig:
@@ -500,6 +512,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.max_skipped_steps": (lambda v: v >= 1, ">= 1"),
     "train.loss_chunk_size": (lambda v: v >= 0, ">= 0"),
     "train.dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
+    "train.hang_timeout_s": (lambda v: v >= 0, ">= 0 (0 turns the watchdog off)"),
 }
 
 

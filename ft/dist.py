@@ -29,7 +29,7 @@ class DistInfo:
         return self.device.type == "cuda"
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     """Join the process group torchrun set up (or run alone when it did not).
 
     NCCL when this node has GPUs, gloo otherwise. One process drives one GPU: the
@@ -65,12 +65,12 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
             # the store itself is kept for what outlives an attempt (`record_refusal`).
             global _STORE
             _STORE, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world_size,
-                                                timeout=datetime.timedelta(minutes=timeout_minutes)))
+                                                timeout=datetime.timedelta(seconds=timeout_s)))
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             kwargs.update(store=dist.PrefixStore(f"ft/attempt_{attempt}", _STORE), rank=rank,
                           world_size=world_size)
         dist.init_process_group(
-            backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
+            backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs
         )
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 

@@ -10,6 +10,12 @@ fires once, on torchrun's first attempt only (so a restart gets past it), on tha
     nan           the loss of step `step` becomes NaN on that rank
     bad_sample    a micro-batch of step `step` fails to load (DataError)
     bad_eval      eval batch `step` (0-based) fails to load (DataError)
+    skip_collective  the rank leaves out step `step`'s all-reduce (`agree`): the ranks fall
+                  out of step, and the others wait in it (the hang watchdog's case)
+    stall         the rank sleeps FT_TEST_STALL_S seconds (default 5) before step `step`'s
+                  all-reduce: slow, not stuck
+    freeze        the rank stops itself (SIGSTOP) before step `step`'s all-reduce, as a
+                  wedged GPU or loader would: it can no longer report
 
 The production path calls `hook(kind, step, rank)` once per fault point, and
 `poison_loss` for `nan`; with FT_TEST_FAULT unset both return at once.
@@ -19,12 +25,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
 from ft.data import DataError
 
-KINDS = ("crash", "kill_in_save", "nan", "bad_sample", "bad_eval")
+KINDS = ("crash", "kill_in_save", "nan", "bad_sample", "bad_eval", "skip_collective", "stall", "freeze")
 _fired: set[str] = set()
 
 
@@ -50,6 +57,10 @@ def hook(kind: str, step: int, rank: int) -> None:
         os._exit(13)  # a rank dies without warning: torchrun restarts the group
     if kind == "kill_in_save":
         os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "freeze":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    if kind == "stall":
+        time.sleep(float(os.environ.get("FT_TEST_STALL_S", "5")))
     if kind in ("bad_sample", "bad_eval"):
         raise DataError(f"test fault: stands for a sample whose image was deleted after the data check ({kind})")
 

@@ -5,11 +5,14 @@
 `train()` is the table of contents: setup, data, model, optimizer, resume, then the loop,
 whose step is `train_step`. Every rank runs this same file. Lines marked SYNC run a
 collective, directly or inside the call: every rank must reach them in the same order,
-or the job hangs (NCCL) or aborts (gloo). Nothing between two SYNC lines may depend on
-data that differs between ranks in a way that changes which collectives run: that is
-why eval pads ranks to the same number of batches, why the collator gives an
-image-less batch a dummy image, and why every decision to skip or stop a step is taken
-from the step's one all-reduce (`agree`), which all ranks see alike.
+or the job hangs (NCCL; gloo too, when the mismatched collectives happen to fit) or
+aborts (gloo). A SYNC comment names the label the call runs under (`SYNC step/agree`):
+`ft.watchdog` records it per rank, and a hang report names the ranks and labels out of
+step, so that a reader goes from the report to the line. Nothing between two SYNC lines
+may depend on data that differs between ranks in a way that changes which collectives
+run: that is why eval pads ranks to the same number of batches, why the collator gives
+an image-less batch a dummy image, and why every decision to skip or stop a step is
+taken from the step's one all-reduce (`agree`), which all ranks see alike.
 
 The file is longer than ft's other modules on purpose: a reader follows a whole step, its
 skips, logs, eval and save here, without jumping through modules.
@@ -36,7 +39,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
-from ft import ckpt, dist, faults
+from ft import ckpt, dist, faults, watchdog
 from ft.ckpt import CheckpointMismatch, ResumeError
 from ft.config import ConfigError, config_to_dict, load_config, save_config
 from ft.data import Batch, Collator, DataError, build_datasets, validate
@@ -207,13 +210,13 @@ def train(cfg) -> None:
     run = setup(cfg)  # SYNC: process group, signals, run folder, seeds
     # ---- data, checked row by row before any weight is read (it needs the processor only)
     processor = prepare_processor(run)  # SYNC (the tiny demo model is built once per node)
-    build_data(run, processor)  # SYNC (the ranks share the row check)
+    build_data(run, processor)  # SYNC setup/data (the ranks share the row check)
     # ---- model: rank 0 reads the weights; freeze, plan, wrap (root last), checkpointing
-    run.model = build_model(run)  # SYNC (rank 0's weights broadcast)
+    run.model = build_model(run)  # SYNC setup/model (rank 0's weights broadcast)
     # ---- optimizer: FSDP's flat shards, one group per trainable part and its own lr
     run.optimizer = build_optimizer(param_groups(run.model, cfg.train), cfg.train, model=run.model)
     # ---- resume: weights, optimizer state, train state, data position, RNG
-    resume(run)  # SYNC
+    resume(run)  # SYNC setup/resume
     if run.info.is_main:
         run.tracker = Tracker(run.out, cfg.wandb, config_to_dict(cfg),
                               cfg.wandb.run_name or os.path.basename(os.path.abspath(run.out)),
@@ -227,15 +230,16 @@ def train(cfg) -> None:
 
     # ---- the loop: one optimizer step per pass
     while state.step < cfg.train.max_steps:
+        watchdog.set_step(state.step + 1)
         t_start = clock(run.info)
         micro, bad, unloaded = fetch_step(run)
-        counts = agree(run, micro, bad, unloaded)  # SYNC: the step's all-reduce
+        counts = agree(run, micro, bad, unloaded)  # SYNC step/agree: the step's all-reduce
         state.samples_seen += int(counts.samples)
         saved = False
         if counts.bad:
             skip_bad_data(run, bad, counts)
         else:
-            result = train_step(run, micro, counts.labels, t_start)  # SYNC (FSDP, clip, loss, optimizer)
+            result = train_step(run, micro, counts.labels, t_start)  # SYNC step/... (FSDP, clip, loss, optimizer)
             if isinstance(result, str):
                 skip(run, result, counts)
             else:
@@ -266,7 +270,7 @@ def train(cfg) -> None:
 # Setup, data, model, resume
 # =====================================================================================
 def setup(cfg) -> Run:
-    info = dist.init_distributed()
+    info = dist.init_distributed(timeout_s=watchdog.process_group_timeout(cfg.train.hang_timeout_s))
     earlier = dist.earlier_refusal()
     if earlier:  # torchrun restarted the group after a refusal: a restart cannot fix it
         raise Refused(earlier)
@@ -275,6 +279,7 @@ def setup(cfg) -> Run:
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, run.stop)
+    watchdog.start(info.rank, info.world_size, cfg.train.hang_timeout_s)
 
     run.resume_path = ckpt.find_resume_checkpoint(cfg.train, run.out, info, lambda m: log(info, m))  # SYNC
     if info.is_main:
@@ -312,6 +317,7 @@ def prepare_processor(run: Run):
     return load_processor(cfg.model.path, cfg.data.min_pixels, cfg.data.max_pixels)
 
 
+@watchdog.at("setup/data", watch=False)  # start-up is slow, not stuck: recorded, not watched
 def build_data(run: Run, processor) -> None:
     """Check every row once (no model, no pixel processing; the ranks split the rows and
     share what they found), so that a broken row stops the job now with its file and
@@ -393,6 +399,7 @@ def check_packs(run: Run, lengths: list[int]) -> None:
                   f"unpacked, {1 - real / padded:.1%} of the batch would be padding")
 
 
+@watchdog.at("setup/model", watch=False)
 def build_model(run: Run) -> torch.nn.Module:
     """Freezing first: the plan keeps frozen and trainable weights in separate units
     (FSDP1 flattens a unit into one tensor, which has one requires_grad), and
@@ -412,6 +419,7 @@ def build_model(run: Run) -> torch.nn.Module:
     return model
 
 
+@watchdog.at("setup/resume", watch=False)
 def resume(run: Run) -> None:
     if not run.resume_path:
         return
@@ -487,7 +495,7 @@ def agree(run: Run, micro: list[Batch], bad: DataError | None, unloaded: int = 0
     and two flags every rank must agree on: "a sample failed to load", "a stop signal
     arrived". A collective."""
     stats = [b.stats for b in micro]
-    return StepCounts(*dist.all_reduce_sum([  # SYNC
+    counts = [
         sum(s.label_tokens for s in stats),
         sum(s.tokens for s in stats),
         sum(run.flops_of(s) for s in stats),
@@ -496,7 +504,13 @@ def agree(run: Run, micro: list[Batch], bad: DataError | None, unloaded: int = 0
         sum(s.slots for s in stats),
         bad is not None,
         run.stop.signum != 0,
-    ], run.info.device))
+    ]
+    if faults.fires("skip_collective", run.state.step + 1, run.info.rank):
+        return StepCounts(*counts)  # a test's broken rank: the others wait in the all-reduce
+    faults.hook("stall", run.state.step + 1, run.info.rank)
+    faults.hook("freeze", run.state.step + 1, run.info.rank)
+    with watchdog.at("step/agree"):
+        return StepCounts(*dist.all_reduce_sum(counts, run.info.device))  # SYNC step/agree
 
 
 def train_step(run: Run, micro: list[Batch], global_labels: float, t_start: float) -> dict | str:
@@ -515,24 +529,28 @@ def train_step(run: Run, micro: list[Batch], global_labels: float, t_start: floa
     # keeps only sharded gradients, which is what lets large models accumulate at all
     # (no_sync would hold a full unsharded gradient copy).
     step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
-    for batch in inputs:
-        s, _ = loss_sum(run.model, batch, cfg.train.loss_chunk_size)  # SYNC (all-gathers)
-        s = faults.poison_loss(s, run.state.step + 1, info.rank)
-        (s * scale).backward()  # SYNC (reduce-scatters)
+    for i, batch in enumerate(inputs):
+        with watchdog.at(f"step/forward-backward {i}"):
+            s, _ = loss_sum(run.model, batch, cfg.train.loss_chunk_size)  # SYNC step/forward-backward (all-gathers)
+            s = faults.poison_loss(s, run.state.step + 1, info.rank)
+            (s * scale).backward()  # SYNC step/forward-backward (reduce-scatters)
         step_loss += s.detach()
     del inputs, batch, s
     t_fwd_bwd = clock(info)
 
     # The summed loss is NaN/inf if any rank's is, and the norm is global: every rank
     # decides alike.
-    grad_norm = clip_grad_norm(run.model, cfg.train.max_grad_norm)  # SYNC
-    (loss_total,) = dist.all_reduce_sum([float(step_loss)], info.device)  # SYNC
+    with watchdog.at("step/clip"):
+        grad_norm = clip_grad_norm(run.model, cfg.train.max_grad_norm)  # SYNC step/clip
+    with watchdog.at("step/loss_sum"):
+        (loss_total,) = dist.all_reduce_sum([float(step_loss)], info.device)  # SYNC step/loss_sum
     if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
         run.optimizer.zero_grad(set_to_none=True)
         return f"non-finite loss ({loss_total}) or gradient norm ({grad_norm})"
     lr_factor = lr_scale(run.state.step, cfg.train.max_steps, cfg.train.warmup_ratio)
     set_lr(run.optimizer, lr_factor)  # every group: its own base lr x the schedule
-    run.optimizer.step()  # SYNC (ft's Adafactor: two all-reduces)
+    with watchdog.at("step/optimizer"):
+        run.optimizer.step()  # SYNC step/optimizer (ft's Adafactor: two all-reduces)
     run.optimizer.zero_grad(set_to_none=True)
     t_end = clock(info)
     return {
@@ -617,15 +635,16 @@ def progress_bar(run: Run) -> tqdm | None:
 
 def eval_and_export(run: Run) -> None:
     state, cfg = run.state, run.cfg
-    eval_loss = evaluate(run.model, run.eval_ds, run.collator, eval_plan(run),  # SYNC
+    eval_loss = evaluate(run.model, run.eval_ds, run.collator, eval_plan(run),  # SYNC eval/...
                          cfg.train.dataloader_num_workers, cfg.train.loss_chunk_size, cfg.data.on_bad_sample,
                          run.info)
     state.last_eval_step = state.step
     improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss
     if improved:
         state.best_eval_loss, state.best_step = eval_loss, state.step
-        ckpt.export_hf(run.model, run.best_dir, cfg.model.path, run.info,  # SYNC
-                       {"step": state.step, "eval_loss": eval_loss})
+        with watchdog.at("eval/export"):
+            ckpt.export_hf(run.model, run.best_dir, cfg.model.path, run.info,  # SYNC eval/export
+                           {"step": state.step, "eval_loss": eval_loss})
     if run.tracker:
         run.tracker.log({"step": state.step, "eval_loss": eval_loss})
     log(run.info, f"step {state.step}: eval_loss {eval_loss:.4f}" + (" (best, exported)" if improved else ""))
@@ -634,8 +653,9 @@ def eval_and_export(run: Run) -> None:
 def save(run: Run, reason: str = "") -> None:
     t0 = time.perf_counter()
     meta = {"train_state": run.state.state_dict(), "run": run.run_shape}
-    path = ckpt.save_checkpoint(run.model, run.optimizer, meta, run.out, run.info,  # SYNC
-                                run.cfg.train.keep_last_n)
+    with watchdog.at("save/checkpoint"):
+        path = ckpt.save_checkpoint(run.model, run.optimizer, meta, run.out, run.info,  # SYNC save/checkpoint
+                                    run.cfg.train.keep_last_n)
     log(run.info, f"step {run.state.step}: checkpoint saved to {path} in {time.perf_counter() - t0:.1f} s{reason}")
 
 
@@ -653,8 +673,9 @@ def finish(run: Run, stopped: bool) -> None:
         log(info, f"best model: step {state.best_step}, eval_loss {state.best_eval_loss:.4f} -> "
                   f"{os.path.abspath(run.best_dir)}")
     else:
-        ckpt.export_hf(run.model, run.best_dir, run.cfg.model.path, info,  # SYNC
-                       {"step": state.step, "eval_loss": None})
+        with watchdog.at("finish/export"):
+            ckpt.export_hf(run.model, run.best_dir, run.cfg.model.path, info,  # SYNC finish/export
+                           {"step": state.step, "eval_loss": None})
         log(info, f"no eval set: exported the final model (step {state.step}) -> {os.path.abspath(run.best_dir)}")
     totals = run.meter.totals
     if totals["steps"]:
@@ -720,11 +741,13 @@ def evaluate(model, eval_ds, collator, plan: tuple[list, int, int], num_workers:
                     if inputs is not None:  # repeat the last good batch, uncounted
                         real = False
                         break
-        s, n = loss_sum(model, inputs, chunk_size)  # SYNC (FSDP all-gathers inside)
+        with watchdog.at(f"eval/forward {i}"):
+            s, n = loss_sum(model, inputs, chunk_size)  # SYNC eval/forward (FSDP all-gathers inside)
         if real:
             total += s.item()
             count += n
-    total, count, n_bad = dist.all_reduce_sum([total, count, n_bad], info.device)  # SYNC
+    with watchdog.at("eval/sum"):
+        total, count, n_bad = dist.all_reduce_sum([total, count, n_bad], info.device)  # SYNC eval/sum
     if n_bad and on_bad_sample == "error":
         raise DataError(f"eval: {int(n_bad)} batch(es) could not be loaded (the reasons are printed above; "
                         "data.on_bad_sample=skip would leave them out)")
@@ -756,7 +779,8 @@ def clock(info: dist.DistInfo) -> float:
 def peak_memory(info: dist.DistInfo) -> dict:
     """The highest peak over all ranks of each memory figure of ft.metrics.memory_stats."""
     stats = memory_stats(info.device)
-    return dict(zip(stats, dist.all_reduce_max(list(stats.values()), info.device)))  # SYNC
+    with watchdog.at("peak_memory"):
+        return dict(zip(stats, dist.all_reduce_max(list(stats.values()), info.device)))  # SYNC peak_memory
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -811,6 +835,7 @@ def main(argv: list[str] | None = None) -> None:
         refusal = f"ft: {kind}: {e}"
     # Out here, not in the except blocks: the traceback (and the model its frames hold)
     # is gone, so `dist.cleanup` can take the process group down while Python runs.
+    watchdog.stop()
     if refusal:
         refuse(refusal)
     dist.cleanup()

@@ -212,6 +212,37 @@ def test_two_nodes_match_one_node(straight, tiny_model_dir, data, tmp_path):
     assert_same_weights(weights(out), weights(straight))
 
 
+def test_missed_collective_is_reported_then_the_job_recovers(straight, tiny_model_dir, data, tmp_path):
+    """Rank 1 leaves out step 6's all-reduce and runs on into the forward's all-gathers,
+    where nothing matches it: with gloo (and NCCL) both ranks would wait until the
+    process group's timeout. The watchdog reports within train.hang_timeout_s, naming
+    rank 1, step 6 and where rank 0 waits; the ranks exit 3, torchrun restarts the
+    group, which resumes from step 4's checkpoint and ends with the uninterrupted run's
+    weights."""
+    t0 = time.monotonic()
+    log = run(tmp_path / "run", tiny_model_dir, data, "train.hang_timeout_s=8",
+              env={"FT_TEST_FAULT": "skip_collective:6:1", "MAX_RESTARTS": "1"})
+    seconds = time.monotonic() - t0
+    report = log[log.index("[ft rank 0] HANG"):]
+    waited = int(re.search(r"HANG: waited (\d+) s \(train.hang_timeout_s=8\) in step/agree at step 6\.", report)[1])
+    assert 8 <= waited <= 10  # checked once a second
+    assert "rank 1: in another collective: step/forward-backward 0, while rank 0 waits in step/agree" in report
+    assert "where its main thread waits" in report and "in train_step" in report
+    assert "(exitcode: 3)" in log  # torchrun's line before it restarts the group
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step-4'} (step 4" in log
+    assert sorted(losses(tmp_path / "run"))[-1] == STEPS
+    assert_same_weights(weights(tmp_path / "run"), weights(straight))
+    assert seconds < 150, seconds  # two launches, the first cut short by the 8 s timeout
+
+
+def test_a_slow_rank_is_not_a_hang(tiny_model_dir, data, tmp_path):
+    """A rank 4 s late to step 3's all-reduce, with a 10 s timeout: no report, no exit."""
+    log = run(tmp_path / "run", tiny_model_dir, data, "train.hang_timeout_s=10", "train.max_steps=4",
+              env={"FT_TEST_FAULT": "stall:3:1", "FT_TEST_STALL_S": "4"})
+    assert "HANG" not in log
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+
+
 def test_nan_step_is_skipped_on_all_ranks(tiny_model_dir, data, tmp_path):
     out = tmp_path / "run"
     log = run(out, tiny_model_dir, data, env={"FT_TEST_FAULT": "nan:3:1"})
