@@ -303,9 +303,12 @@ def export_hf(
     source_model_dir: str,
     info: DistInfo,
     export_info: dict,
+    processor_settings: dict[str, dict] | None = None,
 ) -> None:
     """Gather the full weights and write an HF folder at `path` from rank 0, atomically
-    (see the backend's `full_state_dict` for where the gathered copy lives)."""
+    (see the backend's `full_state_dict` for where the gathered copy lives), with the
+    source model's processor files updated by `processor_settings`
+    (``ft.processor.training_settings``)."""
     backend = backend_of(model)
     state_dict = backend.full_state_dict(model, info)  # SYNC
     if info.is_main:
@@ -318,7 +321,7 @@ def export_hf(
             hf_model.save_pretrained(tmp, state_dict=state_dict)
         finally:
             hf_model.config.use_cache = False
-        export_processor_files(source_model_dir, tmp)
+        export_processor_files(source_model_dir, tmp, processor_settings)
         write_json_atomic(os.path.join(tmp, EXPORT_INFO_FILE), export_info)
         _make_readable(tmp)
         _swap_into_place(tmp, path)

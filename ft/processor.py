@@ -1,14 +1,13 @@
-"""Load and export the Qwen2.5-VL processor (tokenizer + image processor).
+"""Load and export the official Qwen2.5-VL processor (tokenizer, image and video processors).
 
-Why not just ``AutoProcessor.from_pretrained``: for Qwen2.5-VL it also builds the video
-processor, which needs torchvision (the PyPI wheel does not import with the CPU torch
-build) and a video_preprocessor_config.json; ``Qwen2_5_VLProcessor(...,
-video_processor=None)`` is refused by the class check. Image fine-tuning never uses
-video, so this module builds the processor from its two real parts:
-``AutoTokenizer`` and ``AutoImageProcessor`` (which picks the torchvision image
-processor where torchvision works and the PIL one otherwise, just as AutoProcessor
-would). Returning the same class everywhere also means ``mm_token_type_ids`` (needed
-for M-RoPE positions) is always requested, whatever the transformers version's default.
+The processor is transformers' own ``Qwen2_5_VLProcessor``, built from
+``AutoTokenizer``, ``AutoImageProcessor`` and ``AutoVideoProcessor`` so that images and
+video frames get separate pixel bounds (``data.min_pixels``/``max_pixels`` and
+``data.video_min_pixels``/``video_max_pixels``); ``AutoProcessor.from_pretrained`` would
+give both the same. What this module adds to transformers: a start-up check that
+torchvision imports (both processors need it, and without it the failure would come
+from deep inside the first sample), a check that the tokenizer's special tokens match
+the model config, and the export of the processor files next to fine-tuned weights.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-
-from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
 
 PROCESSOR_CLASS = "Qwen2_5_VLProcessor"
 
@@ -37,27 +34,27 @@ _MODEL_FILES = {"config.json", "generation_config.json", "README.md"}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 
 
-class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL processor without the video part.
+class MissingDependency(RuntimeError):
+    """A package ft needs is not installed or does not load; the message says what to install."""
 
-    transformers derives a processor's parts from its ``__init__`` signature (5.x) or
-    its ``attributes`` list (earlier releases); declaring only the image processor and
-    tokenizer in both makes the parent's ``video_processor`` argument be ignored
-    instead of class-checked.
+
+def require(module: str, why: str) -> None:
+    """Import `module` or raise MissingDependency naming the pip package to install.
+
+    torchvision is the one that fails in surprising ways: a PyPI torchvision built for
+    another torch release raises RuntimeError ("operator torchvision::nms does not
+    exist") rather than ImportError, so both count as missing.
     """
+    try:
+        __import__(module)
+    except (ImportError, RuntimeError) as e:
+        import torch
 
-    attributes = ["image_processor", "tokenizer"]
-    video_processor = None
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
-
-    def __call__(self, *args, **kwargs):
-        # transformers 5.24 returns mm_token_type_ids by default for this processor,
-        # earlier 5.x releases only on request; without it the model silently falls
-        # back to 1-D positions, so always ask.
-        kwargs.setdefault("return_mm_token_type_ids", True)
-        return super().__call__(*args, **kwargs)
+        hint = (f"the torchvision release built for torch {torch.__version__.split('+')[0]} "
+                f"(torch 2.14.1 pairs with torchvision 0.29.1, 2.11 with 0.26)"
+                if module == "torchvision" else module)
+        raise MissingDependency(f"{why} needs `{module}`, which does not load ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else 'not installed'}): pip install {hint}") from e
 
 
 def _read_config(model_dir: Path) -> dict:
@@ -68,7 +65,7 @@ def _read_config(model_dir: Path) -> dict:
 
 
 def check_processor(processor, model_dir: str | os.PathLike) -> None:
-    """Raise ValueError if the tokenizer or image processor disagree with the model config.
+    """Raise ValueError if the tokenizer or the image or video processor disagree with the model config.
 
     A wrong special-token id does not crash: the model just never finds its image
     tokens (or finds the wrong ones), so check before training rather than after.
@@ -97,57 +94,63 @@ def check_processor(processor, model_dir: str | os.PathLike) -> None:
                             f"(encodes to {tokenizer.encode(token, add_special_tokens=False)})")
 
     vision = config.get("vision_config", {})
-    image_processor = processor.image_processor
-    for ip_attr, cfg_key in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
-                             ("temporal_patch_size", "temporal_patch_size")):
-        if cfg_key in vision and getattr(image_processor, ip_attr, vision[cfg_key]) != vision[cfg_key]:
-            problems.append(f"image processor {ip_attr}={getattr(image_processor, ip_attr)} but "
-                            f"vision_config {cfg_key}={vision[cfg_key]}")
+    for kind in ("image", "video"):
+        part = getattr(processor, f"{kind}_processor", None)
+        for ip_attr, cfg_key in (("patch_size", "patch_size"), ("merge_size", "spatial_merge_size"),
+                                 ("temporal_patch_size", "temporal_patch_size")):
+            if part is not None and cfg_key in vision and getattr(part, ip_attr, vision[cfg_key]) != vision[cfg_key]:
+                problems.append(f"{kind} processor {ip_attr}={getattr(part, ip_attr)} but "
+                                f"vision_config {cfg_key}={vision[cfg_key]}")
     if problems:
         raise ValueError(f"processor files in {model_dir} do not match its config.json:\n  " + "\n  ".join(problems))
-
-
-def load_image_processor(model_dir: str | os.PathLike, **overrides):
-    """``AutoImageProcessor.from_pretrained``, which picks the torchvision processor
-    where torchvision imports and the PIL one otherwise — except that some 5.x releases
-    (5.17) raise ImportError instead of falling back. The PIL processor gives the same
-    pixels (2.4e-7 apart), so load it directly there."""
-    try:
-        return AutoImageProcessor.from_pretrained(model_dir, **overrides)
-    except ImportError as e:
-        if "orchvision" not in str(e):
-            raise
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-        return Qwen2VLImageProcessorPil.from_pretrained(model_dir, **overrides)
 
 
 def load_processor(
     model_dir: str | os.PathLike,
     min_pixels: int | None = None,
     max_pixels: int | None = None,
-) -> Qwen2_5_VLImageOnlyProcessor:
-    """Tokenizer + image processor of ``model_dir`` as one Qwen2.5-VL processor.
+    video_min_pixels: int | None = None,
+    video_max_pixels: int | None = None,
+):
+    """The ``Qwen2_5_VLProcessor`` of `model_dir`, checked against its config.json.
 
-    ``min_pixels``/``max_pixels``, when given, override the saved image size bounds
-    (``size={"shortest_edge": min_pixels, "longest_edge": max_pixels}``); they decide
-    how many image tokens each picture becomes.
+    ``min_pixels``/``max_pixels`` (still images) and ``video_min_pixels``/
+    ``video_max_pixels`` (each video frame), when given, override the saved size bounds
+    (``size={"shortest_edge": min, "longest_edge": max}``): they decide how many tokens
+    a picture or a frame becomes. Raises MissingDependency when torchvision does not
+    load.
     """
+    require("torchvision", "the Qwen2.5-VL image and video processors of transformers")
+    from transformers import AutoImageProcessor, AutoTokenizer, AutoVideoProcessor, Qwen2_5_VLProcessor
+
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    # Passed as init kwargs they replace the saved values under both spellings the
-    # image processor understands (flat keys in older releases, `size` in newer ones).
-    overrides = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
-    image_processor = load_image_processor(model_dir, **overrides)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir, **_size(min_pixels, max_pixels))
+    # A checkpoint without video_preprocessor_config.json (some older exports) gets the
+    # video processor's defaults, which share the image processor's patch geometry.
+    video_processor = AutoVideoProcessor.from_pretrained(model_dir, **_size(video_min_pixels, video_max_pixels))
     # Processor-level chat template (chat_template.json, older checkpoints) wins over
     # none at all; the tokenizer's own template (chat_template.jinja) is the usual source.
-    processor = Qwen2_5_VLImageOnlyProcessor(
+    processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
+        video_processor=video_processor,
         chat_template=_processor_chat_template(model_dir) or getattr(tokenizer, "chat_template", None),
     )
     check_processor(processor, model_dir)
     return processor
+
+
+def load_processor_for(model_dir: str | os.PathLike, data_cfg):
+    """:func:`load_processor` with a run's ``DataConfig`` pixel bounds: what training
+    uses (and, through :func:`training_settings`, what its exports record)."""
+    return load_processor(model_dir, data_cfg.min_pixels, data_cfg.max_pixels,
+                          data_cfg.video_min_pixels, data_cfg.video_max_pixels)
+
+
+def _size(low: int | None, high: int | None) -> dict:
+    """Init kwargs that replace a processor's saved pixel bounds (either may stay)."""
+    return {k: v for k, v in (("min_pixels", low), ("max_pixels", high)) if v is not None}
 
 
 def _processor_chat_template(model_dir: Path) -> str | None:
@@ -164,7 +167,24 @@ def _is_processor_file(path: Path) -> bool:
     return not name.endswith(_WEIGHT_SUFFIXES)
 
 
-def export_processor_files(src_model_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+def training_settings(data_cfg) -> dict[str, dict]:
+    """What a run's ``DataConfig`` changed in the processor, by processor file: the pixel
+    bounds of images and of video frames, and the video frame rate and frame cap. Written
+    into an export (:func:`export_processor_files`) so that ``AutoProcessor`` on it
+    prepares inputs as training did, not as the base model's files say."""
+
+    def bounds(low: int, high: int) -> dict:
+        return {"size": {"shortest_edge": low, "longest_edge": high}, "min_pixels": low, "max_pixels": high}
+
+    return {
+        "preprocessor_config.json": bounds(data_cfg.min_pixels, data_cfg.max_pixels),
+        "video_preprocessor_config.json": {**bounds(data_cfg.video_min_pixels, data_cfg.video_max_pixels),
+                                           "fps": data_cfg.video_fps, "max_frames": data_cfg.video_max_frames},
+    }
+
+
+def export_processor_files(src_model_dir: str | os.PathLike, dst_dir: str | os.PathLike,
+                           settings: dict[str, dict] | None = None) -> list[str]:
     """Copy the source model's processor/tokenizer files into an exported model folder.
 
     Everything in the top level of ``src_model_dir`` except weights, weight indexes,
@@ -172,8 +192,10 @@ def export_processor_files(src_model_dir: str | os.PathLike, dst_dir: str | os.P
     describe the fine-tune) and hidden files is copied (symlinks, as in the HF cache,
     are resolved). Then every ``processor_class`` entry is made to read
     ``Qwen2_5_VLProcessor``: a subclass name there (ours, if a processor object was
-    saved) makes AutoProcessor silently return the bare tokenizer. Files that already
-    name it are left byte-for-byte unchanged.
+    saved) makes AutoProcessor silently return the bare tokenizer. `settings` (see
+    :func:`training_settings`) maps a copied JSON file's name to keys to set in it.
+    Files that already name the class and get no settings are left byte-for-byte
+    unchanged.
 
     Returns the names of the files copied.
     """
@@ -187,15 +209,21 @@ def export_processor_files(src_model_dir: str | os.PathLike, dst_dir: str | os.P
             copied.append(path.name)
     for name in copied:
         if name.endswith(".json"):
-            _fix_processor_class(dst / name)
+            _update_json(dst / name, (settings or {}).get(name, {}))
     return copied
 
 
-def _fix_processor_class(path: Path) -> None:
+def _update_json(path: Path, settings: dict) -> None:
+    """Make `path`'s processor_class read PROCESSOR_CLASS and set `settings` in it;
+    rewrite the file only if that changes something."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return  # not a JSON config (e.g. an unusual vocab file): copy as is
-    if isinstance(data, dict) and "processor_class" in data and data["processor_class"] != PROCESSOR_CLASS:
-        data["processor_class"] = PROCESSOR_CLASS
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if not isinstance(data, dict):
+        return
+    updated = {**data, **settings}
+    if "processor_class" in data:
+        updated["processor_class"] = PROCESSOR_CLASS
+    if updated != data:
+        path.write_text(json.dumps(updated, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

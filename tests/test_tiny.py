@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
 
-from ft.processor import export_processor_files, load_image_processor, load_processor
+from ft.config import DataConfig
+from ft.processor import export_processor_files, load_processor, training_settings
 from ft.tiny import ADDED_TOKENS, SPECIAL_TOKENS, main, save_tiny
 
 # Qwen2.5-VL's published ids (tokenizer_config.json / config.json of the 3B and 7B models).
@@ -107,7 +108,7 @@ def test_saved_dir_loads_and_processor_counts_image_tokens(tiny_model_dir, make_
             "processor_config.json"} <= files
     assert json.loads((Path(tiny_model_dir) / "processor_config.json").read_text())["processor_class"] == (
         "Qwen2_5_VLProcessor")
-    image_processor = load_image_processor(tiny_model_dir)
+    image_processor = load_processor(tiny_model_dir).image_processor
     assert (image_processor.size["shortest_edge"], image_processor.size["longest_edge"]) == (56 * 56, 448 * 448)
 
     processor = load_processor(tiny_model_dir)
@@ -161,12 +162,13 @@ def test_forward_backward_with_image(fixture, request, make_image, tmp_path):
 
 
 def test_export_processor_files(tiny_model_dir, tmp_path):
-    # A processor saved from our subclass records the subclass name: the case to repair.
+    # A processor saved from a subclass records the subclass name: the case to repair.
     saved = tmp_path / "saved"
     load_processor(tiny_model_dir).save_pretrained(saved)
     (saved / "model.safetensors").write_bytes(b"weights")  # must not be copied
     shutil.copy(Path(tiny_model_dir) / "config.json", saved / "config.json")
-    assert "Qwen2_5_VLImageOnlyProcessor" in (saved / "processor_config.json").read_text()
+    config = json.loads((saved / "processor_config.json").read_text())
+    (saved / "processor_config.json").write_text(json.dumps({**config, "processor_class": "MyProcessor"}))
 
     export = tmp_path / "export"
     copied = export_processor_files(saved, export)
@@ -177,7 +179,7 @@ def test_export_processor_files(tiny_model_dir, tmp_path):
             assert data["processor_class"] == "Qwen2_5_VLProcessor", name
     assert AutoTokenizer.from_pretrained(export)("Hello")["input_ids"] == (
         AutoTokenizer.from_pretrained(tiny_model_dir)("Hello")["input_ids"])
-    assert load_image_processor(export).merge_size == 2
+    assert AutoProcessor.from_pretrained(export).image_processor.merge_size == 2
 
     # Files that are already right (as in real checkpoints) are copied byte for byte.
     export2 = tmp_path / "export2"
@@ -187,6 +189,17 @@ def test_export_processor_files(tiny_model_dir, tmp_path):
         assert (export2 / name).read_bytes() == (Path(tiny_model_dir) / name).read_bytes(), name
     shutil.copy(Path(tiny_model_dir) / "config.json", export2 / "config.json")
     assert load_processor(export2).tokenizer.chat_template
+
+    # A run's data settings go into the export, so that AutoProcessor prepares inputs
+    # as training did; the files they do not touch stay byte for byte.
+    export3 = tmp_path / "export3"
+    data = DataConfig(min_pixels=112 * 112, video_max_pixels=100352, video_fps=1.0, video_max_frames=16)
+    export_processor_files(tiny_model_dir, export3, training_settings(data))
+    auto = AutoProcessor.from_pretrained(export3)
+    assert auto.image_processor.size["shortest_edge"] == 112 * 112
+    assert auto.video_processor.size["longest_edge"] == 100352
+    assert (auto.video_processor.fps, auto.video_processor.max_frames) == (1.0, 16)
+    assert (export3 / "tokenizer.json").read_bytes() == (Path(tiny_model_dir) / "tokenizer.json").read_bytes()
 
 
 def test_build_is_deterministic_and_cli_if_missing(tiny_model_dir, tmp_path, capsys):
