@@ -137,9 +137,11 @@ class DataConfig:
     empty string disables evaluation."""
 
     max_length: int = 2048
-    """Maximum tokens per sample, image tokens included. A longer sample is truncated
-    after its last image token; a sample whose images alone do not fit is refused. Lower
-    `max_pixels` to make images take fewer tokens."""
+    """Maximum tokens per sample, image and video tokens included. A longer sample is
+    truncated after its last image or video. A sample whose images and videos alone do
+    not fit gets smaller video frames (down to `video_min_pixels`), and is refused if
+    that is not enough. Lower `max_pixels` (images) or `video_max_frames` (videos) to
+    make them take fewer tokens."""
 
     min_pixels: int = 3136
     """Lower bound on each image's pixel count (height × width) after the image
@@ -151,16 +153,43 @@ class DataConfig:
     downscaled, keeping their aspect ratio. The default 200704 = 256 × 28 × 28 caps an
     image at about 256 tokens. Must be at least `min_pixels`."""
 
+    video_fps: float = 2.0
+    """Frames sampled per second of a video file, spread evenly over the clip (Qwen's
+    reference rate). The frame count is rounded down to a multiple of the temporal patch
+    size (2: each video token covers two frames) and is at least 2. A video given as a
+    list of frames is taken to be sampled at this rate already. The sampled rate also
+    sets the time axis of M-RoPE, so positions follow real seconds."""
+
+    video_max_frames: int = 32
+    """At most this many frames per video, spread evenly over the clip when `video_fps`
+    would give more (a one-minute clip at 2 fps would be 120). Must be even. With
+    `video_max_pixels` it bounds a video's tokens: 32 frames x 64 tokens per two-frame
+    patch / 2 = 1,024 tokens at the defaults, within `max_length` 2048."""
+
+    video_min_pixels: int = 12544
+    """Lower bound on each video frame's pixel count after resizing (12544 = 16 x 28 x 28:
+    at least 16 tokens per two frames); smaller frames are upscaled."""
+
+    video_max_pixels: int = 50176
+    """Upper bound on each video frame's pixel count after resizing (50176 = 64 x 28 x 28,
+    e.g. 224 x 224: at most 64 tokens per two frames); larger frames are downscaled,
+    keeping their aspect ratio. A sample that would not fit `max_length` gets the largest
+    smaller bound that fits. transformers' whole-video pixel budget
+    (`cap_pixels_per_frame`) is turned off, so a video's token count depends on its
+    frames, these bounds and `max_length` alone, as the data check computes it. Must be
+    at least `video_min_pixels`."""
+
     on_bad_sample: Literal["error", "skip"] = "error"
     """What to do with rows that cannot be trained on. Before training, every row of
     `train_file` and `eval_file` is checked (malformed JSON, unknown keys or roles, no
-    assistant turn, missing, unreadable or truncated image, a count of `<image>`
-    placeholders that does not match the images, images that do not fit in
+    assistant turn, missing, unreadable or truncated image, a video that cannot be
+    decoded or has no frame, a count of `<image>` or `<video>` placeholders that does
+    not match the images or videos, images and videos that do not fit in
     `max_length`): `error` stops with a list of `file:line: reason`; `skip` leaves those
     rows out and logs how many there were and why."""
 
     group_by_length: bool = False
-    """Put training rows of similar length (text plus image tokens) in the same batch,
+    """Put training rows of similar length (text, image and video tokens) in the same batch,
     which cuts padding when `per_device_train_batch_size` > 1. Each epoch is still
     shuffled: its rows are cut into chunks of 50 global batches (all ranks' micro-batches
     of one step), each chunk is sorted by length and split into global batches, and the
@@ -244,7 +273,7 @@ class TrainConfig:
 
     logging_steps: int = 1
     """Log training metrics every this many optimizer steps: loss, lr, grad norm,
-    tokens/s (all ranks and per device; real text and image tokens, no padding), the
+    tokens/s (all ranks and per device; real text, image and video tokens, no padding), the
     step split into data wait / forward+backward / optimizer, MFU (GPU only) and the
     highest peak memory over the ranks."""
 
@@ -493,6 +522,10 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_length": (lambda v: v >= 16, ">= 16"),
     "data.min_pixels": (lambda v: v > 0, "> 0"),
     "data.max_pixels": (lambda v: v > 0, "> 0"),
+    "data.video_fps": (lambda v: v > 0, "> 0"),
+    "data.video_max_frames": (lambda v: v >= 2 and v % 2 == 0, "an even number >= 2 (two frames per video token)"),
+    "data.video_min_pixels": (lambda v: v > 0, "> 0"),
+    "data.video_max_pixels": (lambda v: v > 0, "> 0"),
     "data.pack_length": (lambda v: v >= 0, ">= 0 (0 means data.max_length)"),
     "train.max_steps": (lambda v: v >= 1, ">= 1"),
     "train.per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
@@ -697,12 +730,10 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
         value = value_of(key)
         if not ok(value):
             raise ConfigError(f"{where(key)}: {key}: {value!r} must be {description}")
-    if cfg.data.min_pixels > cfg.data.max_pixels:
-        raise ConfigError(
-            f"data.min_pixels ({cfg.data.min_pixels}, from {where('data.min_pixels')}) "
-            f"must be <= data.max_pixels ({cfg.data.max_pixels}, from "
-            f"{where('data.max_pixels')})"
-        )
+    for low, high in (("data.min_pixels", "data.max_pixels"), ("data.video_min_pixels", "data.video_max_pixels")):
+        if value_of(low) > value_of(high):
+            raise ConfigError(f"{low} ({value_of(low)}, from {where(low)}) must be <= "
+                              f"{high} ({value_of(high)}, from {where(high)})")
     if cfg.data.pack_length and cfg.data.pack_length < cfg.data.max_length:
         raise ConfigError(
             f"data.pack_length ({cfg.data.pack_length}, from {where('data.pack_length')}) must be "

@@ -13,9 +13,9 @@ Pipeline:
    so start-up is fast and DataLoader workers do the work. A row is parsed and
    normalised (:func:`parse_row`), rendered in Qwen2.5-VL's chat format, tokenised with
    the processor, labelled and, if too long, truncated.
-3. :class:`Collator` pads a list of samples into a batch of model kwargs and, when the
-   batch has no image, appends a dummy image so that the vision tower runs on every
-   FSDP rank.
+3. :class:`Collator` pads a list of samples into a batch of model kwargs and appends a
+   dummy image or video where a batch lacks one, so that every FSDP rank runs the
+   vision tower the same number of times.
 
 Before training, :func:`validate` checks every row (sharded across ranks) with
 :meth:`ConversationDataset.layout`: the same parsing, image and length checks as
@@ -25,14 +25,17 @@ length-grouped batching (:mod:`ft.sampler`) needs.
 
 Two row formats are accepted, both normalised to the same list of messages
 ``{"role": "system"|"user"|"assistant", "content": [part, ...]}`` whose parts are
-``{"type": "text", "text": str}`` or ``{"type": "image", "image": ABSOLUTE_PATH}``:
+``{"type": "text", "text": str}``, ``{"type": "image", "image": ABSOLUTE_PATH}`` or
+``{"type": "video", "video": ABSOLUTE_PATH | [ABSOLUTE_PATH, ...]}`` (a video file, or
+its frames in order):
 
 * OpenAI-style: ``{"messages": [{"role": ..., "content": str | [part, ...]}]}``.
-* LLaVA-style: ``{"image": PATH | [PATH, ...], "conversations": [{"from":
+* LLaVA-style: ``{"image": PATH | [PATH, ...], "video": PATH, "conversations": [{"from":
   "human"|"gpt"|"system", "value": "<image>\\n..."}]}``; each ``<image>`` takes the next
-  image in order.
+  image in order, ``<video>`` the video.
 
-Image paths resolve against the directory of the JSONL file. A bad row raises
+Paths resolve against the directory of the JSONL file. Which frames of a video a
+sample takes is :mod:`ft.video`'s business. A bad row raises
 :class:`DataError` whose message reads ``file:line: field: reason``.
 """
 
@@ -46,10 +49,16 @@ import re
 from typing import Any, Callable, Iterable, NamedTuple
 
 import datasets
+import numpy
 import torch
 from PIL import Image
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+from transformers.video_utils import VideoMetadata
 
 from ft.packing import ROW_MULTIPLE, varlen_kwargs
+from ft.video import VideoError, VideoSampling
+from ft.video import probe as probe_video
+from ft.video import read as read_video
 
 __all__ = [
     "DEFAULT_SYSTEM_PROMPT",
@@ -74,10 +83,33 @@ training inserts it too so that prompts match those seen at inference."""
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-IMAGE_PAD = "<|image_pad|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
-"""How the chat template writes an image; the processor expands the pad token to one
-token per merged patch."""
+VIDEO_PLACEHOLDER = VISION_START + VIDEO_PAD + VISION_END
+"""How the chat template writes an image and a video; the processor expands the pad
+token to one token per merged patch (per two frames, for a video)."""
+
+IMAGE, VIDEO = 1, 2
+"""Their `mm_token_type_ids` (0 is text), and the keys of :data:`MEDIA`."""
+
+
+class Medium(NamedTuple):
+    """One kind of vision input: how it is written and what the model takes for it."""
+
+    name: str
+    placeholder: str
+    pad: str
+    inputs: tuple[str, ...]
+
+
+MEDIA = {
+    IMAGE: Medium("image", IMAGE_PLACEHOLDER, IMAGE_PAD, ("pixel_values", "image_grid_thw")),
+    VIDEO: Medium("video", VIDEO_PLACEHOLDER, VIDEO_PAD,
+                  ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")),
+}
+"""Each kind's placeholder and model inputs (pixels, then grids, then any more). A batch
+concatenates each input in sample order: the order in which the model hands features
+to pad tokens."""
 
 # Text that contains one of these would change the structure the labels are computed
 # from (a stray <|im_end|> ends a turn, a stray <|image_pad|> steals an image), so such
@@ -91,7 +123,7 @@ _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 # LLaVA writes "<image>\n" before the question; Qwen's template puts a parts list's
 # image and text side by side, so one newline on each side of the placeholder goes
 # with it. That makes `<image>\nWhat?` and `[image, "What?"]` give the same tokens.
-_LLAVA_IMAGE_RE = re.compile(r"\n?<image>\n?")
+_LLAVA_MEDIA_RE = re.compile(r"\n?(<image>|<video>)\n?")
 
 
 class DataError(ValueError):
@@ -169,12 +201,13 @@ def parse_row(text: str, file: str, line: int) -> list[dict[str, Any]]:
 
 
 def _from_openai(row: dict, where: _Where, base: str) -> list[dict[str, Any]]:
-    for key in ("image", "images"):
+    for key in ("image", "images", "video", "videos"):
         # A row mixing the formats would otherwise train on images silently dropped.
         if row.get(key):
+            kind = key.rstrip("s")
             raise where.error(
-                key, "'messages' rows give images as content parts "
-                     "{\"type\": \"image\", \"image\": PATH}, not a top-level key"
+                key, f"'messages' rows give {kind}s as content parts "
+                     f"{{\"type\": \"{kind}\", \"{kind}\": PATH}}, not a top-level key"
             )
     raw_messages = row["messages"]
     if not isinstance(raw_messages, list) or not raw_messages:
@@ -213,8 +246,11 @@ def _openai_content(content: Any, where: _Where, field: str, base: str) -> list[
             parts.append(_text_part(value, where, f"{part_field}.text"))
         elif kind == "image":
             parts.append(_image_part(part.get("image"), where, f"{part_field}.image", base))
+        elif kind == "video":
+            parts.append(_video_part(part.get("video"), where, f"{part_field}.video", base))
         else:
-            raise where.error(f"{part_field}.type", f"unknown part type {kind!r} (expected 'text' or 'image')")
+            raise where.error(f"{part_field}.type",
+                              f"unknown part type {kind!r} (expected 'text', 'image' or 'video')")
     return parts
 
 
@@ -242,22 +278,32 @@ def _from_llava(row: dict, where: _Where, base: str) -> list[dict[str, Any]]:
             )
         if not isinstance(turn["value"], str):
             raise where.error(f"{field}.value", f"expected a string, got {type(turn['value']).__name__}")
-    placeholders = sum(turn["value"].count("<image>") for turn in turns)
-    if placeholders != len(images):
-        raise where.error(
-            "image", f"{len(images)} image(s) but {placeholders} <image> placeholder(s) in conversations"
-        )
+    video = row.get("video") or None
+    if video is not None and not isinstance(video, str):
+        raise where.error("video", f"expected the path of one video file, got {type(video).__name__} "
+                                   "(several videos, or a video as frames: use the 'messages' form)")
+    videos = [video] if video else []
+    for key, found in (("image", images), ("video", videos)):
+        placeholders = sum(turn["value"].count(f"<{key}>") for turn in turns)
+        if placeholders != len(found):
+            raise where.error(
+                key, f"{len(found)} {key}(s) but {placeholders} <{key}> placeholder(s) in conversations"
+            )
     next_image = iter(range(len(images)))
     messages = []
     for i, turn in enumerate(turns):
         field = f"conversations[{i}].value"
         parts = []
-        for k, piece in enumerate(_LLAVA_IMAGE_RE.split(turn["value"])):
-            if k:
+        pieces = _LLAVA_MEDIA_RE.split(turn["value"])  # text, placeholder, text, ...
+        for k, piece in enumerate(pieces):
+            if k % 2 == 0:
+                if piece:
+                    parts.append(_text_part(piece, where, field))
+            elif piece == "<video>":
+                parts.append(_video_part(video, where, "video", base))
+            else:
                 n = next(next_image)
                 parts.append(_image_part(images[n], where, "image" if single else f"image[{n}]", base))
-            if piece:
-                parts.append(_text_part(piece, where, field))
         messages.append({"role": _LLAVA_ROLES[turn["from"]], "content": parts})
     return messages
 
@@ -278,13 +324,29 @@ def _image_part(path: Any, where: _Where, field: str, base: str) -> dict[str, st
     return {"type": "image", "image": resolved}
 
 
+def _video_part(value: Any, where: _Where, field: str, base: str) -> dict[str, Any]:
+    """A video file's path, or a non-empty list of its frames' image paths."""
+    if isinstance(value, list):
+        if not value:
+            raise where.error(field, "an empty list of frames")
+        return {"type": "video", "video": [_image_part(path, where, f"{field}[{k}]", base)["image"]
+                                           for k, path in enumerate(value)]}
+    if not isinstance(value, str) or not value:
+        raise where.error(field, "expected a video file's path, or a list of its frames' image paths")
+    resolved = os.path.join(base, value)
+    if not os.path.isfile(resolved):
+        raise where.error(field, f"video file not found: {resolved}")
+    return {"type": "video", "video": resolved}
+
+
 def _check_conversation(messages: list[dict[str, Any]], where: _Where, key: str) -> None:
     for i, message in enumerate(messages):
         role = message["role"]
         if role == "system" and i > 0:
             raise where.error(f"{key}[{i}]", "a system message must come first")
-        if role != "user" and any(part["type"] == "image" for part in message["content"]):
-            raise where.error(f"{key}[{i}]", f"images are only allowed in user turns, not in a {role} turn")
+        if role != "user" and any(part["type"] != "text" for part in message["content"]):
+            raise where.error(f"{key}[{i}]",
+                              f"images and videos are only allowed in user turns, not in a {role} turn")
     if not any(message["role"] == "assistant" for message in messages):
         raise where.error(key, "no assistant turn: nothing to learn")
 
@@ -324,8 +386,9 @@ def _load_image(path: str, where: _Where) -> Image.Image:
     return image.convert("RGB")
 
 
-def _segments(messages: list[dict[str, Any]]) -> list[tuple[str, list[str], bool]]:
-    """Render the conversation as ``(text, image_paths, learned)`` segments.
+def _segments(messages: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], bool]]:
+    """Render the conversation as ``(text, media, learned)`` segments, `media` being the
+    segment's image and video parts in order.
 
     Concatenated, the texts are exactly what Qwen2.5-VL's chat template renders. A new
     segment starts where an assistant turn's content begins and after its
@@ -336,26 +399,26 @@ def _segments(messages: list[dict[str, Any]]) -> list[tuple[str, list[str], bool
     The split after ``<|im_end|>`` is at a special token, which tokenises the same split
     or not.
     """
-    segments: list[tuple[str, list[str], bool]] = []
-    text, images = "", []
+    segments: list[tuple[str, list[dict[str, Any]], bool]] = []
+    text, media = "", []
     if messages[0]["role"] != "system":
         text = f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n"
     for message in messages:
         text += f"{IM_START}{message['role']}\n"
         content = ""
         for part in message["content"]:
-            if part["type"] == "image":
-                content += IMAGE_PLACEHOLDER
-                images.append(part["image"])
-            else:
+            if part["type"] == "text":
                 content += part["text"]
+            else:
+                content += IMAGE_PLACEHOLDER if part["type"] == "image" else VIDEO_PLACEHOLDER
+                media.append(part)
         if message["role"] == "assistant":
-            segments.append((text, images, False))
+            segments.append((text, media, False))
             segments.append((content + IM_END, [], True))
-            text, images = "\n", []
+            text, media = "\n", []
         else:
             text += content + IM_END + "\n"
-    segments.append((text, images, False))
+    segments.append((text, media, False))
     return segments
 
 
@@ -363,26 +426,40 @@ class ConversationDataset(torch.utils.data.Dataset):
     """Samples for training: one row of `rows` (from :func:`load_rows`) per index.
 
     Each sample is a dict of 1-D tensors ``input_ids``, ``labels`` and
-    ``mm_token_type_ids`` (1 on image tokens, 0 elsewhere) and, when the row has
-    images, ``pixel_values`` ``[n_patches, C]`` and ``image_grid_thw`` ``[n_images, 3]``.
-    Labels are the input ids on each assistant turn's content and its closing
+    ``mm_token_type_ids`` (:data:`IMAGE` on image tokens, :data:`VIDEO` on video tokens,
+    0 elsewhere) and, when the row has images, ``pixel_values`` ``[n_patches, C]`` and
+    ``image_grid_thw`` ``[n_images, 3]``; when it has videos, ``pixel_values_videos``,
+    ``video_grid_thw`` and ``second_per_grid_ts`` (seconds per temporal patch, one per
+    video). Labels are the input ids on each assistant turn's content and its closing
     ``<|im_end|>``, and IGNORE_INDEX everywhere else (system, user, turn headers, image
-    tokens); they are not shifted (the model's loss shifts them).
+    and video tokens); they are not shifted (the model's loss shifts them).
 
-    A sample longer than `max_length` tokens is cut at `max_length`, which must leave
-    every image whole and at least one learned token; otherwise DataError.
+    A sample whose images and videos end beyond `max_length` first has its video frames
+    shrunk: all its videos' frames get the largest pixel cap between
+    ``video_min_pixels`` and ``video_max_pixels`` at which they fit (see
+    :meth:`_fit_videos`). A sample still longer than `max_length` tokens is cut at
+    `max_length`, which must leave every image and video whole and at least one learned
+    token; otherwise DataError. `video` says which frames a video gives
+    (``data.video_fps``, ``video_max_frames``).
 
     Any row that cannot be used raises DataError naming its ``file:line``, at access
     time too (an image deleted or overwritten after :func:`validate`): the training
     loop can catch it there without the failure being mistaken for a bug.
+
+    ``media`` is filled in by :func:`validate`: the kinds of vision input (:data:`IMAGE`,
+    :data:`VIDEO`) that the checked rows hold.
     """
 
-    def __init__(self, rows: datasets.Dataset, processor: Any, max_length: int):
+    def __init__(self, rows: datasets.Dataset, processor: Any, max_length: int,
+                 video: VideoSampling | None = None, media: frozenset[int] | None = None):
         self.rows = rows
         self.processor = processor
         self.max_length = max_length
+        temporal = processor.video_processor.temporal_patch_size
+        self.video = dataclasses.replace(video or VideoSampling(), temporal=temporal)
+        self.media = media
         tokenizer = processor.tokenizer
-        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.pad_ids = {kind: tokenizer.convert_tokens_to_ids(m.pad) for kind, m in MEDIA.items()}
         self.vision_end_id = tokenizer.convert_tokens_to_ids(VISION_END)
         self.merge_size = processor.image_processor.merge_size
 
@@ -391,7 +468,14 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def select(self, indices: list[int]) -> ConversationDataset:
         """A dataset of the rows `indices` of this one, in that order."""
-        return ConversationDataset(self.rows.select(indices), self.processor, self.max_length)
+        return self._with(self.rows.select(indices), self.media)
+
+    def with_media(self, media: frozenset[int]) -> ConversationDataset:
+        """This dataset, its rows known to hold the vision inputs `media`."""
+        return self._with(self.rows, media)
+
+    def _with(self, rows: datasets.Dataset, media: frozenset[int] | None) -> ConversationDataset:
+        return ConversationDataset(rows, self.processor, self.max_length, self.video, media)
 
     def messages(self, index: int) -> list[dict[str, Any]]:
         """The normalised messages of row `index`."""
@@ -402,80 +486,169 @@ class ConversationDataset(torch.utils.data.Dataset):
         row = self.rows[index]
         where = _Where(row["file"], row["line"])
         messages = parse_row(row["text"], row["file"], row["line"])
-        ids, labels, mm_types, pixel_values, grids = [], [], [], [], []
-        for text, paths, learned in _segments(messages):
-            images = [_load_image(path, where) for path in paths]
-            # One processor call per segment (a single text each) expands the image
-            # pads and marks mm_token_type_ids exactly as at inference, without the
-            # ragged-batch path that differs between transformers versions.
+        sample = self._process(messages, where, None)
+        if self._vision_end(sample) > self.max_length and self._has_video(messages):
+            cap = self._fit_videos(messages, where, {})
+            if cap is not None:
+                sample = self._process(messages, where, cap)
+        return self._truncate(sample, where)
+
+    def _process(self, messages: list[dict[str, Any]], where: _Where, cap: int | None) -> dict[str, torch.Tensor]:
+        """The sample of `messages`, pixels included; video frames at most `cap` pixels
+        (None: ``video_max_pixels``)."""
+        ids, labels, mm_types = [], [], []
+        vision: dict[str, list[torch.Tensor]] = {key: [] for m in MEDIA.values() for key in m.inputs}
+        for text, media, learned in _segments(messages):
+            images = [_load_image(part["image"], where) for part in media if part["type"] == "image"]
+            clips = [self._load_video(part["video"], where) for part in media if part["type"] == "video"]
+            # One processor call per segment (a single text each) expands the pads and
+            # marks mm_token_type_ids exactly as at inference, without the ragged-batch
+            # path that differs between transformers versions. Frames are chosen here
+            # (ft.video), so the processor samples none; it sizes each frame within the
+            # video pixel bounds and nothing else (no whole-video budget).
+            videos_kwargs = {"video_metadata": [VideoMetadata(total_num_frames=len(frames), fps=fps)
+                                                for frames, fps in clips],
+                             "do_sample_frames": False, "cap_pixels_per_frame": False, **self._size(cap)}
             out = self.processor(
-                text=[text], images=images or None, return_tensors="pt",
-                return_mm_token_type_ids=True, add_special_tokens=False,
+                text=[text], images=images or None, videos=[frames for frames, _ in clips] or None,
+                videos_kwargs=videos_kwargs if clips else {},
+                return_tensors="pt", return_mm_token_type_ids=True, add_special_tokens=False,
             )
             segment_ids = out["input_ids"][0]
             ids.append(segment_ids)
             labels.append(segment_ids.clone() if learned else torch.full_like(segment_ids, IGNORE_INDEX))
             mm_types.append(out["mm_token_type_ids"][0])
-            if images:
-                pixel_values.append(out["pixel_values"])
-                grids.append(out["image_grid_thw"])
+            for key in vision:
+                if key in out:
+                    vision[key].append(torch.as_tensor(out[key]))
         sample = {
             "input_ids": torch.cat(ids),
             "labels": torch.cat(labels),
             "mm_token_type_ids": torch.cat(mm_types).long(),
         }
-        if grids:
-            sample["pixel_values"] = torch.cat(pixel_values)
-            sample["image_grid_thw"] = torch.cat(grids)
-        self._check_image_tokens(sample)
-        return self._truncate(sample, where)
+        sample.update({key: torch.cat(parts) for key, parts in vision.items() if parts})
+        self._check_vision_tokens(sample)
+        return sample
 
-    def layout(self, index: int, image_cache: dict[str, int | str] | None = None) -> dict[str, torch.Tensor]:
+    def _size(self, cap: int | None) -> dict:
+        """The video processor kwargs that cap frames at `cap` pixels (none for None)."""
+        if cap is None:
+            return {}
+        return {"size": {"shortest_edge": self.processor.video_processor.size.shortest_edge, "longest_edge": cap}}
+
+    @staticmethod
+    def _has_video(messages: list[dict[str, Any]]) -> bool:
+        return any(part["type"] == "video" for m in messages for part in m["content"])
+
+    def _vision_end(self, sample: dict[str, torch.Tensor]) -> int:
+        """Tokens up to and including the sample's last ``<|vision_end|>`` (0 if none)."""
+        ends = (sample["input_ids"] == self.vision_end_id).nonzero()
+        return int(ends[-1]) + 1 if len(ends) else 0
+
+    def _fit_videos(self, messages: list[dict[str, Any]], where: _Where, cache: dict) -> int | None:
+        """The largest per-frame pixel cap, from ``video_min_pixels`` up to
+        ``video_max_pixels`` in steps of one token's area, at which the sample's images
+        and videos end within `max_length`; None when even ``video_min_pixels`` is too
+        much (the sample is then refused, with the numbers).
+
+        Counted from the file headers alone (as the data check counts), so the data
+        check and loading the sample pick the same cap. Fewer pixels never give more
+        tokens, so a bisection finds it.
+        """
+        size = self.processor.video_processor.size
+        unit = (self.processor.video_processor.patch_size * self.merge_size) ** 2
+        low, steps = size.shortest_edge, max(0, (size.longest_edge - size.shortest_edge) // unit)
+
+        def fits(k: int) -> bool:
+            return self._vision_end(self._count(messages, where, cache, low + k * unit)) <= self.max_length
+
+        if not fits(0):
+            return None
+        lo, hi = 0, steps
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return low + lo * unit
+
+    def _load_video(self, video: str | list[str], where: _Where) -> tuple[torch.Tensor, float]:
+        """A video part's frames (uint8 [T, 3, H, W]) and their rate in frames per second."""
+        if isinstance(video, str):
+            try:
+                return read_video(video, self.video)
+            except VideoError as e:
+                raise where.error("video", str(e)) from e
+        frames = [_load_image(video[i], where) for i in self.video.indices(len(video), None)]
+        if len({f.size for f in frames}) > 1:
+            raise where.error("video", self._frame_sizes(video))
+        stacked = torch.stack([torch.from_numpy(numpy.array(f)) for f in frames]).permute(0, 3, 1, 2)
+        return stacked.contiguous(), self.video.sampled_fps(len(video), None)
+
+    def layout(self, index: int, cache: dict[Any, int | str] | None = None) -> dict[str, torch.Tensor]:
         """Sample `index`'s ``input_ids``, ``labels`` and ``mm_token_type_ids``, as
         ``self[index]`` gives them, without processing any pixels.
 
         Raises DataError for every row ``self[index]`` refuses (the checks are shared,
-        all but the processor's own consistency check), and also for an image whose
-        aspect ratio the processor refuses (``self[index]`` raises the processor's
-        ValueError there). Each image's token count follows
-        from its size by the image processor's resizing rule (prod(grid) / merge²),
-        and its file is fully decoded (at reduced scale for a JPEG) so that a truncated
-        file is found. Costs tokenising the text plus decoding each image once: several
-        times cheaper than ``self[index]``, which also resizes and normalises pixels.
+        all but the processor's own consistency check), and also for an image or frame
+        whose aspect ratio the processor refuses (``self[index]`` raises the processor's
+        ValueError there). Each image's token count follows from its size by the image
+        processor's resizing rule (prod(grid) / merge²), and its file is fully decoded
+        (at reduced scale for a JPEG) so that a truncated file is found. A video's
+        follows from the frames :class:`ft.video.VideoSampling` takes and the frame
+        size; a video file is opened and its first frame decoded, not every frame.
+        Costs tokenising the text plus decoding each image once: several times cheaper
+        than ``self[index]``, which also resizes and normalises pixels.
 
-        `image_cache` maps image paths to their token count or the reason they cannot
-        be used; pass one dict to many calls to read each image file once.
+        `cache` maps image and video paths to their token count or the reason they
+        cannot be used; pass one dict to many calls to read each file once.
         """
         row = self.rows[index]
         where = _Where(row["file"], row["line"])
         messages = parse_row(row["text"], row["file"], row["line"])
-        image_cache = {} if image_cache is None else image_cache
+        cache = {} if cache is None else cache
+        sample = self._count(messages, where, cache, None)
+        if self._vision_end(sample) > self.max_length and self._has_video(messages):
+            cap = self._fit_videos(messages, where, cache)
+            if cap is not None:
+                sample = self._count(messages, where, cache, cap)
+        return self._truncate(sample, where, cache, media=[p for _, m, _ in _segments(messages) for p in m])
+
+    def _count(self, messages: list[dict[str, Any]], where: _Where, cache: dict[Any, int | str],
+               cap: int | None) -> dict[str, torch.Tensor]:
+        """:meth:`layout`'s sample before truncation, video frames at most `cap` pixels."""
         ids, labels = [], []
-        for text, paths, learned in _segments(messages):
+        for text, media, learned in _segments(messages):
             segment = self.processor.tokenizer.encode(text, add_special_tokens=False)
-            if paths:
-                # The processor expands each image's pad token to the image's token
+            if media:
+                # The processor expands each pad token to its image's or video's token
                 # count before tokenising; special tokens tokenise alone, so expanding
                 # after tokenising gives the same ids.
-                counts = iter([self._image_tokens(path, where, image_cache) for path in paths])
+                counts = iter([self._tokens(part, where, cache, cap) for part in media])
+                pads = set(self.pad_ids.values())
                 segment = [t for token in segment
-                           for t in ([token] * next(counts) if token == self.image_token_id else [token])]
+                           for t in ([token] * next(counts) if token in pads else [token])]
             ids += segment
             labels += segment if learned else [IGNORE_INDEX] * len(segment)
         input_ids = torch.tensor(ids)
-        sample = {
-            "input_ids": input_ids,
-            "labels": torch.tensor(labels),
-            "mm_token_type_ids": (input_ids == self.image_token_id).long(),
-        }
-        return self._truncate(sample, where)
+        mm_types = torch.zeros_like(input_ids)
+        for kind, pad in self.pad_ids.items():
+            mm_types[input_ids == pad] = kind
+        return {"input_ids": input_ids, "labels": torch.tensor(labels), "mm_token_type_ids": mm_types}
 
-    def _image_tokens(self, path: str, where: _Where, cache: dict[str, int | str]) -> int:
-        if path not in cache:
-            cache[path] = self._count_image_tokens(path)
-        if isinstance(cache[path], str):
-            raise where.error("image", cache[path])
-        return cache[path]
+    def _tokens(self, part: dict[str, Any], where: _Where, cache: dict[Any, int | str], cap: int | None) -> int:
+        kind = part["type"]
+        key = part[kind] if isinstance(part[kind], str) else tuple(part[kind])
+        if kind == "image":
+            if key not in cache:
+                cache[key] = self._count_image_tokens(key)
+        else:
+            if cap is not None:
+                key = (key, cap)  # the header-only count at the default size stays under `key`
+            if key not in cache:
+                cache[key] = self._count_video_tokens(part[kind] if isinstance(part[kind], str) else tuple(part[kind]),
+                                                      self._size(cap).get("size"))
+        if isinstance(cache[key], str):
+            raise where.error(kind, cache[key])
+        return cache[key]
 
     def _count_image_tokens(self, path: str) -> int | str:
         """The image tokens of the image file `path`, or why it cannot be used."""
@@ -489,32 +662,73 @@ class ConversationDataset(torch.utils.data.Dataset):
             return f"image {path} ({width}x{height}) cannot be processed: {e}"
         return patches // self.merge_size**2
 
-    def _check_image_tokens(self, sample: dict[str, torch.Tensor]) -> None:
-        # The model raises on a mismatch only at forward time, far from the cause.
-        is_pad = sample["input_ids"] == self.image_token_id
-        grid = sample.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))
-        expected = int(grid.prod(dim=-1).sum()) // self.merge_size**2
-        if int(is_pad.sum()) != expected or not torch.equal(sample["mm_token_type_ids"] == 1, is_pad):
-            raise RuntimeError(
-                f"processor output is inconsistent: {int(is_pad.sum())} image pad tokens, "
-                f"{expected} expected from image_grid_thw, mm_token_type_ids marking "
-                f"{int((sample['mm_token_type_ids'] == 1).sum())}"
-            )
+    def _count_video_tokens(self, video: str | tuple[str, ...], size: dict | None = None) -> int | str:
+        """The video tokens of a video file or frame list, or why it cannot be used.
+        `size` overrides the video processor's pixel bounds."""
+        if isinstance(video, str):
+            try:
+                info = probe_video(video)
+            except VideoError as e:
+                return str(e)
+            frames, width, height = self.video.count(info.frames, info.rate), info.width, info.height
+        else:
+            sizes = set()
+            for path in video:
+                try:
+                    sizes.add(_decode_image(path, reduced=True)[1])
+                except ValueError as e:
+                    return str(e)
+            if len(sizes) > 1:
+                return self._frame_sizes(video)
+            (width, height), frames = sizes.pop(), self.video.count(len(video), None)
+        # The video processor's own resizing rule. (Its get_num_of_video_patches reads
+        # the bounds from `size` in transformers 5.24 but from min_pixels/max_pixels in
+        # 5.17, so it is not asked.)
+        processor = self.processor.video_processor
+        bounds = size or processor.size
+        try:
+            height, width = smart_resize(height, width, processor.patch_size * self.merge_size,
+                                         min_pixels=bounds["shortest_edge"], max_pixels=bounds["longest_edge"])
+        except ValueError as e:
+            return f"video {video if isinstance(video, str) else video[0]} ({width}x{height}) cannot be processed: {e}"
+        patches = frames // processor.temporal_patch_size * (height // processor.patch_size) * (width // processor.patch_size)
+        return patches // self.merge_size**2
 
-    def _truncate(self, sample: dict[str, torch.Tensor], where: _Where) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _frame_sizes(frames: list[str] | tuple[str, ...]) -> str:
+        sizes = [_decode_image(path, reduced=True)[1] for path in frames]
+        k = next(k for k, size in enumerate(sizes) if size != sizes[0])
+        return (f"the frames of a video must have one size: {frames[k]} is {sizes[k][0]}x{sizes[k][1]}, "
+                f"{frames[0]} is {sizes[0][0]}x{sizes[0][1]}")
+
+    def _check_vision_tokens(self, sample: dict[str, torch.Tensor]) -> None:
+        # The model raises on a mismatch only at forward time, far from the cause.
+        for kind, medium in MEDIA.items():
+            is_pad = sample["input_ids"] == self.pad_ids[kind]
+            grid = sample.get(medium.inputs[1], torch.zeros(0, 3, dtype=torch.long))
+            expected = int(grid.prod(dim=-1).sum()) // self.merge_size**2
+            if int(is_pad.sum()) != expected or not torch.equal(sample["mm_token_type_ids"] == kind, is_pad):
+                raise RuntimeError(
+                    f"processor output is inconsistent: {int(is_pad.sum())} {medium.name} pad tokens, "
+                    f"{expected} expected from {medium.inputs[1]}, mm_token_type_ids marking "
+                    f"{int((sample['mm_token_type_ids'] == kind).sum())}"
+                )
+
+    def _truncate(self, sample: dict[str, torch.Tensor], where: _Where, cache: dict | None = None,
+                  media: list[dict[str, Any]] = ()) -> dict[str, torch.Tensor]:
         length = len(sample["input_ids"])
         if length <= self.max_length:
             return sample
         # Cutting through an image would leave fewer pad tokens than image features
         # ("Image features and image tokens do not match"), so only text after the
         # last <|vision_end|> may go.
-        ends = (sample["input_ids"] == self.vision_end_id).nonzero()
-        images_end = int(ends[-1]) + 1 if len(ends) else 0
-        if images_end > self.max_length:
+        media_end = self._vision_end(sample)
+        if media_end > self.max_length:
             raise where.error(
                 "max_length",
-                f"the sample is {length} tokens and its last image ends at token {images_end}, "
-                f"beyond max_length {self.max_length}: raise max_length or lower max_pixels",
+                f"the sample is {length} tokens and its last image or video ends at token {media_end}, "
+                f"beyond max_length {self.max_length}{self._media_note(media, cache)}: raise max_length, "
+                "or lower max_pixels (images), video_max_pixels or video_max_frames (videos)",
             )
         cut = {key: sample[key][: self.max_length] for key in ("input_ids", "labels", "mm_token_type_ids")}
         if not (cut["labels"] != IGNORE_INDEX).any():
@@ -525,14 +739,29 @@ class ConversationDataset(torch.utils.data.Dataset):
             )
         return {**sample, **cut}
 
+    def _media_note(self, media: list[dict[str, Any]], cache: dict | None) -> str:
+        """The token counts behind a refusal: each video's, and what it would take at
+        the smallest frames `video_min_pixels` allows."""
+        notes = []
+        smallest = self.processor.video_processor.size.shortest_edge
+        for part in media:
+            if part["type"] != "video":
+                continue
+            key = part["video"] if isinstance(part["video"], str) else tuple(part["video"])
+            least = self._count_video_tokens(key, {"shortest_edge": smallest, "longest_edge": smallest})
+            name = key if isinstance(key, str) else f"{len(key)} frames from {key[0]}"
+            notes.append(f"video {name}: {(cache or {}).get(key, '?')} tokens, {least} at video_min_pixels")
+        return f" ({'; '.join(notes)})" if notes else ""
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchStats:
-    """The work in one micro-batch, padding and the dummy image excluded: what the loop,
-    the metrics and the FLOP count need to know of a batch, however its rows were built."""
+    """The work in one micro-batch, padding and the dummy image or video excluded: what
+    the loop, the metrics and the FLOP count need to know of a batch, however its rows
+    were built."""
 
     seq_lens: tuple[int, ...]
-    """Real tokens of each sample (text and image tokens), in batch order."""
+    """Real tokens of each sample (text, image and video tokens), in batch order."""
 
     label_tokens: int
     """Positions with a next-token label: the rows of the loss."""
@@ -543,7 +772,13 @@ class BatchStats:
 
     dummy_image: bool = False
     """Whether the collator added its dummy image (the batch had none; see
-    `Collator._add_dummy_image`)."""
+    `Collator._dummies`)."""
+
+    video_grids: tuple[tuple[int, int, int], ...] = ()
+    """(t, h, w) of each real video, in vision patches (t counts pairs of frames)."""
+
+    dummy_video: bool = False
+    """Whether the collator added its dummy video."""
 
     rows: int = 0
     """Rows of the batch tensor: samples when padded, packs when packed."""
@@ -563,13 +798,18 @@ class BatchStats:
 
     @property
     def tokens(self) -> int:
-        """Real tokens of the batch (text and image): the tokens/s numerator."""
+        """Real tokens of the batch (text, image and video): the tokens/s numerator."""
         return sum(self.seq_lens)
 
     @property
+    def vision_grids(self) -> tuple[tuple[int, int, int], ...]:
+        """The grids of the real images and videos: what the vision tower works on."""
+        return self.image_grids + self.video_grids
+
+    @property
     def patches(self) -> int:
-        """Vision patches of the real images."""
-        return sum(t * h * w for t, h, w in self.image_grids)
+        """Vision patches of the real images and videos."""
+        return sum(t * h * w for t, h, w in self.vision_grids)
 
 
 class Batch(NamedTuple):
@@ -583,13 +823,17 @@ class Collator:
     """Pads samples from :class:`ConversationDataset` into one :class:`Batch`.
 
     ``inputs`` holds the model's forward kwargs ``input_ids``, ``attention_mask``,
-    ``labels``, ``mm_token_type_ids``, ``pixel_values``, ``image_grid_thw``, and nothing
-    else. Sequences are right-padded: ids with the pad id, labels with IGNORE_INDEX,
-    mm_token_type_ids with 0; the attention mask is 1 on real tokens. Images are
-    concatenated in sample order, the order in which the model assigns image features
-    to pad tokens. ``stats`` is counted here, on the CPU, before any padding.
+    ``labels``, ``mm_token_type_ids``, the image inputs ``pixel_values`` and
+    ``image_grid_thw`` and, when the batch has a video, ``pixel_values_videos``,
+    ``video_grid_thw`` and ``second_per_grid_ts``; nothing else. Sequences are
+    right-padded: ids with the pad id, labels with IGNORE_INDEX, mm_token_type_ids with
+    0; the attention mask is 1 on real tokens. Images and videos are concatenated in
+    sample order, the order in which the model assigns their features to pad tokens.
+    ``stats`` is counted here, on the CPU, before any padding.
 
-    Every batch carries at least one image; see :meth:`_add_dummy_image`.
+    Every batch carries at least one of each kind of vision input in `media` (an
+    image when `media` is empty); see :meth:`_dummies`. Pass the kinds the data holds
+    (``ConversationDataset.media``, the same on every rank).
 
     Packed (`rope_index` given, see :mod:`ft.packing`): the collator takes a list of
     packs (lists of samples) and makes one row per pack, the samples one after the
@@ -600,59 +844,55 @@ class Collator:
     ``cu_seq_lens_q/k`` and ``max_length_q/k`` over the flattened rows.
     """
 
-    def __init__(self, processor: Any, rope_index: Callable | None = None, varlen: bool = False):
+    def __init__(self, processor: Any, rope_index: Callable | None = None, varlen: bool = False,
+                 media: Iterable[int] = (IMAGE,)):
         self.rope_index, self.varlen = rope_index, varlen
+        self.required = sorted(set(media)) or [IMAGE]
         tokenizer = processor.tokenizer
         # Padded positions are masked out of attention and loss, so any valid id will
         # do when the tokenizer defines no pad token.
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         image_processor = processor.image_processor
         side = image_processor.patch_size * image_processor.merge_size
-        # The processor resizes this up to its min_pixels: the smallest image it makes.
-        black = Image.new("RGB", (side, side))
-        out = processor(
-            text=[IMAGE_PLACEHOLDER], images=[black], return_tensors="pt",
-            return_mm_token_type_ids=True, add_special_tokens=False,
-        )
-        self.dummy_input_ids = out["input_ids"][0]
-        self.dummy_mm_token_type_ids = out["mm_token_type_ids"][0].long()
-        self.dummy_pixel_values = out["pixel_values"]
-        self.dummy_image_grid_thw = out["image_grid_thw"]
+        # The processor resizes these up to its min_pixels: the smallest input it makes.
+        black = torch.zeros(3, side, side, dtype=torch.uint8)
+        made = {
+            IMAGE: processor(text=[IMAGE_PLACEHOLDER], images=[black], return_tensors="pt",
+                             return_mm_token_type_ids=True, add_special_tokens=False),
+            VIDEO: processor(text=[VIDEO_PLACEHOLDER], videos=[black.expand(2, -1, -1, -1)],
+                             videos_kwargs={"video_metadata": [VideoMetadata(total_num_frames=2, fps=2.0)],
+                                            "do_sample_frames": False, "cap_pixels_per_frame": False},
+                             return_tensors="pt", return_mm_token_type_ids=True, add_special_tokens=False),
+        }
+        self.dummies = {kind: {"input_ids": out["input_ids"][0],
+                               "labels": torch.full_like(out["input_ids"][0], IGNORE_INDEX),
+                               "mm_token_type_ids": out["mm_token_type_ids"][0].long(),
+                               **{key: torch.as_tensor(out[key]) for key in MEDIA[kind].inputs}}
+                        for kind, out in made.items()}
 
     def __call__(self, samples: list) -> Batch:
         if self.rope_index is not None:
             return self._packed(samples)
-        input_ids = [s["input_ids"] for s in samples]
-        labels = [s["labels"] for s in samples]
-        mm_types = [s["mm_token_type_ids"] for s in samples]
-        pixel_values = [s["pixel_values"] for s in samples if "pixel_values" in s]
-        grids = [s["image_grid_thw"] for s in samples if "image_grid_thw" in s]
-        dummy = not grids
-        if dummy:
-            self._add_dummy_image(input_ids, labels, mm_types, pixel_values, grids)
-        length = max(len(ids) for ids in input_ids)
+        dummies = self._dummies(samples)
+        # The dummies go after the first sample's last token (see _dummies).
+        first = {key: torch.cat([samples[0][key]] + [d[key] for d in dummies])
+                 for key in ("input_ids", "labels", "mm_token_type_ids")}
+        rows = [first] + list(samples[1:])
+        length = max(len(s["input_ids"]) for s in rows)
         inputs = {
-            "input_ids": _pad(input_ids, length, self.pad_id),
-            "attention_mask": _pad([torch.ones_like(ids) for ids in input_ids], length, 0),
-            "labels": _pad(labels, length, IGNORE_INDEX),
-            "mm_token_type_ids": _pad(mm_types, length, 0),
-            "pixel_values": torch.cat(pixel_values),
-            "image_grid_thw": torch.cat(grids),
+            "input_ids": _pad([s["input_ids"] for s in rows], length, self.pad_id),
+            "attention_mask": _pad([torch.ones_like(s["input_ids"]) for s in rows], length, 0),
+            "labels": _pad([s["labels"] for s in rows], length, IGNORE_INDEX),
+            "mm_token_type_ids": _pad([s["mm_token_type_ids"] for s in rows], length, 0),
+            **_vision_inputs(list(samples) + dummies),
         }
-        return Batch(inputs, _stats(samples, dummy, len(samples), length))
+        return Batch(inputs, _stats(samples, dummies, len(samples), length))
 
     def _packed(self, packs: list[list[dict[str, torch.Tensor]]]) -> Batch:
         samples = [s for p in packs for s in p]
         rows = [list(p) for p in packs]
-        dummy = not any("image_grid_thw" in s for s in samples)
-        if dummy:  # a segment of its own, after the first row's last sample
-            rows[0].append({
-                "input_ids": self.dummy_input_ids,
-                "labels": torch.full_like(self.dummy_input_ids, IGNORE_INDEX),
-                "mm_token_type_ids": self.dummy_mm_token_type_ids,
-                "pixel_values": self.dummy_pixel_values,
-                "image_grid_thw": self.dummy_image_grid_thw,
-            })
+        dummies = self._dummies(samples)
+        rows[0] += dummies  # segments of their own, after the first row's last sample
         used = [sum(len(s["input_ids"]) for s in row) for row in rows]
         length = -(-max(used) // ROW_MULTIPLE) * ROW_MULTIPLE
         ids, labels, mm_types, positions, segments = [], [], [], [], []
@@ -661,7 +901,8 @@ class Collator:
                 if s["labels"][0] != IGNORE_INDEX:  # what keeps the loss inside each sample
                     raise RuntimeError("a packed sample's first token has a label: the previous "
                                        "sample's last token would learn to predict it")
-                positions.append(self.rope_index(s["input_ids"], s["mm_token_type_ids"], s.get("image_grid_thw")))
+                positions.append(self.rope_index(s["input_ids"], s["mm_token_type_ids"], s.get("image_grid_thw"),
+                                                 s.get("video_grid_thw"), s.get("second_per_grid_ts")))
                 segments.append(len(s["input_ids"]))
             pad = length - n
             filler = torch.full((pad,), self.pad_id, dtype=torch.long)
@@ -676,44 +917,54 @@ class Collator:
             "labels": torch.stack(labels),
             "mm_token_type_ids": torch.stack(mm_types),
             "position_ids": torch.cat(positions, dim=1).view(4, len(rows), length),
-            "pixel_values": torch.cat([s["pixel_values"] for row in rows for s in row if "pixel_values" in s]),
-            "image_grid_thw": torch.cat([s["image_grid_thw"] for row in rows for s in row if "image_grid_thw" in s]),
+            **_vision_inputs([s for row in rows for s in row]),
         }
         if self.varlen:
             inputs.update(varlen_kwargs(segments))
-        return Batch(inputs, _stats(samples, dummy, len(rows), length))
+        return Batch(inputs, _stats(samples, dummies, len(rows), length))
 
-    def _add_dummy_image(self, input_ids, labels, mm_types, pixel_values, grids) -> None:
-        """Append a small black image after the first sample's last token (in place).
+    def _dummies(self, samples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """A small black image (two black frames, for a video) for each kind of vision
+        input in `self.required` that no sample of the batch has.
 
-        Why: under FSDP every rank must run the same modules in every forward, because
-        each sharded module all-gathers its parameters collectively. A rank whose batch
-        had no image would skip the vision tower while the others gather its shards:
-        the collectives mismatch and the job aborts (gloo) or hangs (NCCL).
+        Why: under FSDP every rank must run the same modules the same number of times
+        in every forward, because each sharded module all-gathers its parameters
+        collectively. The model runs the vision tower once for a batch's images and once
+        more for its videos; a rank whose batch lacked a kind the others have would run
+        it fewer times while the others gather its shards: the collectives mismatch and
+        the job aborts (gloo) or hangs (NCCL).
 
-        Why it changes nothing: the tokens ``<|vision_start|>``, the image pads and
-        ``<|vision_end|>`` are appended after the sample's last real token, with
-        attention mask 1 and label IGNORE_INDEX. Attention is causal, so no earlier
-        position attends to them and every real position's output is unchanged; their
-        own outputs carry no label, so the loss is unchanged; and as nothing that
-        reaches the loss depends on the image, every gradient is unchanged and the
-        vision tower's gradients are exactly zero. The M-RoPE positions of the real
-        tokens are unchanged too: the image comes after them.
+        Why it changes nothing: the tokens ``<|vision_start|>``, the pads and
+        ``<|vision_end|>`` come after the sample's last real token (padded) or as a
+        segment of their own (packed), with label IGNORE_INDEX. Attention is causal, so
+        no earlier position attends to them and every real position's output is
+        unchanged; their own outputs carry no label, so the loss is unchanged; and as
+        nothing that reaches the loss depends on them, every gradient is unchanged and
+        the dummy's share of the vision tower's gradients is exactly zero. The M-RoPE
+        positions of the real tokens are unchanged too: the dummy comes after them.
         """
-        input_ids[0] = torch.cat([input_ids[0], self.dummy_input_ids])
-        labels[0] = torch.cat([labels[0], torch.full_like(self.dummy_input_ids, IGNORE_INDEX)])
-        mm_types[0] = torch.cat([mm_types[0], self.dummy_mm_token_type_ids])
-        pixel_values.append(self.dummy_pixel_values)
-        grids.append(self.dummy_image_grid_thw)
+        return [self.dummies[kind] for kind in self.required
+                if not any(MEDIA[kind].inputs[1] in s for s in samples)]
 
 
-def _stats(samples: list[dict[str, torch.Tensor]], dummy: bool, rows: int, row_length: int) -> BatchStats:
+def _vision_inputs(segments: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each image and video input of the segments, concatenated in segment order."""
+    return {key: torch.cat([s[key] for s in segments if key in s])
+            for medium in MEDIA.values() for key in medium.inputs if any(key in s for s in segments)}
+
+
+def _stats(samples: list[dict[str, torch.Tensor]], dummies: list[dict[str, torch.Tensor]], rows: int,
+           row_length: int) -> BatchStats:
+    def grids(key: str) -> tuple[tuple[int, int, int], ...]:
+        return tuple(tuple(int(x) for x in g) for s in samples if key in s for g in s[key].tolist())
+
     return BatchStats(
         seq_lens=tuple(len(s["input_ids"]) for s in samples),
         label_tokens=sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples),
-        image_grids=tuple(tuple(int(x) for x in g) for s in samples if "image_grid_thw" in s
-                          for g in s["image_grid_thw"].tolist()),
-        dummy_image=dummy, rows=rows, row_length=row_length,
+        image_grids=grids("image_grid_thw"), video_grids=grids("video_grid_thw"),
+        dummy_image=any("image_grid_thw" in d for d in dummies),
+        dummy_video=any("video_grid_thw" in d for d in dummies),
+        rows=rows, row_length=row_length,
     )
 
 
@@ -728,24 +979,28 @@ def build_datasets(data_cfg: Any, processor: Any) -> tuple[ConversationDataset, 
     """The train and eval datasets of a ``DataConfig`` (``train_file``, ``eval_file``,
     ``max_length``); eval is None when ``eval_file`` is empty.
 
-    `processor` comes from ``load_processor(model_dir, min_pixels, max_pixels)``, which
-    is where the config's pixel bounds apply. Rows are not checked here: pass each
+    `processor` comes from ``load_processor(model_dir, min_pixels, max_pixels,
+    video_min_pixels, video_max_pixels)``, which is where the config's pixel bounds
+    apply; the frame rate and count apply here. Rows are not checked here: pass each
     dataset through :func:`validate`.
     """
-    train = ConversationDataset(load_rows(data_cfg.train_file), processor, data_cfg.max_length)
+    video = VideoSampling(fps=data_cfg.video_fps, max_frames=data_cfg.video_max_frames)
+    train = ConversationDataset(load_rows(data_cfg.train_file), processor, data_cfg.max_length, video)
     evaluation = None
     if data_cfg.eval_file:
-        evaluation = ConversationDataset(load_rows(data_cfg.eval_file), processor, data_cfg.max_length)
+        evaluation = ConversationDataset(load_rows(data_cfg.eval_file), processor, data_cfg.max_length, video)
     return train, evaluation
 
 
 @dataclasses.dataclass
 class RowCheck:
     """What :func:`check_rows` found, by row index: the length in tokens of each row
-    that can be trained on, and the DataError message of each row that cannot."""
+    that can be trained on, the kinds of vision input (:data:`IMAGE`, :data:`VIDEO`) in
+    each, and the DataError message of each row that cannot."""
 
     lengths: dict[int, int] = dataclasses.field(default_factory=dict)
     errors: dict[int, str] = dataclasses.field(default_factory=dict)
+    media: dict[int, frozenset[int]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def merge(cls, parts: Iterable[RowCheck]) -> RowCheck:
@@ -754,27 +1009,33 @@ class RowCheck:
         for part in parts:
             merged.lengths.update(part.lengths)
             merged.errors.update(part.errors)
+            merged.media.update(part.media)
         return merged
+
+    def media_of(self, rows: Iterable[int]) -> frozenset[int]:
+        """The kinds of vision input that the rows `rows` hold between them."""
+        return frozenset().union(*(self.media[r] for r in rows))
 
 
 class _RowChecker(torch.utils.data.Dataset):
-    """Row i of `indices` -> (row index, length or None, error or None); a Dataset so
-    that DataLoader workers can share the rows out."""
+    """Row i of `indices` -> (row index, length or None, error or None, vision kinds); a
+    Dataset so that DataLoader workers can share the rows out."""
 
     def __init__(self, dataset: ConversationDataset, indices: Iterable[int]):
         self.dataset, self.indices = dataset, list(indices)
         # One cache per process (each worker fills its own): rows often share images.
-        self.image_cache: dict[str, int | str] = {}
+        self.cache: dict[Any, int | str] = {}
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[int, int | None, str | None]:
+    def __getitem__(self, i: int) -> tuple[int, int | None, str | None, frozenset[int]]:
         index = self.indices[i]
         try:
-            return index, len(self.dataset.layout(index, self.image_cache)["input_ids"]), None
+            types = self.dataset.layout(index, self.cache)["mm_token_type_ids"]
         except DataError as e:
-            return index, None, str(e)
+            return index, None, str(e), frozenset()
+        return index, len(types), None, frozenset(types.unique().tolist()) - {0}
 
 
 def check_rows(dataset: ConversationDataset, indices: Iterable[int], num_workers: int = 0) -> RowCheck:
@@ -793,9 +1054,10 @@ def check_rows(dataset: ConversationDataset, indices: Iterable[int], num_workers
     else:
         results = (checker[i] for i in range(len(checker)))
     check = RowCheck()
-    for index, length, error in results:
+    for index, length, error, media in results:
         if error is None:
             check.lengths[index] = length
+            check.media[index] = media
         else:
             check.errors[index] = error
     return check
@@ -814,7 +1076,8 @@ def validate(
 
     Returns the dataset to train on, the length in tokens of each of its rows (for
     ``ShardedBatchSampler(lengths, group_by_length=True)``) and a note for the log
-    when rows were skipped (None otherwise).
+    when rows were skipped (None otherwise). The returned dataset's ``media`` holds
+    the kinds of vision input its rows have (the same on every rank).
 
     `on_bad_sample` (``data.on_bad_sample``): ``"error"`` raises DataError listing the
     first `listed` bad rows as ``file:line: field: reason`` and how many more there
@@ -834,7 +1097,8 @@ def validate(
     mine = check_rows(dataset, range(rank, len(dataset), world_size), num_workers)
     check = RowCheck.merge(gather(mine)) if world_size > 1 else mine
     if not check.errors:
-        return dataset, [check.lengths[i] for i in range(len(dataset))], None
+        everything = range(len(dataset))
+        return dataset.with_media(check.media_of(everything)), [check.lengths[i] for i in everything], None
     file = dataset.rows[0]["file"]
     errors = [check.errors[i] for i in sorted(check.errors)]
     listing = "\n  ".join(errors[:listed])
@@ -846,4 +1110,4 @@ def validate(
         raise DataError(f"{summary} ({hint}):\n  {listing}")
     keep = sorted(check.lengths)
     note = f"{summary}, skipped (data.on_bad_sample=skip):\n  {listing}"
-    return dataset.select(keep), [check.lengths[i] for i in keep], note
+    return dataset.select(keep).with_media(check.media_of(keep)), [check.lengths[i] for i in keep], note

@@ -36,21 +36,22 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+import transformers
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from ft import ckpt, dist, faults, watchdog
 from ft.ckpt import CheckpointMismatch, ResumeError
 from ft.config import ConfigError, config_to_dict, load_config, save_config
-from ft.data import Batch, Collator, DataError, build_datasets, validate
+from ft.data import IMAGE, MEDIA, VIDEO, Batch, Collator, DataError, build_datasets, validate
 from ft.fsdp_wrap import checkpoint_summary, plan_units, root_members, wrap_model
 from ft.dryrun import format_plan
 from ft.metrics import memory_stats, mfu, peak_flops, train_flops
 from ft.model import load_model, loss_sum
 from ft.optim import build_optimizer, clip_grad_norm, lr_scale, set_lr
 from ft.parts import PARTS, WrapPlanError, apply_freezing, param_groups
-from ft.packing import PackedBatchSampler, PackedRows, RopeIndex, eval_batches, varlen_refusal
-from ft.processor import load_processor
+from ft.packing import PackedBatchSampler, PackedRows, RopeIndex, eval_batches, truncates_video_seconds, varlen_refusal
+from ft.processor import MissingDependency, load_processor_for, training_settings
 from ft.sampler import ShardedBatchSampler
 from ft.track import Tracker
 
@@ -314,7 +315,7 @@ def prepare_processor(run: Run):
             log(info, f"building the tiny demo model at {cfg.model.path} ({cfg.model.tiny_vocab} vocab)")
             save_tiny(cfg.model.path, vocab=cfg.model.tiny_vocab, if_missing=True)
         dist.barrier()  # SYNC: the model folder exists for everyone
-    return load_processor(cfg.model.path, cfg.data.min_pixels, cfg.data.max_pixels)
+    return load_processor_for(cfg.model.path, cfg.data)
 
 
 @watchdog.at("setup/data", watch=False)  # start-up is slow, not stuck: recorded, not watched
@@ -343,7 +344,17 @@ def build_data(run: Run, processor) -> None:
             num_workers=cfg.train.dataloader_num_workers)
         if note:
             log(info, note)
-    log(info, f"data checked in {time.perf_counter() - t0:.1f} s")
+    # What every batch carries one of, real or dummy, so that each rank runs the vision
+    # tower as often as the others: the data's kinds, which every rank knows alike.
+    media = train_ds.media | (eval_ds.media if eval_ds is not None else frozenset())
+    kinds = " and ".join(MEDIA[kind].name + "s" for kind in sorted(media)) or "no images or videos"
+    log(info, f"data checked in {time.perf_counter() - t0:.1f} s; it holds {kinds}: every batch carries "
+              f"{' and '.join('a ' + MEDIA[kind].name for kind in sorted(media or {IMAGE}))} (a dummy where it has none)")
+    model_config = AutoConfig.from_pretrained(cfg.model.path)
+    if VIDEO in media and truncates_video_seconds(model_config):
+        log(info, f"note: transformers {transformers.__version__} rounds a video's seconds per two frames "
+                  "down to whole seconds in M-RoPE (0.5 s becomes 0: frames share a time position); "
+                  "training and inference on this version agree, but transformers >= 5.24 keeps the fraction")
     if len(train_ds) < bs * world:
         raise DataError(
             f"{cfg.data.train_file}: {len(train_ds)} usable rows, but one micro-batch on every rank "
@@ -357,12 +368,13 @@ def build_data(run: Run, processor) -> None:
                                          rank=info.rank, seed=cfg.train.seed)
         check_packs(run, train_lengths)
         train_ds, eval_ds = PackedRows(train_ds), eval_ds and PackedRows(eval_ds)
-        rope_index = RopeIndex(AutoConfig.from_pretrained(cfg.model.path))
-        run.collator = Collator(processor, rope_index, varlen=cfg.model.attn_implementation == "flash_attention_2")
+        rope_index = RopeIndex(model_config)
+        run.collator = Collator(processor, rope_index, varlen=cfg.model.attn_implementation == "flash_attention_2",
+                                media=media)
     else:
         run.sampler = ShardedBatchSampler(train_lengths, batch_size=bs, num_replicas=world, rank=info.rank,
                                           seed=cfg.train.seed, group_by_length=cfg.data.group_by_length)
-        run.collator = Collator(processor)
+        run.collator = Collator(processor, media=media)
     run.loader = DataLoader(train_ds, batch_sampler=run.sampler, collate_fn=run.collator,
                             num_workers=cfg.train.dataloader_num_workers, pin_memory=info.on_gpu)
     run.train_ds, run.eval_ds, run.eval_lengths = train_ds, eval_ds, eval_lengths
@@ -644,7 +656,7 @@ def eval_and_export(run: Run) -> None:
         state.best_eval_loss, state.best_step = eval_loss, state.step
         with watchdog.at("eval/export"):
             ckpt.export_hf(run.model, run.best_dir, cfg.model.path, run.info,  # SYNC eval/export
-                           {"step": state.step, "eval_loss": eval_loss})
+                           {"step": state.step, "eval_loss": eval_loss}, training_settings(cfg.data))
     if run.tracker:
         run.tracker.log({"step": state.step, "eval_loss": eval_loss})
     log(run.info, f"step {state.step}: eval_loss {eval_loss:.4f}" + (" (best, exported)" if improved else ""))
@@ -675,7 +687,7 @@ def finish(run: Run, stopped: bool) -> None:
     else:
         with watchdog.at("finish/export"):
             ckpt.export_hf(run.model, run.best_dir, run.cfg.model.path, info,  # SYNC finish/export
-                           {"step": state.step, "eval_loss": None})
+                           {"step": state.step, "eval_loss": None}, training_settings(run.cfg.data))
         log(info, f"no eval set: exported the final model (step {state.step}) -> {os.path.abspath(run.best_dir)}")
     totals = run.meter.totals
     if totals["steps"]:
@@ -796,7 +808,8 @@ class Refused(RuntimeError):
 
 
 # The same on every rank, and not fixed by a restart: bad config, data, plan or checkpoint.
-REFUSALS = {ConfigError: "config error", DataError: "data error", ResumeError: "cannot resume",
+REFUSALS = {ConfigError: "config error", DataError: "data error", MissingDependency: "missing dependency",
+            ResumeError: "cannot resume",
             CheckpointMismatch: "cannot resume", WrapPlanError: "wrap plan error"}
 
 

@@ -20,8 +20,11 @@ FLOP conventions (those of PaLM's MFU, Chowdhery et al. 2022, appendix B):
   :func:`train_flops`). The recomputation of activation checkpointing is *not* counted:
   it is work the hardware does, not work the model needs, so MFU does not move when
   checkpointing is switched on or off.
-* Only work on real data counts: padding tokens, and the dummy image the collator adds
-  to a batch without images (`ft.data.Collator._add_dummy_image`; it exists only to
+* Videos count like images: the vision tower's work on every patch of every two-frame
+  temporal patch, attention within each temporal patch, and each video token in the
+  language model.
+* Only work on real data counts: padding tokens, and the dummy image or video the
+  collator adds to a batch without one (`ft.data.Collator._dummies`; it exists only to
   keep FSDP's collectives in step across ranks), are overhead, like padding: the
   collator's `ft.data.BatchStats` leaves both out.
 * Attention: QKᵀ and AV, 2 FLOPs per multiply-add each, over the (query, key) pairs
@@ -157,7 +160,7 @@ def forward_flops(config: Any, stats: BatchStats, *, causal: bool = True) -> Flo
     full_blocks = len(vision.fullatt_block_indexes)
     window_blocks = vision.depth - full_blocks
     full_pairs = window_pairs = 0
-    for grid in stats.image_grids:
+    for grid in stats.vision_grids:
         f, w = _vision_attention_pairs(config, grid)
         full_pairs += f
         window_pairs += w

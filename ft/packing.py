@@ -41,7 +41,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
 
-__all__ = ["PackedBatchSampler", "PackedRows", "RopeIndex", "eval_batches", "pack", "varlen_kwargs"]
+__all__ = ["PackedBatchSampler", "PackedRows", "RopeIndex", "eval_batches", "pack", "truncates_video_seconds",
+           "varlen_kwargs"]
 
 CHUNK_GROUPS = 16
 """Packs are planned within shuffled chunks of the epoch's rows, each about this many
@@ -216,11 +217,30 @@ class RopeIndex:
         self.config = config
 
     def __call__(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
-                 image_grid_thw: torch.Tensor | None) -> torch.Tensor:
-        """The (4, n) positions of one sample: text positions, then M-RoPE (t, h, w)."""
+                 image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None = None,
+                 second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
+        """The (4, n) positions of one sample: text positions, then M-RoPE (t, h, w); a
+        video's time positions advance with `second_per_grid_ts` (seconds per two frames)."""
         kwargs = {"mm_token_type_ids": mm_token_type_ids[None]} if self._takes_types else {}
-        mrope, _ = self.get_rope_index(input_ids[None], image_grid_thw=image_grid_thw, **kwargs)
+        mrope, _ = self.get_rope_index(input_ids[None], image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                                       second_per_grid_ts=second_per_grid_ts, **kwargs)
         return torch.cat([torch.arange(len(input_ids))[None], mrope[:, 0]])
+
+
+def truncates_video_seconds(config) -> bool:
+    """Whether this transformers' M-RoPE rounds a video's seconds per temporal patch
+    (`second_per_grid_ts`) down to whole seconds.
+
+    transformers 5.17's `get_rope_index` takes ``int(second_per_grid_ts)``: a clip
+    sampled faster than one temporal patch per second (at 4 fps, 0.5 s per patch) gets
+    time steps of 0, every frame at the same time position; 5.24 keeps the fraction.
+    Training on either matches inference on the same version (ft's positions are the
+    model's own), not across versions. Found by asking the method itself.
+    """
+    grid = torch.tensor([[2, 2, 2]])  # two temporal patches of one merged token each
+    types = torch.full((2,), 2)  # video
+    positions = RopeIndex(config)(torch.zeros(2, dtype=torch.long), types, None, grid, torch.tensor([0.5]))
+    return int(positions[1, 1] - positions[1, 0]) != int(config.vision_config.tokens_per_second * 0.5)
 
 
 def varlen_refusal(attn_implementation: str) -> str | None:

@@ -71,6 +71,31 @@ def write_test_image(path, size=(56, 56), seed=0):
     return path
 
 
+def write_test_video(path, frames=8, size=(64, 48), fps=4, seed=0, codec="mpeg4"):
+    """Write a deterministic video file of `frames` frames of ``size`` = (width, height)
+    at `fps` frames per second to ``path`` (PyAV; mpeg4 by default, ``"libx264"`` for
+    H.264). Frame k is a smooth gradient whose brightness grows with k (frame k's mean
+    is about 40 + 20·k for k < 10), so a test can tell which frames were read."""
+    import av
+
+    width, height = size
+    rng = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for k in range(frames):
+            level = 40 + 20 * min(k, 10)
+            base = np.stack([np.full((height, width), level), level + 10 * np.sin(xs / 7),
+                             level + 10 * np.cos(ys / 5)], axis=-1)
+            pixels = np.clip(base + rng.normal(0, 2, base.shape), 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 @pytest.fixture
 def make_image():
     """``make_image(path, size=(56, 56), seed=0)`` writes a test image and returns its path."""

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
+from ft.config import DataConfig
 from ft.data import (
     IGNORE_INDEX,
+    IMAGE,
+    VIDEO,
     Collator,
     ConversationDataset,
     DataError,
@@ -230,7 +232,7 @@ BAD_ROWS = [
     ({"messages": [{"role": "user"}]}, "messages[0].content", "missing"),
     ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "x"}]},
      "messages[0].content", "expected a string or a list"),
-    ({"messages": [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}]},
+    ({"messages": [{"role": "user", "content": [{"type": "audio", "audio": "a.wav"}]}]},
      "messages[0].content[0].type", "unknown part type"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "no assistant turn"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"},
@@ -338,14 +340,14 @@ def test_dummy_image_changes_no_output_and_no_gradient(data_dir, processor, tiny
     batch, stats = collator(samples)
 
     # The dummy image follows the first sample's last token, unlearned but attended to.
-    dummy = collator.dummy_input_ids
+    dummy = collator.dummies[IMAGE]["input_ids"]
     n = len(dummy)
     tokenizer = processor.tokenizer
     image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert dummy[0] == tokenizer.convert_tokens_to_ids("<|vision_start|>")
     assert dummy[-1] == tokenizer.convert_tokens_to_ids("<|vision_end|>")
-    assert torch.equal(batch["image_grid_thw"], collator.dummy_image_grid_thw)
-    assert int((dummy == image_id).sum()) == int(collator.dummy_image_grid_thw.prod()) // 4
+    assert torch.equal(batch["image_grid_thw"], collator.dummies[IMAGE]["image_grid_thw"])
+    assert int((dummy == image_id).sum()) == int(collator.dummies[IMAGE]["image_grid_thw"].prod()) // 4
     first = slice(lengths[0], lengths[0] + n)
     assert torch.equal(batch["input_ids"][0, first], dummy)
     assert (batch["labels"][0, first] == IGNORE_INDEX).all()
@@ -382,16 +384,19 @@ def test_dummy_image_changes_no_output_and_no_gradient(data_dir, processor, tiny
     tiny_model.zero_grad(set_to_none=True)
 
 
-def test_build_datasets_accepts_every_demo_row(processor):
-    cfg = SimpleNamespace(train_file=str(REPO / "data/demo/train.jsonl"), eval_file="", max_length=4096)
+def test_build_datasets_accepts_every_demo_row(tiny_model_dir):
+    cfg = DataConfig(train_file=str(REPO / "data/demo/train.jsonl"), eval_file="", max_length=4096)
+    processor = load_processor(tiny_model_dir, cfg.min_pixels, cfg.max_pixels, cfg.video_min_pixels,
+                               cfg.video_max_pixels)
     train, evaluation = build_datasets(cfg, processor)
     assert evaluation is None
     cfg.eval_file = str(REPO / "data/demo/eval.jsonl")
     train, evaluation = build_datasets(cfg, processor)
-    assert len(train) == 64 and len(evaluation) == 14
+    assert len(train) == 74 and len(evaluation) == 18
     for ds in (train, evaluation):
         checked, lengths, note = validate(ds, "error")
-        assert checked is ds and note is None
+        assert checked.rows is ds.rows and note is None
+        assert checked.media == {IMAGE, VIDEO}  # the demo trains and evaluates on both
         for i in range(len(ds)):
             sample = ds[i]
             assert (sample["labels"] != IGNORE_INDEX).any()

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 from conftest import free_port, write_test_image
-from ft.data import IGNORE_INDEX, Collator, ConversationDataset, load_rows
+from ft.data import IGNORE_INDEX, IMAGE, Collator, ConversationDataset, load_rows
 from ft.model import loss_sum
 from ft.packing import PackedBatchSampler, RopeIndex, eval_batches, pack, varlen_kwargs, varlen_refusal
 from ft.processor import load_processor
@@ -155,12 +155,12 @@ def test_text_only_pack_gets_the_dummy_image_as_its_own_segment(setup):
     collate = Collator(processor, RopeIndex(model.config), varlen=True)
     batch = collate([[ds[1], ds[3]], [ds[4]]])
     n = len(ds[1]["input_ids"]) + len(ds[3]["input_ids"])
-    dummy = len(collate.dummy_input_ids)
+    dummy = len(collate.dummies[IMAGE]["input_ids"])
     inputs = batch.inputs
     assert batch.stats.dummy_image and batch.stats.samples == 3
     assert torch.equal(inputs["position_ids"][0, 0, n:n + dummy], torch.arange(dummy))
     assert (inputs["labels"][0, n:n + dummy] == IGNORE_INDEX).all()
-    assert torch.equal(inputs["image_grid_thw"], collate.dummy_image_grid_thw)
+    assert torch.equal(inputs["image_grid_thw"], collate.dummies[IMAGE]["image_grid_thw"])
     # flash-attention's segments: every sample, the dummy image and each row's pad.
     rows, length = inputs["input_ids"].shape
     bounds = inputs["cu_seq_lens_q"].tolist()

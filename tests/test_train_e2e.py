@@ -16,15 +16,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 from transformers import Qwen2_5_VLForConditionalGeneration, get_constant_schedule_with_warmup
 
+from ft.config import DataConfig
 from ft.data import Collator, ConversationDataset, load_rows
-from ft.processor import load_image_processor, load_processor
-from conftest import free_port, write_test_image
+from ft.processor import load_processor
+from conftest import free_port, write_test_image, write_test_video
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, LR, WARMUP, CLIP, SEED, MAX_LEN = 3, 2e-3, 0.34, 0.5, 7, 512
@@ -48,11 +51,22 @@ def text_row(question: str, answer: str) -> dict:
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Rows of very different label lengths (token weighting matters), images of three
-    sizes, and text-only rows placed so that at step 1 rank 0 gets an image and rank 1
-    does not: without the collator's dummy image the 2-rank run aborts there."""
+    sizes, videos (a file at 4 fps, a file with an image, a list of frames) and
+    text-only rows, placed so that on 2 ranks rank 0 always has an image and rank 1
+    has, by step, text only (step 1: the dummy image and the dummy video), a video
+    (step 2: rank 0 gets the dummy video, rank 1 the dummy image) and an image with a
+    video. Without the collator's dummies the 2-rank run aborts at step 1."""
     d = tmp_path_factory.mktemp("data")
     for name, size, seed in (("a.png", (56, 56), 1), ("b.png", (84, 56), 2), ("c.png", (112, 84), 3)):
         write_test_image(d / name, size=size, seed=seed)
+    write_test_video(d / "clip.mp4", frames=10, size=(64, 48), fps=4, seed=4)
+    (d / "frames").mkdir()
+    for k in range(4):
+        write_test_image(d / "frames" / f"{k}.png", size=(56, 42), seed=10 + k)
+    frames_row = {"messages": [
+        {"role": "user", "content": [{"type": "video", "video": [f"frames/{k}.png" for k in range(4)]},
+                                     {"type": "text", "text": "What changes?"}]},
+        {"role": "assistant", "content": "The noise moves a little from frame to frame."}]}
     image_rows = [
         image_row("a.png", "What is this?", "A picture."),
         image_row("b.png", "Describe the image in detail.",
@@ -64,8 +78,12 @@ def dataset(tmp_path_factory):
     ]
     text_rows = [
         text_row("Say hi.", "Hi."),
-        text_row("Count to ten.", "One, two, three, four, five, six, seven, eight, nine, ten."),
-        text_row("What is two plus two?", "Two plus two is four."),
+        {"messages": [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"},
+                                                   {"type": "text", "text": "Count the frames."}]},
+                      {"role": "assistant", "content": "One, two, three, four, five, six, seven, eight, nine, ten."}]},
+        {"image": "c.png", "video": "clip.mp4",
+         "conversations": [{"from": "human", "value": "<image>\n<video>\nIs the picture in the clip?"},
+                           {"from": "gpt", "value": "No: the clip only gets brighter."}]},
         text_row("Name a colour.", "Blue."),
     ]
     # Order the file so that DistributedSampler's shuffled order starts image, text.
@@ -74,7 +92,7 @@ def dataset(tmp_path_factory):
     for k, idx in enumerate(perm):
         rows[idx] = (image_rows if k % 2 == 0 else text_rows)[k // 2]
     write_rows(d / "train.jsonl", rows)
-    write_rows(d / "eval.jsonl", [image_rows[1], text_rows[1], image_rows[2]])
+    write_rows(d / "eval.jsonl", [image_rows[1], text_rows[1], image_rows[2], frames_row])
     write_rows(d / "eval_one_row.jsonl", [image_rows[2]])
     return d
 
@@ -110,7 +128,10 @@ def reference(model_dir: str, data: Path, freeze_vision_tower: bool = False):
     if freeze_vision_tower:  # the tower, not the merger (its projector into the LLM)
         model.model.visual.requires_grad_(False)
         model.model.visual.merger.requires_grad_(True)
-    processor = load_processor(model_dir)
+    # The run's defaults for video frames (the tiny model's saved bounds are the image ones).
+    defaults = DataConfig()
+    processor = load_processor(model_dir, video_min_pixels=defaults.video_min_pixels,
+                               video_max_pixels=defaults.video_max_pixels)
     ds = ConversationDataset(load_rows(data / "train.jsonl"), processor, MAX_LEN)
     collate = Collator(processor)
     order = list(DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=SEED, drop_last=True))
@@ -159,7 +180,6 @@ def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, t
         assert [r["loss"] for r in train] == pytest.approx(ref_losses, abs=1e-5), name
         assert [r["grad_norm"] for r in train] == pytest.approx(ref_norms, rel=1e-4), name
         assert [e["step"] for e in evals] == [STEPS], name  # eval_steps=0: one eval, at the end
-        # 3 eval rows on 2 ranks: rank 1 runs a padding forward that must not count.
         assert evals[0]["eval_loss"] == pytest.approx(ref_eval, abs=1e-5), name
         exported = load_file(str(out / "best" / "model.safetensors"))
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "best", dtype=torch.float32)
@@ -234,22 +254,34 @@ def test_launch_demo_config_end_to_end(demo_run):
     tok = AutoTokenizer.from_pretrained(out / "best")
     assert tok.convert_tokens_to_ids("<|image_pad|>") == json.loads(
         (out / "best" / "config.json").read_text())["image_token_id"]
-    load_image_processor(out / "best")
+    load_processor(out / "best")
     assert json.loads((out / "best" / "processor_config.json").read_text())["processor_class"] == "Qwen2_5_VLProcessor"
 
 
-def test_export_loads_with_auto_processor(demo_run):
-    """Real tooling loads exports with AutoProcessor, which needs torchvision (absent on
-    the CPU CI machines: PyPI's torchvision does not import beside the CPU torch)."""
-    try:
-        import torchvision  # noqa: F401
-    except Exception as e:  # RuntimeError, not ImportError, when the builds mismatch
-        pytest.skip(f"torchvision does not import here: {e}")
+def test_export_loads_with_auto_processor(demo_run, dataset):
+    """Real tooling loads exports with AutoProcessor: the official processor, with its
+    image and video processors."""
     from transformers import AutoProcessor
+
+    dataset_dir = dataset
 
     processor = AutoProcessor.from_pretrained(demo_run / "best")
     assert type(processor).__name__ == "Qwen2_5_VLProcessor"
-    assert processor.image_processor is not None and processor.tokenizer is not None
+    assert type(processor.video_processor).__name__ == "Qwen2VLVideoProcessor"
+    # It processes an image and a video as inference will, and the model runs on them.
+    image = Image.open(next(dataset_dir.glob("*.png"))).convert("RGB")
+    frames = torch.stack([torch.from_numpy(numpy.array(image.resize((56, 56))))] * 4).permute(0, 3, 1, 2)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Same?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[image], videos=[frames], return_tensors="pt",
+                       videos_kwargs={"do_sample_frames": False})
+    # The export carries the run's frame bounds: 56x56 frames upscaled to 112x112
+    # (data.video_min_pixels 12544), 4 frames in 2 temporal patches.
+    assert processor.video_processor.size["shortest_edge"] == DataConfig().video_min_pixels
+    assert inputs["video_grid_thw"].tolist() == [[2, 8, 8]] and len(inputs["second_per_grid_ts"]) == 1
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(demo_run / "best")
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
 def test_config_typo_is_a_clean_error():
