@@ -3,7 +3,7 @@
 # layer shapes: bf16, activation checkpointing, Adafactor, FSDP (world size 1).
 #
 #   benchmarks/gpu_check.sh wheels   # on a machine with PyPI: fetch into .cache/gpu-wheels
-#                                    # the pure-Python wheels the GPU image lacks
+#                                    # the wheels the GPU image may lack
 #   benchmarks/gpu_check.sh          # on the GPU machine (carry .cache/gpu-wheels there)
 #
 # Budget: about 5 minutes on an H100, model build included (~1 min), well inside 8.
@@ -32,10 +32,16 @@ WHEELS=${WHEELS:-.cache/gpu-wheels}
 if [[ "${1:-}" == wheels ]]; then
   # The 'cuda' image has torch 2.11, transformers 5.17 and accelerate 1.15 but not
   # these (python 3.12 there); pure Python, so one download serves any x86-64 machine.
-  mkdir -p "$WHEELS"
-  "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
-    -d "$WHEELS" datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 dashscope==2.0.2
+  # torchvision (the one built for torch 2.11) and PyAV go to $WHEELS/ifmissing: the run
+  # installs each only if the image cannot import its own (about 43 MB of the 64 MiB
+  # that may travel with the checkout).
+  mkdir -p "$WHEELS/ifmissing"
+  download() {
+    "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 "$@"
+  }
+  download -d "$WHEELS" datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 dashscope==2.0.2
+  download -d "$WHEELS/ifmissing" torchvision==0.26.0 av==18.1.0
   exit 0
 fi
 
@@ -55,9 +61,18 @@ mkdir -p "$OUT"
 
 # datasets (ft.data) and dashscope (the real tokenizer's vocabulary, ft.tiny), without
 # their dependencies: the image has the rest.
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
+wheels=()
+if compgen -G "$WHEELS/*.whl" >/dev/null; then wheels+=("$WHEELS"/*.whl); fi
+# torchvision and PyAV only where the image has none that imports (a torchvision built
+# for another torch fails with a RuntimeError, which counts as missing too).
+for module in torchvision av; do
+  if ! "$PY" -c "import $module" 2>/dev/null && compgen -G "$WHEELS/ifmissing/$module-*.whl" >/dev/null; then
+    wheels+=("$WHEELS"/ifmissing/"$module"-*.whl)
+  fi
+done
+if (( ${#wheels[@]} )); then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site "$WHEELS"/*.whl
+    --target /tmp/site "${wheels[@]}"
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 # ft from this checkout (not installed there); launch.sh and compare use $PYTHON.
@@ -67,8 +82,9 @@ export PYTHON=$PY WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYT
 {
   date -u
   nvidia-smi -L || true
-  "$PY" -c 'import sys, torch, transformers, accelerate, datasets
+  "$PY" -c 'import sys, torch, torchvision, av, transformers, accelerate, datasets
 print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "torchvision", torchvision.__version__, "av", av.__version__,
       "transformers", transformers.__version__, "accelerate", accelerate.__version__,
       "datasets", datasets.__version__,
       "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'

@@ -256,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("hf_trainer_baseline: the HF Trainer needs `accelerate` (pip install -e .[bench]); ft does not")
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from ft.data import Collator, ConversationDataset, load_rows
+    from ft.config import DataConfig
+    from ft.data import Collator, build_datasets, validate
     from ft.metrics import memory_stats, peak_flops
-    from ft.processor import load_processor
+    from ft.processor import load_processor_for
 
     on_gpu = torch.cuda.is_available()
     bf16 = args.precision == "bf16" or (args.precision == "auto" and on_gpu)
@@ -299,9 +300,13 @@ def main(argv: list[str] | None = None) -> int:
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model, dtype=torch.float32,
                                                                attn_implementation="sdpa")
     model.config.use_cache = False
-    processor = load_processor(args.model, args.min_pixels, args.max_pixels)
-    dataset = ConversationDataset(load_rows(args.data), processor, args.max_length)
-    collator = MeasuredCollator(Collator(processor), model.config)
+    # ft's processor and video sampling at the config's defaults, as ft's runs get them.
+    data_cfg = DataConfig(train_file=args.data, eval_file="", max_length=args.max_length,
+                          min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+    processor = load_processor_for(args.model, data_cfg)
+    # Every rank checks every row: the same kinds of vision input on all, for the dummies.
+    dataset, _, _ = validate(build_datasets(data_cfg, processor)[0], "error")
+    collator = MeasuredCollator(Collator(processor, media=dataset.media), model.config)
 
     timer = make_step_timer()
     dropped: dict[str, str] = {}

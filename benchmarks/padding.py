@@ -19,11 +19,12 @@ The collator's dummy image (added to batches without an image) is left out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 from ft.config import load_config
-from ft.data import ConversationDataset, load_rows, validate
-from ft.processor import load_processor
+from ft.data import build_datasets, validate
+from ft.processor import load_processor_for
 from ft.sampler import ShardedBatchSampler
 from ft.tiny import save_tiny
 
@@ -49,8 +50,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config)
     save_tiny(cfg.model.path, vocab=cfg.model.tiny_vocab, if_missing=True)
-    processor = load_processor(cfg.model.path, cfg.data.min_pixels, cfg.data.max_pixels)
-    dataset = ConversationDataset(load_rows(cfg.data.train_file), processor, cfg.data.max_length)
+    processor = load_processor_for(cfg.model.path, cfg.data)
+    dataset, _ = build_datasets(dataclasses.replace(cfg.data, eval_file=""), processor)
     start = time.perf_counter()
     _, lengths, _ = validate(dataset, "error")
     seconds = time.perf_counter() - start
