@@ -336,23 +336,26 @@ def test_bad_videos_name_file_line_and_field(bad_dir, processor, row, field, rea
 
 def test_a_video_too_long_for_max_length_is_refused_with_the_numbers_or_skipped(bad_dir, processor):
     path = bad_dir / "long.jsonl"
-    rows = [_video_row("clip.mp4"), _video_row("text.mp4"), _video_row("frames/nope.png"), GOOD]
+    rows = [_video_row("clip.mp4"), _video_row("text.mp4"), _video_row("nope.mp4"), _video_row("empty.mkv"), GOOD]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     ds = ConversationDataset(load_rows(path), processor, 4096)
     tokens = int(ds[0]["video_grid_thw"].prod(-1).sum()) // 4
     # One token short of the video's end; the text-only row still fits.
     video_end = int((ds[0]["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|vision_end|>")).nonzero()[-1])
-    assert video_end > len(ds[3]["input_ids"])
+    assert video_end > len(ds[4]["input_ids"])
     short = ConversationDataset(load_rows(path), processor, video_end)
     with pytest.raises(DataError) as error:
         validate(short, "error")
     message = str(error.value)
-    assert "3 of 4 rows cannot be used" in message
+    assert "4 of 5 rows cannot be used" in message
     assert f"{path}:1: max_length: " in message and f"video {bad_dir / 'clip.mp4'}: {tokens} tokens" in message
     assert "at video_min_pixels" in message and f"{path}:2: video: cannot read video" in message
+    assert f"{path}:3: messages[0].content[0].video: video file not found" in message
+    assert f"{path}:4: video: " in message and "before its first frame" in message
     kept, lengths, note = validate(short, "skip")
-    assert len(kept) == 1 and kept.media == frozenset() and "skipped" in note
-    kept, lengths, note = validate(ds.select([0, 3]), "error")
+    assert len(kept) == 1 and kept.media == frozenset() and "4 of 5 rows cannot be used" in note
+    assert torch.equal(kept[0]["input_ids"], ds[4]["input_ids"])
+    kept, lengths, note = validate(ds.select([0, 4]), "error")
     assert kept.media == {VIDEO} and note is None
 
 
