@@ -7,11 +7,12 @@ the check that proves it.)
 
 Pipeline:
 
-1. :func:`load_rows` reads a JSONL file into a :class:`datasets.Dataset` holding each
-   non-blank line's raw text, its file and its line number. Nothing is parsed yet.
+1. :func:`ft.rows.load_rows` gives the raw rows of a JSONL file or a Hugging Face
+   dataset on local disk (``save_to_disk`` folder, Parquet or Arrow files), each with
+   its place for error messages. Nothing is parsed yet, nothing decoded.
 2. :class:`ConversationDataset` turns one row into tensors on access (``__getitem__``),
    so start-up is fast and DataLoader workers do the work. A row is parsed and
-   normalised (:func:`parse_row`), rendered in Qwen2.5-VL's chat format, tokenised with
+   normalised (:func:`parse`), rendered in Qwen2.5-VL's chat format, tokenised with
    the processor, labelled and, if too long, truncated.
 3. :class:`Collator` pads a list of samples into a batch of model kwargs and appends a
    dummy image or video where a batch lacks one, so that every FSDP rank runs the
@@ -25,23 +26,28 @@ length-grouped batching (:mod:`ft.sampler`) needs.
 
 Two row formats are accepted, both normalised to the same list of messages
 ``{"role": "system"|"user"|"assistant", "content": [part, ...]}`` whose parts are
-``{"type": "text", "text": str}``, ``{"type": "image", "image": ABSOLUTE_PATH}`` or
-``{"type": "video", "video": ABSOLUTE_PATH | [ABSOLUTE_PATH, ...]}`` (a video file, or
-its frames in order):
+``{"type": "text", "text": str}``, ``{"type": "image", "image": ABSOLUTE_PATH | bytes}``
+(bytes: an image file embedded in a dataset) or ``{"type": "video", "video":
+ABSOLUTE_PATH | [IMAGE, ...]}`` (a video file, or its frames in order):
 
-* OpenAI-style: ``{"messages": [{"role": ..., "content": str | [part, ...]}]}``.
+* OpenAI-style: ``{"messages": [{"role": ..., "content": str | [part, ...]}]}``. TRL's
+  vision format is this one with ``{"type": "image"}`` parts that take, in order, the
+  images of an ``images`` column.
 * LLaVA-style: ``{"image": PATH | [PATH, ...], "video": PATH, "conversations": [{"from":
   "human"|"gpt"|"system", "value": "<image>\\n..."}]}``; each ``<image>`` takes the next
-  image in order, ``<video>`` the video.
+  image in order, ``<video>`` the video. ``images`` works as ``image``.
 
-Paths resolve against the directory of the JSONL file. Which frames of a video a
-sample takes is :mod:`ft.video`'s business. A bad row raises
-:class:`DataError` whose message reads ``file:line: field: reason``.
+Paths resolve against the directory of the JSONL file (the dataset folder, or the
+Parquet/Arrow file's directory). Which frames of a video a sample takes is
+:mod:`ft.video`'s business. A bad row raises :class:`DataError` whose message reads
+``file:line: field: reason`` (``dataset:row N: field: reason``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import itertools
 import json
 import os
@@ -56,6 +62,7 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
 from transformers.video_utils import VideoMetadata
 
 from ft.packing import ROW_MULTIPLE, varlen_kwargs
+from ft.rows import DataError, Rows, Where, load_rows
 from ft.video import VideoError, VideoSampling
 from ft.video import probe as probe_video
 from ft.video import read as read_video
@@ -70,6 +77,9 @@ __all__ = [
     "build_datasets",
     "check_rows",
     "load_rows",
+    "open_image",
+    "parse",
+    "parse_record",
     "parse_row",
     "validate",
 ]
@@ -126,52 +136,6 @@ _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _LLAVA_MEDIA_RE = re.compile(r"\n?(<image>|<video>)\n?")
 
 
-class DataError(ValueError):
-    """A data row that cannot be used; the message reads ``file:line: field: reason``."""
-
-
-class _Where:
-    """The source of a row, for error messages."""
-
-    def __init__(self, file: str, line: int):
-        self.file, self.line = file, line
-
-    def error(self, field: str, reason: str) -> DataError:
-        return DataError(f"{self.file}:{self.line}: {field}: {reason}")
-
-
-def load_rows(path: str | os.PathLike) -> datasets.Dataset:
-    """Read the non-blank lines of the JSONL file `path`, unparsed.
-
-    Returns a Dataset with columns ``file`` (the path as given), ``line`` (1-based line
-    number) and ``text`` (the line). Lines are kept as strings rather than loaded with
-    ``load_dataset("json")`` because that infers one schema for the whole file: rows
-    whose ``content`` is a string in one place and a list in another, or whose ``image``
-    is a string or a list, are refused by older ``datasets`` versions or rewritten with
-    null-filled fields, and a malformed line fails the whole file without naming it.
-    """
-    path = os.fspath(path)
-    files, lines, texts = [], [], []
-    try:
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"{path}:{number}: row: not valid UTF-8 ({e.reason})") from e
-                if number == 1:
-                    text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
-                if text.strip():
-                    files.append(path)
-                    lines.append(number)
-                    texts.append(text)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
-    if not texts:
-        raise DataError(f"{path}: no rows (the file is empty)")
-    return datasets.Dataset.from_dict({"file": files, "line": lines, "text": texts})
-
-
 def parse_row(text: str, file: str, line: int) -> list[dict[str, Any]]:
     """Parse one JSONL line into the normalised list of messages (see the module doc).
 
@@ -180,17 +144,31 @@ def parse_row(text: str, file: str, line: int) -> list[dict[str, Any]]:
     placeholder/image count mismatch, an image outside a user turn, control tokens in
     text, or a conversation without an assistant turn.
     """
-    where = _Where(file, line)
+    where = Where(file, line)
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
         raise where.error("row", f"invalid JSON: {e.msg} at column {e.colno}") from e
     if not isinstance(row, dict):
         raise where.error("row", f"expected a JSON object, got {type(row).__name__}")
-    base = os.path.dirname(os.path.abspath(file))
-    if "messages" in row:
+    return parse_record(row, where, os.path.dirname(os.path.abspath(file)))
+
+
+def parse(rows: Rows, index: int) -> list[dict[str, Any]]:
+    """The normalised messages of row `index` of `rows`, whatever their source."""
+    raw = rows.raw(index)
+    where = rows.where(index)
+    if isinstance(raw, str):
+        return parse_row(raw, where.source, where.place)
+    return parse_record(raw, where, rows.base)
+
+
+def parse_record(row: dict[str, Any], where: Where, base: str) -> list[dict[str, Any]]:
+    """:func:`parse_row` for a row already decoded (a JSON object, or a dataset record,
+    whose null fields count as absent); relative paths resolve against `base`."""
+    if "messages" in row and row["messages"] is not None:
         messages = _from_openai(row, where, base)
-    elif "conversations" in row:
+    elif row.get("conversations") is not None:
         messages = _from_llava(row, where, base)
     else:
         raise where.error(
@@ -200,7 +178,8 @@ def parse_row(text: str, file: str, line: int) -> list[dict[str, Any]]:
     return messages
 
 
-def _from_openai(row: dict, where: _Where, base: str) -> list[dict[str, Any]]:
+def _from_openai(row: dict, where: Where, base: str) -> list[dict[str, Any]]:
+    row = _fill_image_placeholders(row, where)
     for key in ("image", "images", "video", "videos"):
         # A row mixing the formats would otherwise train on images silently dropped.
         if row.get(key):
@@ -228,7 +207,33 @@ def _from_openai(row: dict, where: _Where, base: str) -> list[dict[str, Any]]:
     return messages
 
 
-def _openai_content(content: Any, where: _Where, field: str, base: str) -> list[dict[str, str]]:
+def _fill_image_placeholders(row: dict, where: Where) -> dict:
+    """TRL's vision format: ``{"type": "image"}`` parts with no image of their own take,
+    in order, the images of the row's ``images`` (or ``image``) column. Returns the row
+    with those parts filled in and that column removed; a row without such parts is
+    returned as is."""
+    key = "images" if row.get("images") is not None else "image"
+    images = row.get(key)
+    if images is None or not isinstance(row["messages"], list):
+        return row
+    images = images if isinstance(images, list) else [images]
+    slots = [(i, j) for i, message in enumerate(row["messages"]) if isinstance(message, dict)
+             and isinstance(message.get("content"), list)
+             for j, part in enumerate(message["content"])
+             if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is None]
+    if not slots:
+        return row
+    if len(slots) != len(images):
+        raise where.error(key, f"{len(images)} image(s) but {len(slots)} {{\"type\": \"image\"}} "
+                               "placeholder(s) in messages")
+    messages = [dict(m, content=list(m["content"])) if isinstance(m, dict) and isinstance(m.get("content"), list)
+                else m for m in row["messages"]]
+    for (i, j), image in zip(slots, images):
+        messages[i]["content"][j] = {**messages[i]["content"][j], "image": image}
+    return {k: v for k, v in row.items() if k != key} | {"messages": messages}
+
+
+def _openai_content(content: Any, where: Where, field: str, base: str) -> list[dict[str, str]]:
     if isinstance(content, str):
         return [_text_part(content, where, field)]
     if not isinstance(content, list):
@@ -254,14 +259,13 @@ def _openai_content(content: Any, where: _Where, field: str, base: str) -> list[
     return parts
 
 
-def _from_llava(row: dict, where: _Where, base: str) -> list[dict[str, Any]]:
-    # Exports of mixed LLaVA data often write "image": null on text-only rows.
-    images = row.get("image") or []
-    single = isinstance(images, str)
+def _from_llava(row: dict, where: Where, base: str) -> list[dict[str, Any]]:
+    # Exports of mixed LLaVA data often write "image": null on text-only rows; some
+    # write a list under "images".
+    images = row.get("image") or row.get("images") or []
+    single = not isinstance(images, list)
     if single:
         images = [images]
-    if not isinstance(images, list):
-        raise where.error("image", f"expected a path or a list of paths, got {type(images).__name__}")
     turns = row["conversations"]
     if not isinstance(turns, list) or not turns:
         raise where.error("conversations", "expected a non-empty list of turns")
@@ -308,23 +312,29 @@ def _from_llava(row: dict, where: _Where, base: str) -> list[dict[str, Any]]:
     return messages
 
 
-def _text_part(text: str, where: _Where, field: str) -> dict[str, str]:
+def _text_part(text: str, where: Where, field: str) -> dict[str, str]:
     for token in _CONTROL_TOKENS:
         if token in text:
             raise where.error(field, f"contains the control token {token}")
     return {"type": "text", "text": text}
 
 
-def _image_part(path: Any, where: _Where, field: str, base: str) -> dict[str, str]:
-    if not isinstance(path, str) or not path:
-        raise where.error(field, "expected an image path (a non-empty string)")
-    resolved = os.path.join(base, path)  # an absolute `path` is kept as is
+def _image_part(value: Any, where: Where, field: str, base: str) -> dict[str, str | bytes]:
+    """An image: a path (relative to `base`), or an encoded image file's bytes (a
+    dataset's embedded image, stored as ``{"bytes": ..., "path": ...}``)."""
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, bytes) and value:
+        return {"type": "image", "image": value}
+    if not isinstance(value, str) or not value:
+        raise where.error(field, "expected an image path (a non-empty string) or an embedded image")
+    resolved = os.path.join(base, value)  # an absolute path is kept as is
     if not os.path.isfile(resolved):
         raise where.error(field, f"image file not found: {resolved}")
     return {"type": "image", "image": resolved}
 
 
-def _video_part(value: Any, where: _Where, field: str, base: str) -> dict[str, Any]:
+def _video_part(value: Any, where: Where, field: str, base: str) -> dict[str, Any]:
     """A video file's path, or a non-empty list of its frames' image paths."""
     if isinstance(value, list):
         if not value:
@@ -339,7 +349,7 @@ def _video_part(value: Any, where: _Where, field: str, base: str) -> dict[str, A
     return {"type": "video", "video": resolved}
 
 
-def _check_conversation(messages: list[dict[str, Any]], where: _Where, key: str) -> None:
+def _check_conversation(messages: list[dict[str, Any]], where: Where, key: str) -> None:
     for i, message in enumerate(messages):
         role = message["role"]
         if role == "system" and i > 0:
@@ -351,8 +361,24 @@ def _check_conversation(messages: list[dict[str, Any]], where: _Where, key: str)
         raise where.error(key, "no assistant turn: nothing to learn")
 
 
-def _decode_image(path: str, *, reduced: bool = False) -> tuple[Image.Image, tuple[int, int]]:
-    """Decode the image file `path`; return the image and the file's (width, height).
+def _name(image: str | bytes) -> str:
+    """An image's name in messages: its path, or what an embedded image is."""
+    return image if isinstance(image, str) else f"<embedded image, {len(image)} bytes>"
+
+
+def _key(value: str | bytes | list) -> Any:
+    """A cache key for an image or video part's value: the path, a digest of embedded
+    bytes (the cache must not hold every image), or a tuple of frame keys."""
+    if isinstance(value, bytes):
+        return hashlib.blake2b(value, digest_size=16).digest()
+    if isinstance(value, (list, tuple)):
+        return tuple(_key(v) for v in value)
+    return value
+
+
+def _decode_image(path: str | bytes, *, reduced: bool = False) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode the image file `path` (or the encoded file `path` holds, given bytes);
+    return the image and the file's (width, height).
 
     Decoding, not just opening, is what finds a truncated file: ``Image.open`` reads
     only the header. With `reduced`, a JPEG decodes at 1/8 scale and the image returned
@@ -361,29 +387,34 @@ def _decode_image(path: str, *, reduced: bool = False) -> tuple[Image.Image, tup
     ValueError naming the path and the reason when the file cannot be read.
     """
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as image:
             size = image.size
             if reduced:
                 image.draft(None, (1, 1))  # formats other than JPEG ignore it
             image.load()
     except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from e
+        raise ValueError(f"cannot read image {_name(path)}: {e}") from e
     return image, size
 
 
-def _load_image(path: str, where: _Where) -> Image.Image:
-    try:
-        image, _ = _decode_image(path)
-    except ValueError as e:
-        raise where.error("image", str(e)) from e
-    # Qwen's reference preprocessing (qwen_vl_utils.to_rgb) lays transparent images on
-    # white; doing the same keeps training inputs like inference inputs.
+def open_image(path: str | bytes) -> Image.Image:
+    """The image file `path` (or embedded image bytes) decoded as RGB, transparent
+    pixels laid on white: Qwen's reference preprocessing (qwen_vl_utils.to_rgb), so that
+    training inputs look like inference inputs. Raises ValueError naming the image."""
+    image, _ = _decode_image(path)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.new("RGB", rgba.size, (255, 255, 255))
         image.paste(rgba, mask=rgba.getchannel("A"))
         return image
     return image.convert("RGB")
+
+
+def _load_image(path: str | bytes, where: Where) -> Image.Image:
+    try:
+        return open_image(path)
+    except ValueError as e:
+        raise where.error("image", str(e)) from e
 
 
 def _segments(messages: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], bool]]:
@@ -479,13 +510,11 @@ class ConversationDataset(torch.utils.data.Dataset):
 
     def messages(self, index: int) -> list[dict[str, Any]]:
         """The normalised messages of row `index`."""
-        row = self.rows[index]
-        return parse_row(row["text"], row["file"], row["line"])
+        return parse(self.rows, index)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.rows[index]
-        where = _Where(row["file"], row["line"])
-        messages = parse_row(row["text"], row["file"], row["line"])
+        where = self.rows.where(index)
+        messages = parse(self.rows, index)
         sample = self._process(messages, where, None)
         if self._vision_end(sample) > self.max_length and self._has_video(messages):
             cap = self._fit_videos(messages, where, {})
@@ -493,7 +522,25 @@ class ConversationDataset(torch.utils.data.Dataset):
                 sample = self._process(messages, where, cap)
         return self._truncate(sample, where)
 
-    def _process(self, messages: list[dict[str, Any]], where: _Where, cap: int | None) -> dict[str, torch.Tensor]:
+    def prompt(self, index: int) -> tuple[dict[str, torch.Tensor], str, str]:
+        """Row `index` as a generation prompt: the conversation before its last
+        assistant turn, processed as a training sample is (same frames, sizes and
+        chat format) and ending with the assistant header that generation continues;
+        the prompt's text (one pad token per image or video); and that last turn's
+        text, the reference answer. Raises DataError as ``self[index]`` does."""
+        where = self.rows.where(index)
+        messages = parse(self.rows, index)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        reference = "".join(part["text"] for part in messages[last]["content"])
+        sample = self._process(messages[:last], where, None)
+        header = torch.tensor(self.processor.tokenizer.encode(f"{IM_START}assistant\n", add_special_tokens=False))
+        sample["input_ids"] = torch.cat([sample["input_ids"], header])
+        sample["mm_token_type_ids"] = torch.cat([sample["mm_token_type_ids"], torch.zeros_like(header)])
+        del sample["labels"]
+        text = "".join(segment for segment, _, _ in _segments(messages[:last])) + f"{IM_START}assistant\n"
+        return sample, text, reference
+
+    def _process(self, messages: list[dict[str, Any]], where: Where, cap: int | None) -> dict[str, torch.Tensor]:
         """The sample of `messages`, pixels included; video frames at most `cap` pixels
         (None: ``video_max_pixels``)."""
         ids, labels, mm_types = [], [], []
@@ -545,7 +592,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         ends = (sample["input_ids"] == self.vision_end_id).nonzero()
         return int(ends[-1]) + 1 if len(ends) else 0
 
-    def _fit_videos(self, messages: list[dict[str, Any]], where: _Where, cache: dict) -> int | None:
+    def _fit_videos(self, messages: list[dict[str, Any]], where: Where, cache: dict) -> int | None:
         """The largest per-frame pixel cap, from ``video_min_pixels`` up to
         ``video_max_pixels`` in steps of one token's area, at which the sample's images
         and videos end within `max_length`; None when even ``video_min_pixels`` is too
@@ -570,7 +617,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return low + lo * unit
 
-    def _load_video(self, video: str | list[str], where: _Where) -> tuple[torch.Tensor, float]:
+    def _load_video(self, video: str | list[str], where: Where) -> tuple[torch.Tensor, float]:
         """A video part's frames (uint8 [T, 3, H, W]) and their rate in frames per second."""
         if isinstance(video, str):
             try:
@@ -601,9 +648,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         `cache` maps image and video paths to their token count or the reason they
         cannot be used; pass one dict to many calls to read each file once.
         """
-        row = self.rows[index]
-        where = _Where(row["file"], row["line"])
-        messages = parse_row(row["text"], row["file"], row["line"])
+        where = self.rows.where(index)
+        messages = parse(self.rows, index)
         cache = {} if cache is None else cache
         sample = self._count(messages, where, cache, None)
         if self._vision_end(sample) > self.max_length and self._has_video(messages):
@@ -612,7 +658,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                 sample = self._count(messages, where, cache, cap)
         return self._truncate(sample, where, cache, media=[p for _, m, _ in _segments(messages) for p in m])
 
-    def _count(self, messages: list[dict[str, Any]], where: _Where, cache: dict[Any, int | str],
+    def _count(self, messages: list[dict[str, Any]], where: Where, cache: dict[Any, int | str],
                cap: int | None) -> dict[str, torch.Tensor]:
         """:meth:`layout`'s sample before truncation, video frames at most `cap` pixels."""
         ids, labels = [], []
@@ -634,24 +680,24 @@ class ConversationDataset(torch.utils.data.Dataset):
             mm_types[input_ids == pad] = kind
         return {"input_ids": input_ids, "labels": torch.tensor(labels), "mm_token_type_ids": mm_types}
 
-    def _tokens(self, part: dict[str, Any], where: _Where, cache: dict[Any, int | str], cap: int | None) -> int:
+    def _tokens(self, part: dict[str, Any], where: Where, cache: dict[Any, int | str], cap: int | None) -> int:
         kind = part["type"]
-        key = part[kind] if isinstance(part[kind], str) else tuple(part[kind])
+        value, key = part[kind], _key(part[kind])
         if kind == "image":
             if key not in cache:
-                cache[key] = self._count_image_tokens(key)
+                cache[key] = self._count_image_tokens(value)
         else:
             if cap is not None:
-                key = (key, cap)  # the header-only count at the default size stays under `key`
+                key = (key, cap)  # the count at the default size stays under the plain key
             if key not in cache:
-                cache[key] = self._count_video_tokens(part[kind] if isinstance(part[kind], str) else tuple(part[kind]),
-                                                      self._size(cap).get("size"))
+                cache[key] = self._count_video_tokens(value, self._size(cap).get("size"))
         if isinstance(cache[key], str):
             raise where.error(kind, cache[key])
         return cache[key]
 
-    def _count_image_tokens(self, path: str) -> int | str:
-        """The image tokens of the image file `path`, or why it cannot be used."""
+    def _count_image_tokens(self, path: str | bytes) -> int | str:
+        """The image tokens of the image file `path` (or embedded image), or why it
+        cannot be used."""
         try:
             _, (width, height) = _decode_image(path, reduced=True)
         except ValueError as e:
@@ -659,10 +705,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         try:
             patches = self.processor.image_processor.get_number_of_image_patches(height, width)
         except ValueError as e:  # an aspect ratio over 200, which the resizing refuses
-            return f"image {path} ({width}x{height}) cannot be processed: {e}"
+            return f"image {_name(path)} ({width}x{height}) cannot be processed: {e}"
         return patches // self.merge_size**2
 
-    def _count_video_tokens(self, video: str | tuple[str, ...], size: dict | None = None) -> int | str:
+    def _count_video_tokens(self, video: str | list | tuple, size: dict | None = None) -> int | str:
         """The video tokens of a video file or frame list, or why it cannot be used.
         `size` overrides the video processor's pixel bounds."""
         if isinstance(video, str):
@@ -690,16 +736,16 @@ class ConversationDataset(torch.utils.data.Dataset):
             height, width = smart_resize(height, width, processor.patch_size * self.merge_size,
                                          min_pixels=bounds["shortest_edge"], max_pixels=bounds["longest_edge"])
         except ValueError as e:
-            return f"video {video if isinstance(video, str) else video[0]} ({width}x{height}) cannot be processed: {e}"
+            return f"video {video if isinstance(video, str) else _name(video[0])} ({width}x{height}) cannot be processed: {e}"
         patches = frames // processor.temporal_patch_size * (height // processor.patch_size) * (width // processor.patch_size)
         return patches // self.merge_size**2
 
     @staticmethod
-    def _frame_sizes(frames: list[str] | tuple[str, ...]) -> str:
+    def _frame_sizes(frames: list | tuple) -> str:
         sizes = [_decode_image(path, reduced=True)[1] for path in frames]
         k = next(k for k, size in enumerate(sizes) if size != sizes[0])
-        return (f"the frames of a video must have one size: {frames[k]} is {sizes[k][0]}x{sizes[k][1]}, "
-                f"{frames[0]} is {sizes[0][0]}x{sizes[0][1]}")
+        return (f"the frames of a video must have one size: {_name(frames[k])} is {sizes[k][0]}x{sizes[k][1]}, "
+                f"{_name(frames[0])} is {sizes[0][0]}x{sizes[0][1]}")
 
     def _check_vision_tokens(self, sample: dict[str, torch.Tensor]) -> None:
         # The model raises on a mismatch only at forward time, far from the cause.
@@ -714,7 +760,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                     f"{int((sample['mm_token_type_ids'] == kind).sum())}"
                 )
 
-    def _truncate(self, sample: dict[str, torch.Tensor], where: _Where, cache: dict | None = None,
+    def _truncate(self, sample: dict[str, torch.Tensor], where: Where, cache: dict | None = None,
                   media: list[dict[str, Any]] = ()) -> dict[str, torch.Tensor]:
         length = len(sample["input_ids"])
         if length <= self.max_length:
@@ -747,9 +793,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         for part in media:
             if part["type"] != "video":
                 continue
-            key = part["video"] if isinstance(part["video"], str) else tuple(part["video"])
-            least = self._count_video_tokens(key, {"shortest_edge": smallest, "longest_edge": smallest})
-            name = key if isinstance(key, str) else f"{len(key)} frames from {key[0]}"
+            value, key = part["video"], _key(part["video"])
+            least = self._count_video_tokens(value, {"shortest_edge": smallest, "longest_edge": smallest})
+            name = value if isinstance(value, str) else f"{len(value)} frames from {_name(value[0])}"
             notes.append(f"video {name}: {(cache or {}).get(key, '?')} tokens, {least} at video_min_pixels")
         return f" ({'; '.join(notes)})" if notes else ""
 
@@ -975,21 +1021,38 @@ def _pad(sequences: list[torch.Tensor], length: int, value: int) -> torch.Tensor
     return batch
 
 
-def build_datasets(data_cfg: Any, processor: Any) -> tuple[ConversationDataset, ConversationDataset | None]:
+def build_datasets(data_cfg: Any, processor: Any, seed: int = 0
+                   ) -> tuple[ConversationDataset, ConversationDataset | None]:
     """The train and eval datasets of a ``DataConfig`` (``train_file``, ``eval_file``,
-    ``max_length``); eval is None when ``eval_file`` is empty.
+    ``eval_fraction``, ``max_length``, ``video_fps``, ``video_max_frames``); eval is None
+    when there is neither an ``eval_file`` nor an ``eval_fraction``.
 
-    `processor` comes from ``load_processor(model_dir, min_pixels, max_pixels,
-    video_min_pixels, video_max_pixels)``, which is where the config's pixel bounds
-    apply; the frame rate and count apply here. Rows are not checked here: pass each
-    dataset through :func:`validate`.
+    `processor` comes from ``load_processor_for(model_dir, data_cfg)``, which is where
+    the config's pixel bounds apply. `seed` (``train.seed``) decides which rows
+    ``eval_fraction`` holds out (:func:`hold_out`). Rows are not checked here: pass
+    each dataset through :func:`validate`.
     """
     video = VideoSampling(fps=data_cfg.video_fps, max_frames=data_cfg.video_max_frames)
     train = ConversationDataset(load_rows(data_cfg.train_file), processor, data_cfg.max_length, video)
     evaluation = None
     if data_cfg.eval_file:
         evaluation = ConversationDataset(load_rows(data_cfg.eval_file), processor, data_cfg.max_length, video)
+    elif getattr(data_cfg, "eval_fraction", 0):
+        kept, held = hold_out(len(train), data_cfg.eval_fraction, seed)
+        train, evaluation = train.select(kept), train.select(held)
     return train, evaluation
+
+
+def hold_out(rows: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train rows, eval rows) of `rows` rows with `fraction` of them (rounded, at least
+    one, never all) held out for evaluation: a seeded permutation's first rows, each
+    list in row order. A pure function of its arguments, so every rank and every
+    launch draws the same split."""
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    count = min(max(1, round(rows * fraction)), rows - 1)
+    held = set(torch.randperm(rows, generator=generator)[:count].tolist())
+    return [r for r in range(rows) if r not in held], sorted(held)
 
 
 @dataclasses.dataclass
@@ -1099,7 +1162,7 @@ def validate(
     if not check.errors:
         everything = range(len(dataset))
         return dataset.with_media(check.media_of(everything)), [check.lengths[i] for i in everything], None
-    file = dataset.rows[0]["file"]
+    file = dataset.rows.name
     errors = [check.errors[i] for i in sorted(check.errors)]
     listing = "\n  ".join(errors[:listed])
     if len(errors) > listed:

@@ -108,3 +108,36 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+
+def as_dataset(jsonl_path):
+    """The rows of a JSONL data file as a ``datasets.Dataset`` in TRL's vision format:
+    ``messages`` whose parts are all lists of ``{"type", "text", "video"}`` (images as
+    ``{"type": "image"}`` placeholders) and an ``images`` column of ``datasets.Image``
+    with the image files' bytes embedded. Videos stay paths (absolute). ft normalises
+    both forms to the same messages, so the samples must come out identical."""
+    import datasets
+
+    from ft.data import load_rows, parse
+
+    rows = load_rows(jsonl_path)
+    records = []
+    for i in range(len(rows)):
+        messages, images = [], []
+        for message in parse(rows, i):
+            parts = []
+            for part in message["content"]:
+                if part["type"] == "video" and not isinstance(part["video"], str):
+                    raise ValueError("a list of frames does not fit this schema")
+                parts.append({"type": part["type"], "text": part.get("text"),
+                              "video": part.get("video") if part["type"] == "video" else None})
+                if part["type"] == "image":
+                    images.append({"bytes": open(part["image"], "rb").read(), "path": None})
+            messages.append({"role": message["role"], "content": parts})
+        records.append({"messages": messages, "images": images})
+    part = {"type": datasets.Value("string"), "text": datasets.Value("string"), "video": datasets.Value("string")}
+    features = datasets.Features({
+        "messages": datasets.List({"role": datasets.Value("string"), "content": datasets.List(part)}),
+        "images": datasets.List(datasets.Image()),
+    })
+    return datasets.Dataset.from_list(records, features=features)

@@ -146,7 +146,7 @@ def test_formats_and_paths_normalise_to_the_same_sample(data_dir, processor, mon
     ]
     path = write_jsonl(data_dir / "mixed.jsonl", rows)
     rows_ds = load_rows(path)
-    assert rows_ds["line"] == [1, 3, 4, 5]
+    assert rows_ds.lines == [1, 3, 4, 5]
     ds = ConversationDataset(rows_ds, processor, 4096)
     assert ds.messages(1)[0]["content"] == [{"type": "image", "image": red}, {"type": "text", "text": "What is this?"}]
     first = ds[0]
@@ -498,7 +498,7 @@ def test_validate_skip_keeps_exactly_the_good_rows(bad_data, processor):
     path, good, bad, max_length = bad_data
     ds = dataset(path, processor, max_length)
     kept, lengths, note = validate(ds, "skip", listed=2)
-    assert kept.rows["line"] == good
+    assert kept.rows.lines == good
     assert lengths == [len(kept[i]["input_ids"]) for i in range(len(kept))]
     assert lengths[-1] == max_length  # the long answer is cut, not dropped
     lines = note.splitlines()
@@ -527,7 +527,7 @@ def test_validation_shards_over_ranks_and_workers(bad_data, processor):
     for rank in range(world):
         kept, lengths, note = validate(ds, "skip", rank, world, gather=lambda mine, rank=rank: (
             parts[:rank] + [mine] + parts[rank + 1:]))
-        assert (kept.rows["line"], lengths, note) == (single[0].rows["line"], single[1], single[2])
+        assert (kept.rows.lines, lengths, note) == (single[0].rows.lines, single[1], single[2])
 
 
 def test_rows_broken_after_validation_raise_data_error(data_dir, processor, make_image):
