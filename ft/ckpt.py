@@ -375,9 +375,9 @@ def find_resume_checkpoint(train_cfg, out: str, info: DistInfo, log=print) -> st
     return complete[-1].path if complete else None
 
 
-RUN_SHAPE_ADDED = {"pack_length": 0}
+RUN_SHAPE_ADDED = {"pack_length": 0, "eval_fraction": 0.0}
 """Run-shape keys newer than some checkpoints, with the value such a checkpoint implies
-(it predates packing, so it did not pack)."""
+(it predates packing and eval_fraction, so it did not pack and held out no rows)."""
 
 
 def check_run_shape(path: str, saved: dict, now: dict) -> None:

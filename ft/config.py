@@ -66,6 +66,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "WandbConfig",
+    "builds_tiny_model",
     "choices",
     "config_reference_markdown",
     "config_to_dict",
@@ -73,6 +74,7 @@ __all__ = [
     "field_choices",
     "field_docs",
     "load_config",
+    "model_path_refusal",
     "save_config",
     "validate_config",
 ]
@@ -93,9 +95,12 @@ class ModelConfig:
     against the working directory."""
 
     build_tiny_if_missing: bool = False
-    """When `path` does not exist, build a tiny randomly initialised Qwen2.5-VL there
-    (for demos and tests) instead of failing. Leave false for real checkpoints so that a
-    typo in `path` is an error rather than a silent fine-tune of a random model."""
+    """Build a tiny randomly initialised Qwen2.5-VL (for the demo) when `path` is left at
+    its default place, `runs/tiny-qwen2.5-vl`, and holds no model yet. Only there: any
+    other `path` must be a folder with config.json and weights, even when this is true,
+    and one that does not exist or lacks config.json is refused before anything is
+    written, so that a typo in `path` is an error rather than a silent fine-tune of a
+    random model. Leave false for real checkpoints."""
 
     tiny_vocab: Literal["real", "small"] = "real"
     """Vocabulary of the tiny model made by `build_tiny_if_missing`: `real` uses the full
@@ -129,12 +134,20 @@ class DataConfig:
     """Training and evaluation data, and how samples are sized."""
 
     train_file: str = "data/demo/train.jsonl"
-    """JSONL file of training conversations, one sample per line (format: see the
-    README). A relative path resolves against the working directory."""
+    """Training conversations (formats: see the README): a JSONL file, one sample per
+    line; a folder written by `datasets.Dataset.save_to_disk`; or local Parquet or Arrow
+    files, one path or a glob (`data/train-*.parquet`). Datasets are read lazily from
+    memory-mapped Arrow. A relative path resolves against the working directory."""
 
     eval_file: str = "data/demo/eval.jsonl"
-    """JSONL file of evaluation conversations in the same format as `train_file`. The
-    empty string disables evaluation."""
+    """Evaluation conversations, in any form `train_file` takes. The empty string
+    disables evaluation, unless `eval_fraction` carves an eval set out of `train_file`."""
+
+    eval_fraction: float = 0.0
+    """Fraction of `train_file`'s rows held out for evaluation (at least one row), when
+    there is no `eval_file`: which rows is decided by `train.seed` alone, the same on
+    every rank and on every launch, and they never train. 0 holds out none. Setting it
+    together with `eval_file` is refused."""
 
     max_length: int = 2048
     """Maximum tokens per sample, image and video tokens included. A longer sample is
@@ -285,6 +298,13 @@ class TrainConfig:
     eval_steps: int = 20
     """Evaluate on `eval_file` every this many optimizer steps, and at the end of
     training. 0 evaluates only at the end. Ignored when `eval_file` is empty."""
+
+    metric_for_best: Literal["eval_loss", "eval_token_accuracy"] = "eval_loss"
+    """Which eval metric picks the model exported to `output_dir/best/`: `eval_loss`
+    (token-weighted cross-entropy, lower is better; the recipe's) or
+    `eval_token_accuracy` (share of label tokens whose most likely prediction is the
+    label, token-weighted over the whole eval set; higher is better). Both are logged
+    at every eval either way."""
 
     save_steps: int = 20
     """Write a resumable checkpoint to `output_dir/checkpoints/step-N/` every this many
@@ -522,6 +542,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.max_length": (lambda v: v >= 16, ">= 16"),
     "data.min_pixels": (lambda v: v > 0, "> 0"),
     "data.max_pixels": (lambda v: v > 0, "> 0"),
+    "data.eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.video_fps": (lambda v: v > 0, "> 0"),
     "data.video_max_frames": (lambda v: v >= 2 and v % 2 == 0, "an even number >= 2 (two frames per video token)"),
     "data.video_min_pixels": (lambda v: v > 0, "> 0"),
@@ -730,6 +751,11 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
         value = value_of(key)
         if not ok(value):
             raise ConfigError(f"{where(key)}: {key}: {value!r} must be {description}")
+    if cfg.data.eval_fraction and cfg.data.eval_file:
+        raise ConfigError(f"data.eval_fraction ({cfg.data.eval_fraction}, from {where('data.eval_fraction')}) "
+                          f"carves an eval set out of train_file, but data.eval_file is set too "
+                          f"({cfg.data.eval_file!r}, from {where('data.eval_file')}): set data.eval_file= (empty) "
+                          "or data.eval_fraction=0")
     for low, high in (("data.min_pixels", "data.max_pixels"), ("data.video_min_pixels", "data.video_max_pixels")):
         if value_of(low) > value_of(high):
             raise ConfigError(f"{low} ({value_of(low)}, from {where(low)}) must be <= "
@@ -760,12 +786,41 @@ def validate_config(cfg: Config) -> None:
     _validate(cfg, {})
 
 
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+def builds_tiny_model(model: ModelConfig) -> bool:
+    """Whether `model.path` is where `build_tiny_if_missing` may build the demo model:
+    the field's default place (relative to the working directory), and only there."""
+    return model.build_tiny_if_missing and Path(model.path).resolve() == Path(ModelConfig.path).resolve()
+
+
+def model_path_refusal(model: ModelConfig) -> str | None:
+    """Why `model.path` cannot be trained from (a folder that does not exist, is not a
+    folder or has no config.json), or None. Reads the file system; creates nothing."""
+    path = Path(model.path)
+    if builds_tiny_model(model):
+        return None  # the demo model is built there if missing (ft.loop)
+    if not path.exists():
+        problem = "does not exist"
+    elif not path.is_dir():
+        problem = "is not a folder"
+    elif not (path / "config.json").is_file():
+        problem = "has no config.json"
+    else:
+        return None
+    hint = (f"; model.build_tiny_if_missing builds the tiny demo model only at its default place, "
+            f"{ModelConfig.path}" if model.build_tiny_if_missing else "")
+    return (f"model.path: {model.path!r} {problem}: expected a folder with a Qwen2.5-VL "
+            f"checkpoint (config.json and weights){hint}")
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
+                check_model: bool = False) -> Config:
     """Build a Config from defaults, the YAML file at `path` (if any), then `overrides`.
 
     Each override is a ``section.key=value`` string; later overrides win. Raises
     ConfigError for a missing or malformed file, an unknown section or key, a value of
-    the wrong type, or a value outside its allowed choices or range.
+    the wrong type, or a value outside its allowed choices or range. With `check_model`
+    (what a training run needs, not printing a config for another machine) also for a
+    `model.path` that is not a checkpoint folder (:func:`model_path_refusal`).
     """
     cfg = Config()
     sources: dict[str, str] = {}
@@ -783,6 +838,9 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
     for override in overrides:
         _apply_override(cfg, override, sources)
     _validate(cfg, sources)
+    refusal = check_model and model_path_refusal(cfg.model)
+    if refusal:
+        raise ConfigError(f"{sources.get('model.path', 'default')}: {refusal}")
     return cfg
 
 

@@ -42,12 +42,12 @@ from transformers.utils import logging as hf_logging
 
 from ft import ckpt, dist, faults, watchdog
 from ft.ckpt import CheckpointMismatch, ResumeError
-from ft.config import ConfigError, config_to_dict, load_config, save_config
+from ft.config import ConfigError, builds_tiny_model, config_to_dict, load_config, model_path_refusal, save_config
 from ft.data import IMAGE, MEDIA, VIDEO, Batch, Collator, DataError, build_datasets, validate
 from ft.fsdp_wrap import checkpoint_summary, plan_units, root_members, wrap_model
 from ft.dryrun import format_plan
 from ft.metrics import memory_stats, mfu, peak_flops, train_flops
-from ft.model import load_model, loss_sum
+from ft.model import load_model, loss_sum, loss_sum_and_correct
 from ft.optim import build_optimizer, clip_grad_norm, lr_scale, set_lr
 from ft.parts import PARTS, WrapPlanError, apply_freezing, param_groups
 from ft.packing import PackedBatchSampler, PackedRows, RopeIndex, eval_batches, truncates_video_seconds, varlen_refusal
@@ -75,7 +75,8 @@ class TrainState:
     epoch_batches: int = 0  # micro-batches each rank has consumed in this epoch
     samples_seen: int = 0  # all ranks, skipped ones included
     tokens_seen: int = 0  # real (non-pad) tokens trained on, all ranks
-    best_eval_loss: float | None = None
+    best_metric: float | None = None  # train.metric_for_best's value at best_step
+    best_metric_name: str = "eval_loss"
     best_step: int | None = None
     last_eval_step: int | None = None
     skipped_steps: int = 0  # non-finite loss/gradient, or a bad sample under on_bad_sample=skip
@@ -86,6 +87,9 @@ class TrainState:
         return asdict(self)
 
     def load_state_dict(self, d: dict) -> None:
+        d = dict(d)
+        if "best_eval_loss" in d:  # checkpoints from before train.metric_for_best
+            d["best_metric"] = d.pop("best_eval_loss")
         for k, v in d.items():
             setattr(self, k, v)
 
@@ -308,7 +312,11 @@ def resolve_precision(precision: str, info: dist.DistInfo) -> str:
 
 def prepare_processor(run: Run):
     cfg, info = run.cfg, run.info
-    if cfg.model.build_tiny_if_missing and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+    refusal = model_path_refusal(cfg.model)  # `main` refused it already; `train(cfg)` from code
+    if refusal:
+        raise ConfigError(refusal)
+    # Only at the demo model's default place: a typo in model.path is refused above.
+    if builds_tiny_model(cfg.model) and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         if info.local_rank == 0:  # one builder per node: the folder may not be shared
             from ft.tiny import save_tiny
 
@@ -330,7 +338,7 @@ def build_data(run: Run, processor) -> None:
     refusal = run.pack_length and varlen_refusal(cfg.model.attn_implementation)
     if refusal:
         raise ConfigError(refusal)
-    train_ds, eval_ds = build_datasets(cfg.data, processor)
+    train_ds, eval_ds = build_datasets(cfg.data, processor, cfg.train.seed)
     t0 = time.perf_counter()
     train_ds, train_lengths, note = validate(  # SYNC (all-gather)
         train_ds, cfg.data.on_bad_sample, info.rank, world, dist.all_gather_object,
@@ -386,7 +394,8 @@ def build_data(run: Run, processor) -> None:
         "world_size": world, "per_device_train_batch_size": bs,
         "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps, "seed": cfg.train.seed,
         "train_file": os.path.abspath(cfg.data.train_file), "train_rows": len(train_ds),
-        "group_by_length": cfg.data.group_by_length, "pack_length": run.pack_length,
+        "eval_fraction": cfg.data.eval_fraction, "group_by_length": cfg.data.group_by_length,
+        "pack_length": run.pack_length,
     }
 
 
@@ -442,6 +451,12 @@ def resume(run: Run) -> None:
     run.state.load_state_dict(meta["train_state"])
     log(run.info, f"resumed from {run.resume_path} (step {run.state.step}, epoch {run.state.epoch}) "
                   f"in {time.perf_counter() - t0:.1f} s")
+    metric = run.cfg.train.metric_for_best
+    if run.state.best_metric is not None and run.state.best_metric_name != metric:
+        log(run.info, f"train.metric_for_best changed from {run.state.best_metric_name} to {metric}: the next "
+                      f"eval's model replaces best/ (step {run.state.best_step}'s, best by the old metric)")
+        run.state.best_metric = None
+    run.state.best_metric_name = metric
     if run.state.step >= run.cfg.train.max_steps:
         log(run.info, f"step {run.state.step} >= train.max_steps={run.cfg.train.max_steps}: nothing left to train")
 
@@ -645,21 +660,28 @@ def progress_bar(run: Run) -> tqdm | None:
     return tqdm(total=run.cfg.train.max_steps, initial=run.state.step, desc="train", dynamic_ncols=True)
 
 
+BEST = {"eval_loss": min, "eval_token_accuracy": max}
+"""Each `train.metric_for_best` choice, and which of two values is the better."""
+
+
 def eval_and_export(run: Run) -> None:
     state, cfg = run.state, run.cfg
-    eval_loss = evaluate(run.model, run.eval_ds, run.collator, eval_plan(run),  # SYNC eval/...
-                         cfg.train.dataloader_num_workers, cfg.train.loss_chunk_size, cfg.data.on_bad_sample,
-                         run.info)
+    metrics = evaluate(run.model, run.eval_ds, run.collator, eval_plan(run),  # SYNC eval/...
+                       cfg.train.dataloader_num_workers, cfg.train.loss_chunk_size, cfg.data.on_bad_sample,
+                       run.info)
     state.last_eval_step = state.step
-    improved = state.best_eval_loss is None or eval_loss < state.best_eval_loss
+    name = cfg.train.metric_for_best
+    value = metrics[name]
+    improved = state.best_metric is None or BEST[name](value, state.best_metric) != state.best_metric
     if improved:
-        state.best_eval_loss, state.best_step = eval_loss, state.step
+        state.best_metric, state.best_metric_name, state.best_step = value, name, state.step
         with watchdog.at("eval/export"):
             ckpt.export_hf(run.model, run.best_dir, cfg.model.path, run.info,  # SYNC eval/export
-                           {"step": state.step, "eval_loss": eval_loss}, training_settings(cfg.data))
+                           {"step": state.step, **metrics}, training_settings(cfg.data))
     if run.tracker:
-        run.tracker.log({"step": state.step, "eval_loss": eval_loss})
-    log(run.info, f"step {state.step}: eval_loss {eval_loss:.4f}" + (" (best, exported)" if improved else ""))
+        run.tracker.log({"step": state.step, **metrics})
+    log(run.info, f"step {state.step}: eval_loss {metrics['eval_loss']:.4f}, eval_token_accuracy "
+                  f"{metrics['eval_token_accuracy']:.4f}" + (f" (best {name}, exported)" if improved else ""))
 
 
 def save(run: Run, reason: str = "") -> None:
@@ -682,12 +704,13 @@ def finish(run: Run, stopped: bool) -> None:
     elif run.eval_ds is not None:
         if state.last_eval_step != state.step:
             eval_and_export(run)  # SYNC
-        log(info, f"best model: step {state.best_step}, eval_loss {state.best_eval_loss:.4f} -> "
+        log(info, f"best model: step {state.best_step}, {state.best_metric_name} {state.best_metric:.4f} -> "
                   f"{os.path.abspath(run.best_dir)}")
     else:
         with watchdog.at("finish/export"):
             ckpt.export_hf(run.model, run.best_dir, run.cfg.model.path, info,  # SYNC finish/export
-                           {"step": state.step, "eval_loss": None}, training_settings(run.cfg.data))
+                           {"step": state.step, "eval_loss": None, "eval_token_accuracy": None},
+                           training_settings(run.cfg.data))
         log(info, f"no eval set: exported the final model (step {state.step}) -> {os.path.abspath(run.best_dir)}")
     totals = run.meter.totals
     if totals["steps"]:
@@ -721,8 +744,10 @@ def eval_plan(run: Run) -> tuple[list, int, int]:
 
 @torch.no_grad()
 def evaluate(model, eval_ds, collator, plan: tuple[list, int, int], num_workers: int, chunk_size: int,
-             on_bad_sample: str, info: dist.DistInfo) -> float:
-    """Token-weighted loss over the whole eval set, identical on every rank. A collective.
+             on_bad_sample: str, info: dist.DistInfo) -> dict[str, float]:
+    """``eval_loss`` (token-weighted cross-entropy) and ``eval_token_accuracy`` (label
+    tokens whose argmax prediction is the label, over all label tokens) over the whole
+    eval set, identical on every rank, from one forward per batch. A collective.
 
     `plan` is `eval_plan`'s. Ranks may have fewer batches than others, yet every rank
     must run as many forwards (each is a series of FSDP all-gathers): the short ranks
@@ -733,7 +758,7 @@ def evaluate(model, eval_ds, collator, plan: tuple[list, int, int], num_workers:
     model.eval()
     batches, n_real, n_batches = plan
     loader = DataLoader(eval_ds, batch_sampler=batches, collate_fn=collator, num_workers=num_workers)
-    total, count, n_bad, inputs = 0.0, 0, 0, None
+    total, count, right, n_bad, inputs = 0.0, 0, 0, 0, None
     it = iter(loader)
     for i in range(n_batches):
         real = i < n_real
@@ -754,17 +779,18 @@ def evaluate(model, eval_ds, collator, plan: tuple[list, int, int], num_workers:
                         real = False
                         break
         with watchdog.at(f"eval/forward {i}"):
-            s, n = loss_sum(model, inputs, chunk_size)  # SYNC eval/forward (FSDP all-gathers inside)
+            s, n, c = loss_sum_and_correct(model, inputs, chunk_size)  # SYNC eval/forward (FSDP all-gathers inside)
         if real:
             total += s.item()
             count += n
+            right += int(c)
     with watchdog.at("eval/sum"):
-        total, count, n_bad = dist.all_reduce_sum([total, count, n_bad], info.device)  # SYNC eval/sum
+        total, count, right, n_bad = dist.all_reduce_sum([total, count, right, n_bad], info.device)  # SYNC eval/sum
     if n_bad and on_bad_sample == "error":
         raise DataError(f"eval: {int(n_bad)} batch(es) could not be loaded (the reasons are printed above; "
                         "data.on_bad_sample=skip would leave them out)")
     model.train()
-    return total / max(count, 1)
+    return {"eval_loss": total / max(count, 1), "eval_token_accuracy": right / max(count, 1)}
 
 
 # =====================================================================================
@@ -840,7 +866,8 @@ def main(argv: list[str] | None = None) -> None:
     config_path = argv[0] if argv and "=" not in argv[0] else None
     refusal = None
     try:
-        train(load_config(config_path, argv[1:] if config_path else argv))
+        # check_model: a missing model.path is refused before anything is created
+        train(load_config(config_path, argv[1:] if config_path else argv, check_model=True))
     except Refused as e:
         refusal = str(e)
     except tuple(REFUSALS) as e:

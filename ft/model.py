@@ -60,6 +60,7 @@ def loss_sum(
 ) -> tuple[torch.Tensor, int]:
     """Forward one micro-batch; return the *sum* of next-token cross-entropies over its
     label tokens (fp32) and how many label tokens there were.
+    (:func:`loss_sum_and_correct` also counts the label tokens predicted right.)
 
     A sum, not a mean: the loop divides by the label-token count of the whole optimizer
     step (all micro-batches, all ranks), which makes the update independent of how the
@@ -71,13 +72,28 @@ def loss_sum(
     plain path that materialises the logits of every position. Both give the same loss
     and gradients up to float rounding.
     """
+    loss, count, _ = _forward(model, batch, chunk_size, count_correct=False)
+    return loss, count
+
+
+def loss_sum_and_correct(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """:func:`loss_sum`, and how many label tokens the model predicts right (the argmax
+    of the logits equals the label; a 0-d int64 tensor), from the same forward: the
+    chunked loss takes the argmax of each chunk of logits it computes anyway."""
+    return _forward(model, batch, chunk_size, count_correct=True)
+
+
+def _forward(model, batch, chunk_size: int, count_correct: bool) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
     # Position t predicts token t+1.
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     if chunk_size > 0:
-        with _chunked_loss_hooks(model, keep, targets[keep], chunk_size):
+        correct: dict[str, torch.Tensor] = {}
+        with _chunked_loss_hooks(model, keep, targets[keep], chunk_size, correct if count_correct else None):
             out = model(
                 **inputs,
                 use_cache=False,
@@ -85,18 +101,21 @@ def loss_sum(
                 # forward still runs lm_head, on an empty [batch, 0, hidden] input.
                 logits_to_keep=torch.empty(0, dtype=torch.long, device=labels.device),
             )
-        return out.loss, int(keep.sum())
+        return out.loss, int(keep.sum()), correct.get("correct")
     logits = model(**inputs, use_cache=False).logits
     # Select the label positions before the fp32 upcast so the [tokens x vocab] fp32
     # copy only exists for tokens that are learned.
     picked = logits[:, :-1][keep].float()
     loss = F.cross_entropy(picked, targets[keep], reduction="sum")
-    return loss, int(keep.sum())
+    right = (picked.argmax(-1) == targets[keep]).sum() if count_correct else None
+    return loss, int(keep.sum()), right
 
 
 @contextlib.contextmanager
-def _chunked_loss_hooks(model: torch.nn.Module, keep: torch.Tensor, targets: torch.Tensor, chunk_size: int):
-    """Make `model`'s next forward return the chunked loss sum as `output.loss`.
+def _chunked_loss_hooks(model: torch.nn.Module, keep: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                        correct: dict | None = None):
+    """Make `model`'s next forward return the chunked loss sum as `output.loss` (and,
+    given a dict `correct`, put the count of right argmax predictions in it).
 
     Why hooks inside the forward: under FSDP1, lm_head.weight belongs to the root unit,
     whose flat parameter is all-gathered (and the original parameters' views point into
@@ -119,7 +138,11 @@ def _chunked_loss_hooks(model: torch.nn.Module, keep: torch.Tensor, targets: tor
 
     def add_loss(module, args, kwargs, output):
         hidden = captured.pop("hidden")[:, :-1][keep]
-        output["loss"] = chunked_cross_entropy_sum(hidden, hf_model.lm_head.weight, targets, chunk_size)
+        loss, right = _ChunkedCrossEntropySum.apply(hidden, hf_model.lm_head.weight, targets, chunk_size,
+                                                    correct is not None)
+        output["loss"] = loss
+        if correct is not None:
+            correct["correct"] = right
         return output
 
     handles = [
@@ -144,7 +167,7 @@ def chunked_cross_entropy_sum(
     output projection. Logits are computed in the weight's dtype and upcast to fp32 per
     chunk, as the plain path does for all of them.
     """
-    return _ChunkedCrossEntropySum.apply(hidden, weight, targets, chunk_size)
+    return _ChunkedCrossEntropySum.apply(hidden, weight, targets, chunk_size, False)[0]
 
 
 class _ChunkedCrossEntropySum(torch.autograd.Function):
@@ -155,26 +178,30 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
     model); here every chunk adds into one buffer in place."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size):
+    def forward(ctx, hidden, weight, targets, chunk_size, count_correct):
         # fp32, or fp64 when the inputs are (gradcheck).
         dtype = torch.promote_types(weight.dtype, torch.float32)
         lse = torch.empty(len(hidden), dtype=dtype, device=hidden.device)
         total = torch.zeros((), dtype=dtype, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, len(hidden), chunk_size):
             rows = slice(start, start + chunk_size)
             logits = F.linear(hidden[rows], weight).to(dtype)
             lse[rows] = torch.logsumexp(logits, dim=-1)
             total += (lse[rows] - logits.gather(1, targets[rows, None]).squeeze(1)).sum()
+            if count_correct:
+                correct += (logits.argmax(-1) == targets[rows]).sum()
             # Free this chunk's logits before the next chunk's exist: rebinding the
             # name would only drop them after the next matmul, doubling the peak.
             del logits
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk_size = chunk_size
-        return total
+        ctx.mark_non_differentiable(correct)
+        return total, correct
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, grad_correct):
         hidden, weight, targets, lse = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -194,4 +221,4 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
             if need_weight:
                 grad_weight.addmm_(grad_logits.T, hidden[rows])
             del probs, grad_logits  # as in forward
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None

@@ -27,7 +27,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, get_constant_schedu
 from ft.config import DataConfig
 from ft.data import Collator, ConversationDataset, load_rows
 from ft.processor import load_processor
-from conftest import free_port, write_test_image, write_test_video
+from conftest import as_dataset, free_port, write_test_image, write_test_video
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, LR, WARMUP, CLIP, SEED, MAX_LEN = 3, 2e-3, 0.34, 0.5, 7, 512
@@ -148,12 +148,17 @@ def reference(model_dir: str, data: Path, freeze_vision_tower: bool = False):
         sched.step()
         opt.zero_grad()
         losses.append(loss.item())
-    # Token-weighted eval loss of the final weights over the whole eval set.
+    # Token-weighted eval loss and token accuracy of the final weights over the whole
+    # eval set, by hand: argmax of the logits at t against the label at t+1.
     model.eval()
     eval_ds = ConversationDataset(load_rows(data / "eval.jsonl"), processor, MAX_LEN)
     with torch.no_grad():
-        eval_loss = model(**collate(list(eval_ds)).inputs).loss.item()
-    return losses, norms, eval_loss, {k: v.detach() for k, v in model.state_dict().items()}
+        batch = collate(list(eval_ds)).inputs
+        out = model(**batch)
+        targets = batch["labels"][:, 1:]
+        learned = targets != -100
+        accuracy = ((out.logits[:, :-1].argmax(-1) == targets) & learned).sum().item() / learned.sum().item()
+    return losses, norms, (out.loss.item(), accuracy), {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def read_metrics(out: Path):
@@ -161,8 +166,15 @@ def read_metrics(out: Path):
     return [r for r in rows if "loss" in r], [r for r in rows if "eval_loss" in r]
 
 
-def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, tmp_path):
-    ref_losses, ref_norms, ref_eval, ref_weights = reference(tiny_model_dir, dataset)
+@pytest.fixture(scope="module")
+def ref(tiny_model_dir, dataset):
+    """The single-process reference on the JSONL rows."""
+    return reference(tiny_model_dir, dataset)
+
+
+def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, ref, tmp_path):
+    ref_losses, ref_norms, ref_eval, ref_weights = ref
+    assert ref_eval[1] > 0  # some eval tokens are right: the accuracy comparison means something
     runs = {
         "2 ranks x batch 1 (activation checkpointing)": launch(
             tmp_path, tiny_model_dir, dataset, 2, "train.per_device_train_batch_size=1",
@@ -180,7 +192,8 @@ def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, t
         assert [r["loss"] for r in train] == pytest.approx(ref_losses, abs=1e-5), name
         assert [r["grad_norm"] for r in train] == pytest.approx(ref_norms, rel=1e-4), name
         assert [e["step"] for e in evals] == [STEPS], name  # eval_steps=0: one eval, at the end
-        assert evals[0]["eval_loss"] == pytest.approx(ref_eval, abs=1e-5), name
+        assert evals[0]["eval_loss"] == pytest.approx(ref_eval[0], abs=1e-5), name
+        assert evals[0]["eval_token_accuracy"] == pytest.approx(ref_eval[1], abs=1e-9), name
         exported = load_file(str(out / "best" / "model.safetensors"))
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "best", dtype=torch.float32)
         got = model.state_dict()
@@ -191,6 +204,31 @@ def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, t
     # The weights moved at all (otherwise equality above would be vacuous).
     initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).state_dict()
     assert max((initial[k] - ref_weights[k]).abs().max().item() for k in ref_weights) > 1e-3
+
+
+def test_hf_datasets_train_like_jsonl(tiny_model_dir, dataset, ref, tmp_path):
+    """The training rows as a save_to_disk folder (TRL format, images embedded) and the
+    eval rows as Parquet: 2 ranks give the reference's per-step losses, gradient norms
+    and final weights, computed on the JSONL rows."""
+    ref_losses, ref_norms, _, ref_weights = ref
+    as_dataset(dataset / "train.jsonl").save_to_disk(str(tmp_path / "train-ds"))
+    out = launch(tmp_path, tiny_model_dir, dataset, 2, "train.per_device_train_batch_size=1",
+                 f"data.train_file={tmp_path / 'train-ds'}", f"data.eval_file={_parquet(dataset, tmp_path)}")
+    train, evals = read_metrics(out)
+    assert [r["loss"] for r in train] == pytest.approx(ref_losses, abs=1e-5)
+    assert [r["grad_norm"] for r in train] == pytest.approx(ref_norms, rel=1e-4)
+    assert len(evals) == 1 and evals[0]["eval_loss"] > 0
+    got = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "best", dtype=torch.float32).state_dict()
+    assert max((got[k] - ref_weights[k]).abs().max().item() for k in ref_weights) <= 1e-5
+
+
+def _parquet(dataset: Path, tmp_path: Path) -> Path:
+    """The first three eval rows (the fourth's list of frames does not fit the schema)."""
+    rows = (dataset / "eval.jsonl").read_text().splitlines()[:3]
+    (dataset / "eval3.jsonl").write_text("\n".join(rows) + "\n")
+    path = tmp_path / "eval.parquet"
+    as_dataset(dataset / "eval3.jsonl").to_parquet(str(path))
+    return path
 
 
 def test_sharded_equals_unsharded_with_frozen_vision_tower(tiny_model_dir, dataset, tmp_path):
@@ -241,7 +279,8 @@ def test_launch_demo_config_end_to_end(demo_run):
     assert summary["avg_tokens_per_s_per_device"] > 0 and summary["peak_rss_gib"] > 0.1
     best = min(evals, key=lambda e: e["eval_loss"])
     info = json.loads((out / "best" / "ft_export.json").read_text())
-    assert info == {"step": best["step"], "eval_loss": pytest.approx(best["eval_loss"])}
+    assert info == {"step": best["step"], "eval_loss": pytest.approx(best["eval_loss"]),
+                    "eval_token_accuracy": pytest.approx(best["eval_token_accuracy"])}
     assert (out / "config.yaml").is_file()
     for step in (2, 4):
         ck = out / "checkpoints" / f"step-{step}"
@@ -292,3 +331,20 @@ def test_config_typo_is_a_clean_error():
     assert proc.returncode == 2
     assert "unknown key 'train.learning_rat'; did you mean 'train.learning_rate'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_best_export_follows_token_accuracy_when_asked(tiny_model_dir, dataset, tmp_path):
+    """metric_for_best=eval_token_accuracy exports the step with the highest accuracy
+    (the first of equals), whatever the loss says."""
+    out = launch(tmp_path, tiny_model_dir, dataset, 2, "train.per_device_train_batch_size=1",
+                 "train.max_steps=8", "train.eval_steps=1", "train.save_steps=0", "train.learning_rate=5e-3",
+                 "train.metric_for_best=eval_token_accuracy")
+    _, evals = read_metrics(out)
+    accuracy = [e["eval_token_accuracy"] for e in evals]
+    assert len(set(accuracy)) > 1, accuracy  # it moved, so the choice means something
+    best = max(evals, key=lambda e: e["eval_token_accuracy"])
+    info = json.loads((out / "best" / "ft_export.json").read_text())
+    assert info["step"] == best["step"] and info["eval_token_accuracy"] == pytest.approx(max(accuracy))
+    # Here the loss keeps falling after the accuracy peaks (measured: best accuracy at
+    # step 2, lowest loss at step 8), so the two metrics pick different models.
+    assert info["step"] != min(evals, key=lambda e: e["eval_loss"])["step"]
