@@ -10,14 +10,17 @@
 #   NNODES          number of nodes (default 1)
 #   NODE_RANK       this node's index, 0..NNODES-1 (default 0)
 #   MASTER_ADDR     address of node 0, reachable from every node (default 127.0.0.1)
-#   MASTER_PORT     a free TCP port on node 0 (default 29500)
+#   MASTER_PORT     a free TCP port on node 0. Unset on one node (NNODES=1): torchrun
+#                   --standalone picks a free port itself, so several jobs can share a
+#                   node. Unset on several nodes: 29500, as every node must agree on it
 #   MAX_RESTARTS    times torchrun restarts the whole group after a rank dies (default 3);
 #                   each restart resumes from the newest complete checkpoint
 #   PYTHON          interpreter with ft installed (default: .venv/bin/python if present)
 #
 # SIGTERM, SIGUSR1 (SLURM's pre-preemption signal) and Ctrl-C are passed to the training
 # processes, not to torchrun: they finish the current step, write a checkpoint and exit
-# 0, and so does this script. A second Ctrl-C stops everything at once.
+# 0, and so does this script. A second Ctrl-C stops everything at once. torchrun ignores
+# SIGUSR1, so SLURM may send it to every process of the job (examples/slurm.sbatch).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -46,7 +49,18 @@ fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
+if [[ "$NNODES" == 1 && -z "${MASTER_PORT:-}" ]]; then
+  # One node and no port asked for: torchrun's own rendezvous on a free localhost port
+  # (--standalone), so a second job on this node does not fail with EADDRINUSE.
+  # --local-addr: the workers reach that store at 127.0.0.1, not at the host's FQDN,
+  # which a container or a laptop may not resolve.
+  RENDEZVOUS=(--standalone --local-addr 127.0.0.1)
+  MASTER="localhost:free port"
+else
+  MASTER_PORT=${MASTER_PORT:-29500}
+  RENDEZVOUS=(--node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+  MASTER="$MASTER_ADDR:$MASTER_PORT"
+fi
 
 # The demo never needs the network: W&B logs offline unless an API key is configured
 # (see wandb.mode), and nothing is fetched from the Hugging Face Hub.
@@ -68,16 +82,18 @@ FT_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/ft-exit.XXXXXX")
 export FT_EXIT_FILE
 trap 'rm -f "$FT_EXIT_FILE"' EXIT
 
-echo "[launch] $NNODES node(s) x $NPROC_PER_NODE process(es), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT, max restarts $MAX_RESTARTS, config $CONFIG"
+echo "[launch] $NNODES node(s) x $NPROC_PER_NODE process(es), node rank $NODE_RANK, master $MASTER, max restarts $MAX_RESTARTS, config $CONFIG"
 # torchrun in its own session: a signal sent to this script's process group (Ctrl-C,
 # a scheduler's kill) must reach the workers through the trap below, not torchrun,
-# which would kill them 30 s later and exit with an error.
+# which would kill them 30 s later and exit with an error. And torchrun with SIGUSR1
+# ignored: SLURM sends a signal to every process of a job step, and torchrun does not
+# handle SIGUSR1, so it would die of it and leave the workers to be killed mid-checkpoint.
+# The workers inherit the ignore until ft installs its own handler (ft.loop.setup).
+trap '' USR1
 setsid "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" \
-  --node-rank "$NODE_RANK" \
+  "${RENDEZVOUS[@]}" \
   --nproc-per-node "$NPROC_PER_NODE" \
-  --master-addr "$MASTER_ADDR" \
-  --master-port "$MASTER_PORT" \
   --max-restarts "$MAX_RESTARTS" \
   -m ft.loop "$CONFIG" "$@" &
 TORCHRUN=$!
