@@ -183,6 +183,31 @@ def training_settings(data_cfg) -> dict[str, dict]:
     }
 
 
+def saved_video_sampling(model_dir: str | os.PathLike, fps: float | None = None, max_frames: int | None = None):
+    """How to take frames from a video for the model in `model_dir`: `fps` and
+    `max_frames` when given, else what its video_preprocessor_config.json records (ft's
+    exports write the run's ``data.video_fps`` and ``video_max_frames`` there), else
+    ft's defaults; the frame count stays a multiple of the model's temporal patch size."""
+    from ft.video import VideoSampling
+
+    model_dir = Path(model_dir)
+    saved = _json_or_empty(model_dir / "video_preprocessor_config.json")
+    vision = _json_or_empty(model_dir / "config.json").get("vision_config") or {}
+    default = VideoSampling()
+    return VideoSampling(
+        fps=float(fps if fps is not None else saved.get("fps") or default.fps),
+        max_frames=int(max_frames if max_frames is not None else saved.get("max_frames") or default.max_frames),
+        temporal=int(vision.get("temporal_patch_size", saved.get("temporal_patch_size", default.temporal))))
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def export_processor_files(src_model_dir: str | os.PathLike, dst_dir: str | os.PathLike,
                            settings: dict[str, dict] | None = None) -> list[str]:
     """Copy the source model's processor/tokenizer files into an exported model folder.
