@@ -58,7 +58,6 @@ import datasets
 import numpy
 import torch
 from PIL import Image
-from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
 from transformers.video_utils import VideoMetadata
 
 from ft.packing import ROW_MULTIPLE, varlen_kwargs
@@ -730,6 +729,10 @@ class ConversationDataset(torch.utils.data.Dataset):
         # The video processor's own resizing rule. (Its get_num_of_video_patches reads
         # the bounds from `size` in transformers 5.24 but from min_pixels/max_pixels in
         # 5.17, so it is not asked.)
+        # Imported here: the module needs torchvision, which ft.processor.require checks
+        # at start-up with a readable message; importing ft.data must not need it.
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
         processor = self.processor.video_processor
         bounds = size or processor.size
         try:

@@ -394,3 +394,20 @@ def test_missing_torchvision_is_one_line_saying_what_to_install(monkeypatch, tin
         load_processor(tiny_model_dir)
     message = str(error.value)
     assert "\n" not in message and "pip install" in message and "torchvision" in message
+
+
+def test_training_without_torchvision_stops_at_start_up_with_one_line(tmp_path, tiny_model_dir):
+    """Through the real entry point: no traceback, exit 2 (a refusal, not a crash)."""
+    import subprocess
+
+    code = ("import sys, runpy; sys.modules['torchvision'] = None; "
+            f"sys.argv = ['ft.loop', 'configs/demo.yaml', 'model.path={tiny_model_dir}', "
+            f"'model.build_tiny_if_missing=false', 'train.output_dir={tmp_path / 'out'}']; "
+            "runpy.run_module('ft.loop', run_name='__main__')")
+    repo = __import__("pathlib").Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [line for line in (proc.stdout + proc.stderr).splitlines() if "missing dependency" in line]
+    assert "pip install" in line and "torchvision" in line
