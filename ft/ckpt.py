@@ -11,8 +11,9 @@ Layout under `train.output_dir`:
         train_state.json    the completion marker: train state, data position, run shape;
                             written (fsync'd) by rank 0 after every rank finished. A
                             folder without it is incomplete: reported, never resumed.
-    best/                   HF export of the lowest-eval_loss model so far, with the
-                            source model's processor/tokenizer files and `ft_export.json`.
+    best/                   HF export of the best model so far (train.metric_for_best), with the
+                            source model's processor/tokenizer files and `ft_export.json`;
+                            weights in `train.export_dtype` (`export_dtype_name`).
 
 Every function here with a `model` argument is a collective: all ranks must call it.
 """
@@ -297,6 +298,53 @@ def _swap_into_place(tmp: str, path: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""The dtypes an export is written in, by the name config.json records."""
+
+
+def source_dtype_name(source_model_dir: str) -> str:
+    """The dtype the source checkpoint's config.json records (`dtype`, or `torch_dtype`
+    as transformers < 5 writes it), if one of `EXPORT_DTYPES`; else (no entry, another
+    dtype, no readable config.json) "float32"."""
+    try:
+        with open(os.path.join(source_model_dir, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return "float32"
+    name = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    name = name.removeprefix("torch.") if isinstance(name, str) else None  # "torch.bfloat16" too
+    return name if name in EXPORT_DTYPES else "float32"
+
+
+def export_dtype_name(setting: str, source_model_dir: str) -> str:
+    """`train.export_dtype` (`auto`, `bf16`, `fp32`) as a key of `EXPORT_DTYPES`: `auto`
+    is the source checkpoint's dtype (`source_dtype_name`), which may be float16."""
+    if setting == "auto":
+        return source_dtype_name(source_model_dir)
+    names = {"bf16": "bfloat16", "fp32": "float32"}
+    if setting not in names:
+        raise ValueError(f"export dtype {setting!r} is not one of auto, bf16, fp32")
+    return names[setting]
+
+
+def _cast_floating(state_dict: dict, dtype: torch.dtype) -> None:
+    """Cast the floating-point tensors of `state_dict` to `dtype` in place, one at a time,
+    so each full-precision tensor can be freed as soon as its cast replaces it. Integer
+    tensors are left alone. Tensors that share storage (tied embeddings, where the
+    gathered state dict keeps them shared) are cast once and stay shared, so that
+    `save_pretrained` still sees them as tied."""
+    cast: dict[tuple, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dtype == dtype:
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()))
+        if key not in cast:
+            cast[key] = tensor.to(dtype)
+        state_dict[name] = cast[key]
+        del tensor
+
+
 def export_hf(
     model: torch.nn.Module,
     path: str,
@@ -304,23 +352,45 @@ def export_hf(
     info: DistInfo,
     export_info: dict,
     processor_settings: dict[str, dict] | None = None,
+    export_dtype: str = "auto",
 ) -> None:
     """Gather the full weights and write an HF folder at `path` from rank 0, atomically
     (see the backend's `full_state_dict` for where the gathered copy lives), with the
     source model's processor files updated by `processor_settings`
-    (``ft.processor.training_settings``)."""
+    (``ft.processor.training_settings``). Floating-point weights are written in
+    `export_dtype` (`train.export_dtype`, resolved by `export_dtype_name`), cast on rank
+    0 from the gathered master weights, and config.json records that dtype, so that
+    `from_pretrained` without a dtype loads them in it."""
+    dtype_name = export_dtype_name(export_dtype, source_model_dir)  # every rank: a bad value fails on all
     backend = backend_of(model)
     state_dict = backend.full_state_dict(model, info)  # SYNC
     if info.is_main:
         tmp = f"{path}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
+        _cast_floating(state_dict, EXPORT_DTYPES[dtype_name])
         hf_model = backend.unwrap(model)
+        config = hf_model.config
+        if config.get_text_config().tie_word_embeddings and "lm_head.weight" in state_dict:
+            # The gathered state dict holds the tied lm_head as a tensor of its own, so
+            # save_pretrained would write the embedding twice (0.6 GB more in bf16 on
+            # the 3B). from_pretrained ties it back from the config.
+            del state_dict["lm_head.weight"]
+        configs = [config] + [c for c in (getattr(config, k, None) for k in config.sub_configs) if c is not None]
+        dtypes = [c.dtype for c in configs]
         # Training runs without a KV cache; the export is for inference, which wants it.
-        hf_model.config.use_cache = True
+        config.use_cache = True
         try:
             hf_model.save_pretrained(tmp, state_dict=state_dict)
+            # save_pretrained records the in-memory model's dtype (the fp32 master
+            # weights): record the export's, on the config and its sub-configs, as
+            # from_pretrained sets it.
+            for c in configs:
+                c.dtype = dtype_name
+            config.save_pretrained(tmp)
         finally:
-            hf_model.config.use_cache = False
+            config.use_cache = False
+            for c, dtype in zip(configs, dtypes):
+                c.dtype = dtype
         export_processor_files(source_model_dir, tmp, processor_settings)
         write_json_atomic(os.path.join(tmp, EXPORT_INFO_FILE), export_info)
         _make_readable(tmp)

@@ -306,6 +306,17 @@ class TrainConfig:
     label, token-weighted over the whole eval set; higher is better). Both are logged
     at every eval either way."""
 
+    export_dtype: Literal["auto", "bf16", "fp32"] = "auto"
+    """Dtype of the floating-point weights written to `output_dir/best/` (the HF
+    export; its config.json records it, so `from_pretrained` loads it in that dtype by
+    default). `auto`: the dtype of the checkpoint the run started from, as its
+    config.json says (`dtype`, or `torch_dtype` before transformers 5): bfloat16 for the
+    released Qwen2.5-VL models, float16 if the source says float16, fp32 when it says
+    float32, something else or nothing. `bf16` or `fp32` override it. The cast is made
+    on the gathered fp32 master weights when exporting; training and the resumable
+    checkpoints keep fp32 master weights. A bf16 export is half the size of an fp32
+    one."""
+
     save_steps: int = 20
     """Write a resumable checkpoint to `output_dir/checkpoints/step-N/` every this many
     optimizer steps (0: none, except on SIGTERM/SIGUSR1). Sharded with

@@ -427,6 +427,8 @@ def build_model(run: Run) -> torch.nn.Module:
     wrap_model refuses a plan that mixes them, naming the unit."""
     cfg, info = run.cfg, run.info
     model = load_model(cfg.model.path, info, cfg.model.attn_implementation)
+    log(info, f"best/ exports in {ckpt.export_dtype_name(cfg.train.export_dtype, cfg.model.path)} "
+              f"(train.export_dtype={cfg.train.export_dtype})")
     apply_freezing(model, cfg.model)
     units = plan_units(model)
     log(info, format_plan(units, info.world_size, root_names=root_members(model, units)))
@@ -677,7 +679,7 @@ def eval_and_export(run: Run) -> None:
         state.best_metric, state.best_metric_name, state.best_step = value, name, state.step
         with watchdog.at("eval/export"):
             ckpt.export_hf(run.model, run.best_dir, cfg.model.path, run.info,  # SYNC eval/export
-                           {"step": state.step, **metrics}, training_settings(cfg.data))
+                           {"step": state.step, **metrics}, training_settings(cfg.data), cfg.train.export_dtype)
     if run.tracker:
         run.tracker.log({"step": state.step, **metrics})
     log(run.info, f"step {state.step}: eval_loss {metrics['eval_loss']:.4f}, eval_token_accuracy "
@@ -710,7 +712,7 @@ def finish(run: Run, stopped: bool) -> None:
         with watchdog.at("finish/export"):
             ckpt.export_hf(run.model, run.best_dir, run.cfg.model.path, info,  # SYNC finish/export
                            {"step": state.step, "eval_loss": None, "eval_token_accuracy": None},
-                           training_settings(run.cfg.data))
+                           training_settings(run.cfg.data), run.cfg.train.export_dtype)
         log(info, f"no eval set: exported the final model (step {state.step}) -> {os.path.abspath(run.best_dir)}")
     totals = run.meter.totals
     if totals["steps"]:
