@@ -357,7 +357,8 @@ def build_data(run: Run, processor) -> None:
     media = train_ds.media | (eval_ds.media if eval_ds is not None else frozenset())
     kinds = " and ".join(MEDIA[kind].name + "s" for kind in sorted(media)) or "no images or videos"
     log(info, f"data checked in {time.perf_counter() - t0:.1f} s; it holds {kinds}: every batch carries "
-              f"{' and '.join('a ' + MEDIA[kind].name for kind in sorted(media or {IMAGE}))} (a dummy where it has none)")
+              f"{' and '.join(('an ' if kind == IMAGE else 'a ') + MEDIA[kind].name for kind in sorted(media or {IMAGE}))} "
+              "(a dummy where it has none)")
     model_config = AutoConfig.from_pretrained(cfg.model.path)
     if VIDEO in media and truncates_video_seconds(model_config):
         log(info, f"note: transformers {transformers.__version__} rounds a video's seconds per two frames "
