@@ -3,19 +3,30 @@ config.json, without loading weights (the model is built on the meta device) and
 without a GPU. The loop prints the same plan at start-up (`format_plan`).
 
     python -m ft.dryrun /models/Qwen2.5-VL-7B-Instruct --world-size 16 [--freeze-vision-tower] [--optim adamw]
+
+It is also the fit check of a run config: given the YAML file a run would use (plus
+`section.key=value` overrides, as train.py takes them), it reads model.path, the
+freeze_* switches, train.optim, train.precision, fsdp.activation_checkpointing,
+train.loss_chunk_size and the micro-batch's tokens from it, adds an activation estimate
+(`estimate_activations`) to the memory table and says whether a rank fits in
+`--gpu-memory-gib` (80 by default):
+
+    python -m ft.dryrun configs/example_qwen2_5_vl_7b.yaml --world-size 8 train.optim=adamw
 """
 
 from __future__ import annotations
 
 import argparse
 import re
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from ft.backends import BACKENDS, DEFAULT
-from ft.config import field_choices
+from ft.config import Config, ConfigError, DataConfig, TrainConfig, field_choices, load_config
 from ft.fsdp_wrap import Unit, plan_units, root_members
 from ft.optim import OPTIMIZERS
 from ft.parts import PART_NAMES, PARTS, apply_freezing
@@ -175,7 +186,7 @@ def estimate_memory(units: list[Unit], world_size: int, optim: str, precision: s
     )
 
 
-def format_memory(est: MemoryEstimate) -> str:
+def format_memory(est: MemoryEstimate, act: "ActivationEstimate | None" = None) -> str:
     root, largest = est.gathered_units
     biggest = max((u for u in est.gathered_units if u), key=lambda u: u.numel)
     dtype = est.precision
@@ -189,15 +200,178 @@ def format_memory(est: MemoryEstimate) -> str:
         ("", est.gathered, f"{dtype} gathered during compute: {gathered_why}"),
         ("gradients", est.gradients, f"fp32 shards, trainable units only ({_fmt_count(est.trainable)} params)"),
         ("optimizer", est.optimizer, f"{est.optim}: {optim_why}"),
-        ("total", total, "+ activations, buffers, allocator slack"),
     ]
+    if act is None:
+        rows.append(("total", total, "+ activations, buffers, allocator slack"))
     lines = [
         f"Per-rank memory estimate (world size {est.world_size}, {dtype} compute, {est.optim}); "
         f"largest all-gather: {biggest.fqn or '<root>'}, {_fmt_count(biggest.numel)} params = "
         f"{_fmt_bytes(biggest.numel * (2 if dtype == 'bf16' else 4))} in {dtype}",
     ]
     lines += [f"  {name:<11} {_fmt_bytes(n):>10}  {why}" for name, n, why in rows]
+    if act is not None:
+        lines.append(format_activations(act))
+        lines.append(f"  {'total':<11} {_fmt_bytes(total + act.total):>10}  "
+                     "+ CUDA context, NCCL buffers, allocator fragmentation (a few GiB)")
     return "\n".join(lines)
+
+
+# =====================================================================================
+# Activations per micro-batch, and the fit check
+# =====================================================================================
+PATCHES_PER_TOKEN_ASSUMED = "every token an image token"
+
+
+class ActivationEstimate(NamedTuple):
+    """Bytes per rank alive at the peak of one micro-batch's forward + backward, besides
+    the parameter, gradient and optimizer shards of MemoryEstimate."""
+
+    tokens: int
+    vision_patches: int
+    patches_assumed: bool  # True: vision_patches is this module's assumption, not given
+    precision: str
+    checkpointing: bool
+    decoder_inputs: int  # the checkpointed input of every decoder layer
+    vision_inputs: int  # the checkpointed input of every vision block (0: tower frozen)
+    recompute: int  # one layer's intermediates while it is recomputed and backpropagated
+    recompute_of: str  # "decoder layer" or "vision block", the larger
+    loss: int  # one chunk of the chunked loss, forward or backward
+    loss_rows: int
+    other: int  # embeddings, final norm, the label rows fed to the loss and their gradient
+    grad_buffers: int  # unsharded compute-dtype gradients: the root's, and one unit's
+    without_checkpointing: int  # the same total with every layer's intermediates kept
+
+    @property
+    def total(self) -> int:
+        # The loss runs (forward and backward) before any layer is recomputed: the two
+        # peaks are at different times, so the larger one counts.
+        stored = self.decoder_inputs + self.vision_inputs + self.other
+        return stored + max(self.recompute, self.loss) + self.grad_buffers if self.checkpointing \
+            else self.without_checkpointing
+
+
+def _decoder_layer_bytes(text, tokens: int, cb: int) -> int:
+    """Intermediates one decoder layer keeps for its backward (sdpa): its normed input,
+    q, k, v, the rotated q and k, the attention output; the MLP's normed input, gate,
+    up, act(gate) and act(gate) * up, and the gradients of gate and up, alive together
+    in the MLP's backward (its peak); in the compute dtype."""
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    q = text.num_attention_heads * head_dim
+    kv = text.num_key_value_heads * head_dim
+    attention = text.hidden_size + 2 * (q + kv) + kv + q
+    mlp = text.hidden_size + 6 * text.intermediate_size
+    return tokens * (attention + mlp) * cb
+
+
+def _vision_block_bytes(vision, patches: int, cb: int) -> int:
+    """The same for one vision block: normed input, qkv, rotated q and k (rotated in
+    fp32, then cast back), attention output; normed input, gate, up, act, product and
+    the gradients of gate and up."""
+    h, i = vision.hidden_size, vision.intermediate_size
+    return patches * ((h + 3 * h + 2 * h + h) * cb + 2 * h * 4 + (h + 6 * i) * cb)
+
+
+def estimate_activations(
+    config,
+    units: list[Unit],
+    tokens: int,
+    precision: str,
+    checkpointing: bool = True,
+    loss_chunk_size: int = 1024,
+    vision_patches: int | None = None,
+) -> ActivationEstimate:
+    """Activation memory of one micro-batch of `tokens` tokens (all of them labelled,
+    the worst case), for the model of `config` (a Qwen2_5_VLConfig) planned as `units`.
+
+    With activation checkpointing: the input of every decoder layer (tokens x hidden)
+    and of every vision block (patches x vision hidden), kept from forward to backward;
+    plus, at the peak, one layer's intermediates while it is recomputed and
+    backpropagated (the larger of a decoder layer and a vision block) or, earlier in
+    the step, the chunked loss's live chunk (its logits in the compute dtype, their fp32
+    copy and one fp32 temporary: rows x vocab x (bytes + 8), the forward's peak; see
+    ft.model._ChunkedCrossEntropySum), whichever is larger; the embeddings, final norm
+    and label rows; and the unsharded compute-dtype gradient
+    buffers FSDP1 holds until reduce-scatter: the root's for the whole backward, and
+    one other unit's. Vision patches: `vision_patches`, else assumed to be every token
+    an image token, each merged from spatial_merge_size**2 (4) patches (an upper bound
+    for an image-heavy batch). A frozen vision tower that backward never reaches keeps
+    nothing.
+    """
+    cb = 2 if precision == "bf16" else 4
+    text = getattr(config, "text_config", config)
+    vision = config.vision_config
+    assumed = vision_patches is None
+    if assumed:
+        vision_patches = tokens * vision.spatial_merge_size**2
+    vision_trains = any(u.recompute for u in units if "vision_tower" in u.parts) or any(
+        u.trainable_numel for u in units if "vision_tower" in u.parts)
+    hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    decoder_layer = _decoder_layer_bytes(text, tokens, cb)
+    vision_block = _vision_block_bytes(vision, vision_patches, cb) if vision_trains else 0
+    if decoder_layer >= vision_block:
+        recompute, recompute_of = decoder_layer, "decoder layer"
+    else:
+        recompute, recompute_of = vision_block, "vision block"
+    rows = min(loss_chunk_size or tokens, tokens)
+    loss = rows * vocab * (cb + 8)
+    # inputs_embeds and its image-filled copy; the final norm's fp32 upcast and output;
+    # the label rows handed to the loss and their gradient.
+    other = tokens * hidden * (4 * cb + 4)
+    root, others = units[-1], units[:-1]
+    largest = max((u.numel for u in others if u.trainable_numel), default=0)
+    grad_buffers = ((root.numel if root.trainable_numel else 0) + largest) * cb
+    vision_depth = vision.depth if vision_trains else 0
+    without = (layers * decoder_layer + vision_depth * vision_block
+               + loss + other + grad_buffers)
+    return ActivationEstimate(
+        tokens=tokens,
+        vision_patches=vision_patches,
+        patches_assumed=assumed,
+        precision=precision,
+        checkpointing=checkpointing,
+        decoder_inputs=layers * tokens * hidden * cb,
+        vision_inputs=vision_depth * vision_patches * vision.hidden_size * cb,
+        recompute=recompute,
+        recompute_of=recompute_of,
+        loss=loss,
+        loss_rows=rows,
+        other=other,
+        grad_buffers=grad_buffers,
+        without_checkpointing=without,
+    )
+
+
+def format_activations(act: ActivationEstimate) -> str:
+    patches = f"{act.vision_patches} vision patches"
+    if act.patches_assumed:
+        patches += " (assumed: every token an image token x 4 patches; --vision-patches to set)"
+    if not act.checkpointing:
+        return (f"  {'activations':<11} {_fmt_bytes(act.total):>10}  {act.tokens} tokens, {patches}; "
+                "no activation checkpointing: every layer's intermediates kept")
+    parts = [
+        f"inputs of every decoder layer {_fmt_bytes(act.decoder_inputs)}",
+        f"of every vision block {_fmt_bytes(act.vision_inputs)}" if act.vision_inputs
+        else "vision tower frozen: none",
+        f"the larger of one {act.recompute_of} recomputed {_fmt_bytes(act.recompute)} "
+        f"and the loss chunk ({act.loss_rows} rows) {_fmt_bytes(act.loss)}",
+        f"embeddings/norm/label rows {_fmt_bytes(act.other)}",
+        f"unsharded grads {_fmt_bytes(act.grad_buffers)}",
+    ]
+    return (f"  {'activations':<11} {_fmt_bytes(act.total):>10}  {act.tokens} tokens, {patches}, "
+            f"checkpointed: " + "; ".join(parts)
+            + f" (without checkpointing: {_fmt_bytes(act.without_checkpointing)})")
+
+
+def fit_verdict(total: int, gpu_bytes: int, suggestions: list[str]) -> str:
+    spare = gpu_bytes - total
+    if spare >= 0:
+        return f"fits: {_fmt_bytes(total)} of {_fmt_bytes(gpu_bytes)} per rank, {_fmt_bytes(spare)} to spare"
+    line = f"does NOT fit: {_fmt_bytes(total)} per rank is {_fmt_bytes(-spare)} over {_fmt_bytes(gpu_bytes)}"
+    return line + (". To fit: " + "; ".join(suggestions) if suggestions else "")
+
+
+def plan_total(est: MemoryEstimate, act: ActivationEstimate | None) -> int:
+    return est.master + est.gathered + est.gradients + est.optimizer + (act.total if act else 0)
 
 
 # =====================================================================================
@@ -212,35 +386,181 @@ def build_on_meta(config_path: str) -> nn.Module:
         return Qwen2_5_VLForConditionalGeneration._from_config(config)
 
 
+class _Plan(NamedTuple):
+    """What the fit check needs, from a run config or from the flags."""
+
+    model_path: str
+    freeze: dict[str, bool]
+    optim: str
+    precision: str
+    checkpointing: bool
+    tokens: int
+    tokens_why: str
+    loss_chunk_size: int
+
+
+def _is_run_config(path: str) -> bool:
+    return Path(path).suffix.lower() in (".yaml", ".yml")
+
+
+def micro_batch_tokens(cfg: Config) -> tuple[int, str]:
+    """Tokens of one micro-batch of a run config, and where the number comes from."""
+    if cfg.data.packing and cfg.data.pack_length:
+        return cfg.data.pack_length, f"data.pack_length {cfg.data.pack_length}"
+    batch = cfg.train.per_device_train_batch_size
+    return (cfg.data.max_length * batch,
+            f"data.max_length {cfg.data.max_length} x train.per_device_train_batch_size {batch}")
+
+
+def _resolve(args, parser) -> _Plan:
+    """The plan from a run config (YAML + overrides; flags given explicitly win) or a
+    model folder / config.json with the flags. Raises ConfigError for bad input."""
+    flag_freeze = {p.freeze_field: getattr(args, p.freeze_field) for p in PARTS}
+    if _is_run_config(args.config):
+        cfg = load_config(args.config, args.overrides)
+        model_path = cfg.model.path
+        where = f"{args.config}: model.path {model_path!r}"
+        path = Path(model_path)
+        if not path.exists():
+            raise ConfigError(f"{where} does not exist (set model.path=... to a folder with config.json)")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ConfigError(f"{where} has no config.json")
+        freeze = {f: v or getattr(cfg.model, f) for f, v in flag_freeze.items()}
+        precision = args.precision or cfg.train.precision
+        tokens, why = micro_batch_tokens(cfg)
+        return _Plan(model_path, freeze, args.optim or cfg.train.optim,
+                     "bf16" if precision == "auto" else precision,
+                     cfg.fsdp.activation_checkpointing and not args.no_activation_checkpointing,
+                     tokens, why, cfg.train.loss_chunk_size)
+    if args.overrides:
+        parser.error(f"section.key=value overrides need a run config (YAML), got {args.overrides}")
+    path = Path(args.config)
+    if not path.exists():
+        raise ConfigError(f"{args.config}: does not exist (expected a model folder, a config.json or a run config .yaml)")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ConfigError(f"{args.config}: has no config.json")
+    tokens = DataConfig.max_length * TrainConfig.per_device_train_batch_size
+    return _Plan(args.config, flag_freeze, args.optim or TrainConfig.optim, args.precision or "bf16",
+                 not args.no_activation_checkpointing, tokens,
+                 f"data.max_length's default {DataConfig.max_length}", TrainConfig.loss_chunk_size)
+
+
+def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_patches) -> list[str]:
+    """What would make a plan that does not fit, fit: more ranks, freezing, fewer tokens."""
+    def total(world_size: int, units_=units, tokens=plan.tokens, patches=vision_patches) -> int:
+        est = estimate_memory(units_, world_size, plan.optim, plan.precision)
+        act = estimate_activations(model.config, units_, tokens, plan.precision, plan.checkpointing,
+                                   plan.loss_chunk_size, patches)
+        return plan_total(est, act)
+
+    out = []
+    more = next((w for w in (world * 2**k for k in range(1, 8)) if total(w) <= gpu_bytes), None)
+    if more:
+        out.append(f"--world-size {more}")
+    elif total(world * 2**7) > gpu_bytes:
+        out.append("more ranks alone do not help (activations and gathered units do not shrink)")
+    if plan.optim != "adafactor":
+        est = estimate_memory(units, world, "adafactor", plan.precision)
+        act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
+                                   plan.loss_chunk_size, vision_patches)
+        if plan_total(est, act) <= gpu_bytes:
+            out.append("train.optim=adafactor")
+    if not plan.freeze["freeze_vision_tower"]:
+        frozen = dict(plan.freeze, freeze_vision_tower=True)
+        if not all(frozen.values()):
+            apply_freezing(model, argparse.Namespace(**frozen))
+            if total(world, plan_units(model)) <= gpu_bytes:
+                out.append("model.freeze_vision_tower=true")
+            apply_freezing(model, argparse.Namespace(**plan.freeze))
+    if not plan.checkpointing:
+        est = estimate_memory(units, world, plan.optim, plan.precision)
+        act = estimate_activations(model.config, units, plan.tokens, plan.precision, True,
+                                   plan.loss_chunk_size, vision_patches)
+        if plan_total(est, act) <= gpu_bytes:
+            out.append("fsdp.activation_checkpointing=true")
+    low, high = 0, plan.tokens  # the most tokens per micro-batch that fit, by bisection
+    while high - low > 64:
+        mid = (low + high) // 2
+        patches = None if vision_patches is None else vision_patches * mid // plan.tokens
+        if total(world, tokens=mid, patches=patches) <= gpu_bytes:
+            low = mid
+        else:
+            high = mid
+    if low >= 64:
+        out.append(f"at most ~{low // 64 * 64} tokens per micro-batch (--tokens; data.max_length/pack_length)")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m ft.dryrun",
         description="Print the FSDP wrap plan of a Qwen2.5-VL model and an estimate of "
-        "each rank's memory for parameters, gradients and optimizer state, without "
-        "loading weights (the model is built on the meta device).",
+        "each rank's memory for parameters, gradients, optimizer state and activations, "
+        "without loading weights (the model is built on the meta device), and whether it "
+        "fits in --gpu-memory-gib.",
     )
     parser.add_argument("config", metavar="CONFIG",
-                        help="a model folder holding config.json, or a config.json file")
-    parser.add_argument("--world-size", type=int, default=8)
+                        help="a run config (.yaml, as train.py takes it), a model folder holding "
+                        "config.json, or a config.json file")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="overrides of the run config, as train.py takes them")
+    parser.add_argument("--world-size", type=int, default=8, help="ranks sharing the model (default 8)")
     for part in PARTS:
         flag = "--" + part.freeze_field.replace("_", "-")
         parser.add_argument(flag, action="store_true", help=f"freeze the {part.name}: {part.what}")
-    parser.add_argument("--optim", choices=field_choices("train.optim"), default="adafactor",
-                        help="optimizer state counted: " + "; ".join(
+    parser.add_argument("--optim", choices=field_choices("train.optim"), default=None,
+                        help="optimizer state counted (default: the run config's train.optim, else "
+                        f"{TrainConfig.optim}): " + "; ".join(
                             f"{name}: {spec.memory_note}" for name, spec in OPTIMIZERS.items()))
     parser.add_argument("--precision", choices=[c for c in field_choices("train.precision") if c != "auto"],
-                        default="bf16",
-                        help="compute dtype of the gathered parameters")
-    args = parser.parse_args(argv)
+                        default=None,
+                        help="compute dtype of the gathered parameters and activations (default: the "
+                        "run config's train.precision, auto meaning bf16; else bf16)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens per micro-batch (default: the run config's data.pack_length if "
+                        "packing, else data.max_length x train.per_device_train_batch_size)")
+    parser.add_argument("--vision-patches", type=int, default=None,
+                        help="vision patches per micro-batch (default: every token an image token, "
+                        "4 patches each: an upper bound)")
+    parser.add_argument("--no-activation-checkpointing", action="store_true",
+                        help="estimate without activation checkpointing")
+    parser.add_argument("--gpu-memory-gib", type=float, default=80.0,
+                        help="memory of one GPU for the verdict (default 80)")
+    args = parser.parse_intermixed_args(argv)
     if args.world_size < 1:
         parser.error("--world-size must be >= 1")
-    if all(getattr(args, p.freeze_field) for p in PARTS):
+    if args.tokens is not None and args.tokens < 1:
+        parser.error("--tokens must be >= 1")
+    if args.vision_patches is not None and args.vision_patches < 0:
+        parser.error("--vision-patches must be >= 0")
+    try:
+        plan = _resolve(args, parser)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if all(plan.freeze.values()):
         parser.error("every part is frozen: nothing would be trained")
-    model = build_on_meta(args.config)
-    apply_freezing(model, args)  # args has the freeze_* attributes of a ModelConfig
+    tokens, tokens_why = (args.tokens, "--tokens") if args.tokens else (plan.tokens, plan.tokens_why)
+    plan = plan._replace(tokens=tokens, tokens_why=tokens_why)
+    try:
+        model = build_on_meta(plan.model_path)
+    except (OSError, ValueError) as e:
+        print(f"error: {plan.model_path}: cannot read the model config: {e}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+    apply_freezing(model, argparse.Namespace(**plan.freeze))  # the freeze_* attributes of a ModelConfig
     units = plan_units(model)
+    est = estimate_memory(units, args.world_size, plan.optim, plan.precision)
+    act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
+                               plan.loss_chunk_size, args.vision_patches)
     print(format_plan(units, args.world_size, root_names=root_members(model, units)))
-    print(format_memory(estimate_memory(units, args.world_size, args.optim, args.precision)))
+    print(format_memory(est, act))
+    gpu_bytes = int(args.gpu_memory_gib * 2**30)
+    total = plan_total(est, act)
+    suggestions = _suggestions(model, units, plan, args.world_size, gpu_bytes, args.vision_patches) \
+        if total > gpu_bytes else []
+    print(f"Tokens per micro-batch: {plan.tokens} ({plan.tokens_why}); activation checkpointing "
+          f"{'on' if plan.checkpointing else 'off'}; loss chunk {plan.loss_chunk_size}")
+    print(f"Fit check ({args.gpu_memory_gib:g} GiB per GPU): " + fit_verdict(total, gpu_bytes, suggestions))
 
 
 if __name__ == "__main__":
