@@ -37,7 +37,7 @@ from typing import Any, Sequence, TextIO
 import torch
 
 from ft.processor import MissingDependency, require, saved_video_sampling
-from ft.video import VideoError, VideoSampling
+from ft.video import VideoError, VideoSampling, processor_kwargs
 
 DEFAULT_VIDEO = VideoSampling()  # fps 2.0, at most 32 frames: ft's data.video_* defaults
 HELP = ("type a message and press Enter; /image PATH or /video PATH attaches media to the next message, "
@@ -180,17 +180,11 @@ class Chat:
         """The processor's model inputs for `messages` (ending with a user turn) and the
         conversation's `images` and `videos` in order, with the assistant prompt added."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        kwargs: dict[str, Any] = {}
-        if videos:
-            from transformers.video_utils import VideoMetadata
-
-            # Frames are chosen already (ft.video): the processor only resizes them,
-            # within the video pixel bounds, as ft.data has it do in training.
-            kwargs["videos_kwargs"] = {
-                "video_metadata": [VideoMetadata(total_num_frames=len(frames), fps=fps) for frames, fps in videos],
-                "do_sample_frames": False, "cap_pixels_per_frame": False}
+        # Frames are chosen already (ft.video): the processor only resizes them, within
+        # the video pixel bounds, as ft.data has it do in training.
         out = self.processor(text=[text], images=list(images) or None,
-                             videos=[frames for frames, _ in videos] or None, return_tensors="pt", **kwargs)
+                             videos=[frames for frames, _ in videos] or None, return_tensors="pt",
+                             videos_kwargs=processor_kwargs(list(videos)))
         return out.to(self.device)
 
     def generation_kwargs(self, max_new_tokens: int | None = None) -> dict[str, Any]:

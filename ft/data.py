@@ -58,11 +58,10 @@ import datasets
 import numpy
 import torch
 from PIL import Image
-from transformers.video_utils import VideoMetadata
 
 from ft.packing import ROW_MULTIPLE, varlen_kwargs
 from ft.rows import DataError, Rows, Where, load_rows
-from ft.video import VideoError, VideoSampling
+from ft.video import VideoError, VideoSampling, processor_kwargs
 from ft.video import probe as probe_video
 from ft.video import read as read_video
 
@@ -552,12 +551,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             # path that differs between transformers versions. Frames are chosen here
             # (ft.video), so the processor samples none; it sizes each frame within the
             # video pixel bounds and nothing else (no whole-video budget).
-            videos_kwargs = {"video_metadata": [VideoMetadata(total_num_frames=len(frames), fps=fps)
-                                                for frames, fps in clips],
-                             "do_sample_frames": False, "cap_pixels_per_frame": False, **self._size(cap)}
             out = self.processor(
                 text=[text], images=images or None, videos=[frames for frames, _ in clips] or None,
-                videos_kwargs=videos_kwargs if clips else {},
+                videos_kwargs=processor_kwargs(clips, self._size(cap)),
                 return_tensors="pt", return_mm_token_type_ids=True, add_special_tokens=False,
             )
             segment_ids = out["input_ids"][0]
@@ -576,11 +572,12 @@ class ConversationDataset(torch.utils.data.Dataset):
         self._check_vision_tokens(sample)
         return sample
 
-    def _size(self, cap: int | None) -> dict:
-        """The video processor kwargs that cap frames at `cap` pixels (none for None)."""
+    def _size(self, cap: int | None) -> dict | None:
+        """The video processor's `size` that caps frames at `cap` pixels (None for None:
+        its own bounds)."""
         if cap is None:
-            return {}
-        return {"size": {"shortest_edge": self.processor.video_processor.size.shortest_edge, "longest_edge": cap}}
+            return None
+        return {"shortest_edge": self.processor.video_processor.size.shortest_edge, "longest_edge": cap}
 
     @staticmethod
     def _has_video(messages: list[dict[str, Any]]) -> bool:
@@ -689,7 +686,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             if cap is not None:
                 key = (key, cap)  # the count at the default size stays under the plain key
             if key not in cache:
-                cache[key] = self._count_video_tokens(value, self._size(cap).get("size"))
+                cache[key] = self._count_video_tokens(value, self._size(cap))
         if isinstance(cache[key], str):
             raise where.error(kind, cache[key])
         return cache[key]
@@ -905,12 +902,12 @@ class Collator:
         side = image_processor.patch_size * image_processor.merge_size
         # The processor resizes these up to its min_pixels: the smallest input it makes.
         black = torch.zeros(3, side, side, dtype=torch.uint8)
+        two_frames = black.expand(2, -1, -1, -1)
         made = {
             IMAGE: processor(text=[IMAGE_PLACEHOLDER], images=[black], return_tensors="pt",
                              return_mm_token_type_ids=True, add_special_tokens=False),
-            VIDEO: processor(text=[VIDEO_PLACEHOLDER], videos=[black.expand(2, -1, -1, -1)],
-                             videos_kwargs={"video_metadata": [VideoMetadata(total_num_frames=2, fps=2.0)],
-                                            "do_sample_frames": False, "cap_pixels_per_frame": False},
+            VIDEO: processor(text=[VIDEO_PLACEHOLDER], videos=[two_frames],
+                             videos_kwargs=processor_kwargs([(two_frames, 2.0)]),
                              return_tensors="pt", return_mm_token_type_ids=True, add_special_tokens=False),
         }
         self.dummies = {kind: {"input_ids": out["input_ids"][0],

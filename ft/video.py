@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["VideoError", "VideoInfo", "VideoSampling", "probe", "read"]
+__all__ = ["VideoError", "VideoInfo", "VideoSampling", "probe", "processor_kwargs", "read"]
 
 
 class VideoError(ValueError):
@@ -66,6 +66,21 @@ class VideoInfo:
     rate: float
     width: int
     height: int
+
+
+def processor_kwargs(clips: list[tuple[torch.Tensor, float]], size: dict | None = None) -> dict:
+    """The video processor's `videos_kwargs` for `clips` ((frames, fps) pairs whose
+    frames are already chosen, as :func:`read` gives them): sample no frames again, and
+    size each frame within the processor's pixel bounds (or `size`) alone, without
+    transformers' whole-video budget (`cap_pixels_per_frame`), so a video's token count
+    depends on its frames and those bounds only. Empty for no clips."""
+    if not clips:
+        return {}
+    from transformers.video_utils import VideoMetadata
+
+    kwargs = {"video_metadata": [VideoMetadata(total_num_frames=len(frames), fps=fps) for frames, fps in clips],
+              "do_sample_frames": False, "cap_pixels_per_frame": False}
+    return {**kwargs, "size": size} if size else kwargs
 
 
 def _av():
