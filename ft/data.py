@@ -80,6 +80,7 @@ __all__ = [
     "parse_record",
     "parse_row",
     "validate",
+    "vision_inputs",
 ]
 
 IGNORE_INDEX = -100
@@ -92,6 +93,8 @@ training inserts it too so that prompts match those seen at inference."""
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
 IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+ASSISTANT_HEADER = f"{IM_START}assistant\n"
+"""What a prompt ends with, for generation to continue with the answer."""
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
 VIDEO_PLACEHOLDER = VISION_START + VIDEO_PAD + VISION_END
 """How the chat template writes an image and a video; the processor expands the pad
@@ -526,17 +529,28 @@ class ConversationDataset(torch.utils.data.Dataset):
         chat format) and ending with the assistant header that generation continues;
         the prompt's text (one pad token per image or video); and that last turn's
         text, the reference answer. Raises DataError as ``self[index]`` does."""
-        where = self.rows.where(index)
-        messages = parse(self.rows, index)
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        reference = "".join(part["text"] for part in messages[last]["content"])
-        sample = self._process(messages[:last], where, None)
-        header = torch.tensor(self.processor.tokenizer.encode(f"{IM_START}assistant\n", add_special_tokens=False))
+        where, before, reference = self._prompt_parts(index)
+        sample = self._process(before, where, None)
+        header = torch.tensor(self.processor.tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False))
         sample["input_ids"] = torch.cat([sample["input_ids"], header])
         sample["mm_token_type_ids"] = torch.cat([sample["mm_token_type_ids"], torch.zeros_like(header)])
         del sample["labels"]
-        text = "".join(segment for segment, _, _ in _segments(messages[:last])) + f"{IM_START}assistant\n"
+        text = "".join(segment for segment, _, _ in _segments(before)) + ASSISTANT_HEADER
         return sample, text, reference
+
+    def prompt_length(self, index: int, cache: dict[Any, int | str] | None = None) -> int:
+        """``len(self.prompt(index)[0]["input_ids"])``, counted as :meth:`layout` counts:
+        without processing any pixels. Raises DataError as :meth:`layout` does."""
+        where, before, _ = self._prompt_parts(index)
+        header = self.processor.tokenizer.encode(ASSISTANT_HEADER, add_special_tokens=False)
+        return len(self._count(before, where, {} if cache is None else cache, None)["input_ids"]) + len(header)
+
+    def _prompt_parts(self, index: int) -> tuple[Where, list[dict[str, Any]], str]:
+        """Row `index`'s place, its messages before the last assistant turn, and that
+        turn's text."""
+        messages = parse(self.rows, index)
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        return self.rows.where(index), messages[:last], "".join(part["text"] for part in messages[last]["content"])
 
     def _process(self, messages: list[dict[str, Any]], where: Where, cap: int | None) -> dict[str, torch.Tensor]:
         """The sample of `messages`, pixels included; video frames at most `cap` pixels
@@ -930,7 +944,7 @@ class Collator:
             "attention_mask": _pad([torch.ones_like(s["input_ids"]) for s in rows], length, 0),
             "labels": _pad([s["labels"] for s in rows], length, IGNORE_INDEX),
             "mm_token_type_ids": _pad([s["mm_token_type_ids"] for s in rows], length, 0),
-            **_vision_inputs(list(samples) + dummies),
+            **vision_inputs(list(samples) + dummies),
         }
         return Batch(inputs, _stats(samples, dummies, len(samples), length))
 
@@ -963,7 +977,7 @@ class Collator:
             "labels": torch.stack(labels),
             "mm_token_type_ids": torch.stack(mm_types),
             "position_ids": torch.cat(positions, dim=1).view(4, len(rows), length),
-            **_vision_inputs([s for row in rows for s in row]),
+            **vision_inputs([s for row in rows for s in row]),
         }
         if self.varlen:
             inputs.update(varlen_kwargs(segments))
@@ -993,7 +1007,7 @@ class Collator:
                 if not any(MEDIA[kind].inputs[1] in s for s in samples)]
 
 
-def _vision_inputs(segments: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def vision_inputs(segments: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Each image and video input of the segments, concatenated in segment order."""
     return {key: torch.cat([s[key] for s in segments if key in s])
             for medium in MEDIA.values() for key in medium.inputs if any(key in s for s in segments)}

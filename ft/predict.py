@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from ft import dist
-from ft.data import MEDIA, ConversationDataset, DataError, load_rows
+from ft.data import ConversationDataset, DataError, load_rows, vision_inputs
 from ft.processor import MissingDependency, load_processor, saved_video_sampling
 
 USAGE_EXIT = 2
@@ -55,13 +55,7 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, to
     for i, s in enumerate(samples):
         n = len(s["input_ids"])
         ids[i, length - n:], mask[i, length - n:], types[i, length - n:] = s["input_ids"], 1, s["mm_token_type_ids"]
-    batch = {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types}
-    for medium in MEDIA.values():
-        for key in medium.inputs:
-            parts = [s[key] for s in samples if key in s]
-            if parts:
-                batch[key] = torch.cat(parts)
-    return batch
+    return {"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": types, **vision_inputs(samples)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,35 +110,41 @@ def predict(args, processor, dataset: ConversationDataset, info: dist.DistInfo) 
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    # Prompts are built once to know their lengths (which set the batches); each rank
-    # builds them all, so every rank forms the same batches without a collective.
-    prompts, results = {}, []
-    lengths = []
+    # The batches follow from the prompts' lengths, which every rank counts alike (as
+    # the data check counts: no pixels), so they agree without a collective; each rank
+    # then processes only the prompts of its own batches.
+    lengths, failed, cache = [], {}, {}
     for index in range(len(dataset)):
-        place = dataset.rows.where(index)
         try:
-            prompts[index] = dataset.prompt(index)
-            lengths.append(len(prompts[index][0]["input_ids"]))
+            lengths.append(dataset.prompt_length(index, cache))
         except DataError as e:
             lengths.append(0)
-            if info.is_main:
-                results.append({"index": index, "id": f"{place.source}:{place.place}", "error": str(e)})
-    batches = [b for b in build_batches(lengths, args.batch_size) if any(i in prompts for i in b)]
+            failed[index] = str(e)
+    batches = [rows for rows in ([i for i in b if i not in failed] for b in build_batches(lengths, args.batch_size))
+               if rows]
     mine = batches[info.rank::info.world_size]
+    results = [{"index": i, "id": _row_id(dataset, i), "error": e} for i, e in failed.items()] if info.is_main else []
     torch.manual_seed(args.seed)
     sampling = ({"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
                 if args.temperature > 0 else {"do_sample": False})
     start, new_tokens = time.perf_counter(), 0
     for batch in tqdm(mine, desc=f"predict (rank {info.rank})", disable=not info.is_main, dynamic_ncols=True):
-        rows = [i for i in batch if i in prompts]
+        prompts = {}
+        for i in batch:
+            try:
+                prompts[i] = dataset.prompt(i)
+            except DataError as e:  # a file changed since it was counted
+                results.append({"index": i, "id": _row_id(dataset, i), "error": str(e)})
+        rows = list(prompts)
+        if not rows:
+            continue
         inputs = {k: v.to(info.device) for k, v in collate([prompts[i][0] for i in rows], pad_id).items()}
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, pad_token_id=pad_id, **sampling)
         answers = out[:, inputs["input_ids"].shape[1]:]
         for i, answer in zip(rows, answers):
-            place = dataset.rows.where(i)
             new_tokens += int((answer != pad_id).sum())
-            results.append({"index": i, "id": f"{place.source}:{place.place}", "prompt": prompts[i][1],
+            results.append({"index": i, "id": _row_id(dataset, i), "prompt": prompts[i][1],
                             "reference": prompts[i][2],
                             "prediction": tokenizer.decode(answer, skip_special_tokens=True)})
     if mine and info.is_main:
@@ -152,6 +152,11 @@ def predict(args, processor, dataset: ConversationDataset, info: dist.DistInfo) 
         print(f"ft.predict: rank 0 generated {new_tokens} tokens in {seconds:.1f} s "
               f"({new_tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return results
+
+
+def _row_id(dataset: ConversationDataset, index: int) -> str:
+    place = dataset.rows.where(index)
+    return f"{place.source}:{place.place}"
 
 
 if __name__ == "__main__":

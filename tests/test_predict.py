@@ -63,6 +63,8 @@ def test_predictions_are_what_generate_gives_for_the_row(predictions, tiny_model
                                                                attn_implementation="sdpa").eval()
     pad = processor.tokenizer.pad_token_id
     lengths = [len(ds.prompt(i)[0]["input_ids"]) for i in range(len(ds))]
+    # ft.predict batches by lengths counted without pixels: they must be these.
+    assert [ds.prompt_length(i) for i in range(len(ds))] == lengths
     batch = build_batches(lengths, 4)[0]  # the longest prompts, as ft.predict batched them
     inputs = collate([ds.prompt(i)[0] for i in batch], pad)
     with torch.no_grad():
