@@ -355,11 +355,14 @@ def build_data(run: Run, processor) -> None:
     # What every batch carries one of, real or dummy, so that each rank runs the vision
     # tower as often as the others: the data's kinds, which every rank knows alike.
     media = train_ds.media | (eval_ds.media if eval_ds is not None else frozenset())
-    kinds = " and ".join(MEDIA[kind].name + "s" for kind in sorted(media)) or "no images or videos"
-    log(info, f"data checked in {time.perf_counter() - t0:.1f} s; it holds {kinds}: every batch carries "
-              f"{' and '.join(('an ' if kind == IMAGE else 'a ') + MEDIA[kind].name for kind in sorted(media or {IMAGE}))} "
-              "(a dummy where it has none)")
     model_config = AutoConfig.from_pretrained(cfg.model.path)
+    rope_index = RopeIndex(model_config) if run.pack_length else None  # packed rows: positions per sample
+    run.collator = Collator(processor, rope_index, varlen=cfg.model.attn_implementation == "flash_attention_2",
+                            media=media)
+    kinds = " and ".join(MEDIA[kind].name + "s" for kind in sorted(media)) or "no images or videos"
+    carried = " and ".join(("an " if kind == IMAGE else "a ") + MEDIA[kind].name for kind in run.collator.required)
+    log(info, f"data checked in {time.perf_counter() - t0:.1f} s; it holds {kinds}: every batch carries "
+              f"{carried} (a dummy where it has none)")
     if VIDEO in media and truncates_video_seconds(model_config):
         log(info, f"note: transformers {transformers.__version__} rounds a video's seconds per two frames "
                   "down to whole seconds in M-RoPE (0.5 s becomes 0: frames share a time position); "
@@ -377,13 +380,9 @@ def build_data(run: Run, processor) -> None:
                                          rank=info.rank, seed=cfg.train.seed)
         check_packs(run, train_lengths)
         train_ds, eval_ds = PackedRows(train_ds), eval_ds and PackedRows(eval_ds)
-        rope_index = RopeIndex(model_config)
-        run.collator = Collator(processor, rope_index, varlen=cfg.model.attn_implementation == "flash_attention_2",
-                                media=media)
     else:
         run.sampler = ShardedBatchSampler(train_lengths, batch_size=bs, num_replicas=world, rank=info.rank,
                                           seed=cfg.train.seed, group_by_length=cfg.data.group_by_length)
-        run.collator = Collator(processor, media=media)
     run.loader = DataLoader(train_ds, batch_sampler=run.sampler, collate_fn=run.collator,
                             num_workers=cfg.train.dataloader_num_workers, pin_memory=info.on_gpu)
     run.train_ds, run.eval_ds, run.eval_lengths = train_ds, eval_ds, eval_lengths
