@@ -89,7 +89,8 @@ def main() -> None:
     info = probe(clip)
     print(f"generated {clip}: {info.frames} frames at {info.rate:g} fps, {info.width}x{info.height}, "
           f"{os.path.getsize(clip) / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s")
-    rows = [json.loads(r["text"]) for r in load_rows(d.train_file)]
+    demo = load_rows(d.train_file)
+    rows = [json.loads(demo.raw(i)) for i in range(len(demo))]
     rows.append({"messages": [
         {"role": "user", "content": [{"type": "video", "video": clip}, {"type": "text", "text": "Describe it."}]},
         {"role": "assistant", "content": "Colour gradients drift to the lower right."}]})
