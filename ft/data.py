@@ -54,7 +54,6 @@ import os
 import re
 from typing import Any, Callable, Iterable, NamedTuple
 
-import datasets
 import numpy
 import torch
 from PIL import Image
@@ -482,7 +481,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     :data:`VIDEO`) that the checked rows hold.
     """
 
-    def __init__(self, rows: datasets.Dataset, processor: Any, max_length: int,
+    def __init__(self, rows: Rows, processor: Any, max_length: int,
                  video: VideoSampling | None = None, media: frozenset[int] | None = None):
         self.rows = rows
         self.processor = processor
@@ -506,7 +505,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         """This dataset, its rows known to hold the vision inputs `media`."""
         return self._with(self.rows, media)
 
-    def _with(self, rows: datasets.Dataset, media: frozenset[int] | None) -> ConversationDataset:
+    def _with(self, rows: Rows, media: frozenset[int] | None) -> ConversationDataset:
         return ConversationDataset(rows, self.processor, self.max_length, self.video, media)
 
     def messages(self, index: int) -> list[dict[str, Any]]:
