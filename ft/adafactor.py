@@ -31,9 +31,11 @@ HF's RMS of the parameter itself is only used with `scale_parameter=True`, so it
 computed. No collective runs when nothing is sharded (plain tensors, NO_SHARD).
 
 State per rank: the row and column factors of every matrix it holds a slice of, and its
-slice of each 1-D parameter's second moment, all fp32 (under bf16 mixed precision FSDP
-hands the optimizer fp32 master shards; bf16/fp16 gradients or parameters are computed
-in fp32 as HF does, but HF would keep such a gradient's state in its dtype); steps are
+slice of each 1-D parameter's second moment, all fp32 (with fp32 master weights FSDP
+hands the optimizer fp32 shards; bf16 master weights and gradients are computed in fp32
+as HF does, but HF would keep such a gradient's state in its dtype, and the result is
+written back with `ft.rounding`'s stochastic rounding, keyed by the parameter's name and
+each element's index in it, so the rounding too is the same at any sharding); steps are
 Python ints. For Qwen2.5-VL-3B at world size 8 that is 6.3 MiB per rank where HF
 Adafactor under FSDP keeps 1.75 GiB (`benchmarks/adafactor_memory.py`). The cost: two
 all-reduces of ~11 MiB in all per step (3B; every matrix's row and column sums, one
@@ -54,6 +56,7 @@ import torch
 from torch import nn
 
 from ft.backends import BACKENDS, DEFAULT, backend_of
+from ft.rounding import WriteBack
 from ft.shards import ParamSlice
 
 
@@ -132,16 +135,19 @@ class Adafactor(torch.optim.Optimizer):
     the plain model. `process_group` overrides the group sums are reduced over when
     anything is sharded (default: the FSDP units' shard group, the world under
     FULL_SHARD). `eps` is HF's eps[0]; HF's
-    eps[1] only matters with scale_parameter=True.
+    eps[1] only matters with scale_parameter=True. `write_back` stores each fp32 result
+    into a bf16 (or fp16) weight (`ft.rounding.WriteBack`; default round-to-nearest, as
+    HF does); fp32 weights are updated in place.
     """
 
     def __init__(self, params, model: nn.Module, lr: float, eps: float = 1e-30,
                  clip_threshold: float = 1.0, decay_rate: float = -0.8,
-                 weight_decay: float = 0.0, process_group=None):
+                 weight_decay: float = 0.0, process_group=None, write_back: WriteBack | None = None):
         defaults = dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                         weight_decay=weight_decay)
         super().__init__(params, defaults)
         tensors = [p for g in self.param_groups for p in g["params"]]
+        self._write = write_back or WriteBack(stochastic=False)
         self._map = backend_of(model).shard_layout(model, tensors, process_group)
         # Fixed buffer layouts, identical on every rank: the tensors and each flat parameter's
         # list of parameters are. The row and column sums of every matrix, in order, make
@@ -260,13 +266,14 @@ class Adafactor(torch.optim.Optimizer):
         for group, p, e, g, st in vecs:
             st["step"] += 1
             beta2t = 1.0 - math.pow(st["step"], group["decay_rate"])
-            b = vec_batches.setdefault((id(group), beta2t), (group, [], [], [], []))
+            b = vec_batches.setdefault((id(group), beta2t), (group, [], [], [], [], []))
             b[1].append(st["exp_avg_sq"])
             b[2].append(g.float())
             b[3].append(e)
             b[4].append(p)
+            b[5].append(st["step"])
         vec_updates = []
-        for (_, beta2t), (group, avg, gs, es, ps) in vec_batches.items():
+        for (_, beta2t), (group, avg, gs, es, ps, steps) in vec_batches.items():
             new = torch._foreach_mul(gs, gs)  # g.square(): x * x per element
             torch._foreach_add_(new, group["eps"])
             torch._foreach_mul_(avg, beta2t)
@@ -276,14 +283,15 @@ class Adafactor(torch.optim.Optimizer):
             torch._foreach_mul_(updates, gs)
             for e, u in zip(es, updates):
                 torch.linalg.vector_norm(u, out=norms[e.slot])
-            vec_updates.append((group, es, ps, updates))
+            vec_updates.append((group, es, ps, steps, updates))
         sumsq = self._map.all_reduce(norms ** 2)
 
         # 3. Apply: clip by the RMS of the update over the whole parameter, scale, decay
-        # (HF's weight decay), apply; fp16/bf16 parameters are updated in fp32 and copied
-        # back, as HF does.
+        # (HF's weight decay), apply; fp16/bf16 parameters are updated in fp32 and written
+        # back (HF: round-to-nearest; here `self._write`, stochastic rounding for bf16
+        # master weights).
         divisors = self._clip_divisors(sumsq)
-        for (group, p, e, g, _), (r_factor, c_factor) in zip(mats, factors):
+        for (group, p, e, g, st), (r_factor, c_factor) in zip(mats, factors):
             update = _factored_direction(e, r_factor, c_factor, g.float())
             update.div_(divisors[e.slot]).mul_(group["lr"])
             w = p.detach().view(-1)[e.lo:e.hi]
@@ -291,10 +299,9 @@ class Adafactor(torch.optim.Optimizer):
             if group["weight_decay"] != 0:
                 w32.add_(w32, alpha=-group["weight_decay"] * group["lr"])
             w32.sub_(update)  # == add_(-update): round(w - u) either way
-            if w32 is not w:
-                w.copy_(w32)
+            self._write(w, w32, st["step"], e.fqn, e.sl.start)
         del factors
-        for group, es, ps, updates in vec_updates:
+        for group, es, ps, steps, updates in vec_updates:
             torch._foreach_div_(updates, [divisors[e.slot] for e in es])
             torch._foreach_mul_(updates, group["lr"])
             ws = [p.detach().view(-1)[e.lo:e.hi] for e, p in zip(es, ps)]
@@ -302,9 +309,8 @@ class Adafactor(torch.optim.Optimizer):
             if group["weight_decay"] != 0:
                 torch._foreach_add_(w32s, w32s, alpha=-group["weight_decay"] * group["lr"])
             torch._foreach_sub_(w32s, updates)
-            for w, w32 in zip(ws, w32s):
-                if w32 is not w:
-                    w.copy_(w32)
+            for w, w32, e, step in zip(ws, w32s, es, steps):
+                self._write(w, w32, step, e.fqn, e.sl.start)
         return loss
 
     # ---------------------------------------------------------------------------------

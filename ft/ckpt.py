@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from ft import faults, rng
 from ft.backends import backend_of
 from ft.dist import DistInfo, all_gather_object, barrier
+from ft.rounding import MASTER_DTYPES
 from ft.optim import spec_of
 from ft.processor import export_processor_files
 
@@ -207,10 +208,17 @@ def check_compatible(path: str, expected: dict) -> None:
     for key, tensor in want.items():
         meta = saved[key]
         if meta.properties.dtype != tensor.dtype:
+            if key.startswith("model."):
+                masters = {v: k for k, v in MASTER_DTYPES.items()}
+                hint = (f"the checkpoint's run had train.master_weights={masters.get(meta.properties.dtype, '?')}, "
+                        f"this one has train.master_weights={masters.get(tensor.dtype, '?')}: resume with "
+                        f"train.master_weights={masters.get(meta.properties.dtype, '?')}")
+            else:
+                hint = ("resume with the optimizer the checkpoint was written with (ft's optimizer state "
+                        "is fp32 whatever train.precision and train.master_weights)")
             raise CheckpointMismatch(
                 f"{path}: tensor {key} was saved as {meta.properties.dtype}, but this run keeps it "
-                f"as {tensor.dtype}. Resume with the precision and optimizer the checkpoint was "
-                "written with (master weights and optimizer state are fp32 under train.precision=bf16)."
+                f"as {tensor.dtype}: {hint}."
             )
         if tuple(meta.size) != tuple(tensor.size()):
             raise CheckpointMismatch(

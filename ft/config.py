@@ -313,9 +313,9 @@ class TrainConfig:
     config.json says (`dtype`, or `torch_dtype` before transformers 5): bfloat16 for the
     released Qwen2.5-VL models, float16 if the source says float16, fp32 when it says
     float32, something else or nothing. `bf16` or `fp32` override it. The cast is made
-    on the gathered fp32 master weights when exporting; training and the resumable
-    checkpoints keep fp32 master weights. A bf16 export is half the size of an fp32
-    one."""
+    on the gathered master weights when exporting; training and the resumable
+    checkpoints keep the master weights' dtype (`master_weights`). A bf16 export is half
+    the size of an fp32 one."""
 
     save_steps: int = 20
     """Write a resumable checkpoint to `output_dir/checkpoints/step-N/` every this many
@@ -361,9 +361,33 @@ class TrainConfig:
     AdamW with HF's defaults (betas 0.9/0.999, eps 1e-8; two full-size fp32 moments)."""
 
     precision: Literal["bf16", "fp32", "auto"] = "auto"
-    """Compute precision: `bf16` (bfloat16 mixed precision: parameters and activations in
-    bf16, sharded master weights and optimizer state in fp32), `fp32`, or `auto` (bf16 on
+    """Compute precision: `bf16` (parameters and activations in bf16; the sharded master
+    weights are `master_weights`, the optimizer state fp32), `fp32`, or `auto` (bf16 on
     GPU, fp32 on CPU, where bf16 matmuls are about 6× slower)."""
+
+    master_weights: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the sharded weights the optimizer updates, and of their gradients.
+    `fp32` (the recipe's: the HF Trainer's accelerate upcasts FSDP's flat parameters to
+    fp32): 4 + 4 bytes per parameter per rank's shard, bf16 copies made for compute.
+    `bf16`: weights and gradients stay bf16, 2 + 2 bytes: half the memory of the model
+    state, which is what lets a 72B full fine-tune fit one 8x80 GB node. The model is
+    loaded in bf16 (buffers such as the rotary `inv_freq` stay fp32), compute is in
+    `precision` (bf16 needs no cast; fp32 upcasts each gathered unit), gradients are
+    reduced in `fsdp.reduce_dtype` and stored in bf16. The optimizer does its math in
+    fp32 (its state stays fp32) and writes each result back to bf16 as
+    `stochastic_rounding` says. Checkpoints and a `bf16`/`auto` export hold the bf16
+    weights. `train.optim=hf_adafactor` is refused with bf16 (it writes back with
+    round-to-nearest)."""
+
+    stochastic_rounding: bool = True
+    """With `master_weights=bf16`: write the optimizer's fp32 result back to bf16 with
+    stochastic rounding (up with probability equal to the fractional distance to the
+    next bf16 value), so updates smaller than bf16's spacing still move weights on
+    average; round-to-nearest drops every update below half the spacing (near 0.02 the
+    spacing is 1.2e-4; Adafactor at lr 1e-5 moves a weight ~1e-5). The random bits of
+    element i of parameter P at step t hash (seed, t, P's name, i): the result does not
+    depend on the world size or sharding, and a resumed run continues bit for bit.
+    `false` rounds to nearest, kept for comparison. Ignored with fp32 master weights."""
 
     loss_chunk_size: int = 1024
     """Compute the cross-entropy from the final hidden states of the label tokens only,
@@ -783,6 +807,13 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
             f"{where('data.group_by_length')}) are both true: packing already plans rows by "
             "length; set data.group_by_length=false"
         )
+    if cfg.train.master_weights == "bf16" and cfg.train.optim == "hf_adafactor":
+        raise ConfigError(
+            f"train.master_weights=bf16 (from {where('train.master_weights')}) with train.optim=hf_adafactor "
+            f"(from {where('train.optim')}): HF's Adafactor writes its fp32 result back to bf16 weights "
+            "with round-to-nearest, which drops every update smaller than half the bf16 spacing, so "
+            "fine-tuning at a small learning rate stops moving weights; use train.optim=adafactor (the "
+            "same update, with stochastic rounding) or adamw")
     freeze_keys = ("model.freeze_vision_tower", "model.freeze_merger", "model.freeze_llm")
     if all(value_of(key) for key in freeze_keys):
         raise ConfigError(

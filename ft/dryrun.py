@@ -30,6 +30,7 @@ from ft.config import Config, ConfigError, DataConfig, TrainConfig, field_choice
 from ft.fsdp_wrap import Unit, plan_units, root_members
 from ft.optim import OPTIMIZERS
 from ft.parts import PART_NAMES, PARTS, apply_freezing
+from ft.rounding import MASTER_DTYPES
 
 
 def shard_numel(numel: int, world_size: int, backend: str = DEFAULT) -> int:
@@ -142,16 +143,21 @@ class MemoryEstimate(NamedTuple):
     world_size: int
     precision: str
     optim: str
-    master: int  # fp32 parameter shards
+    master_weights: str  # train.master_weights: fp32 or bf16
+    master: int  # parameter shards in the master dtype
     gathered: int  # compute-dtype unsharded copies alive at once (see estimate_memory)
     gathered_units: tuple[Unit, Unit | None]  # (root, largest other unit)
-    gradients: int  # fp32 gradient shards of the trainable units
+    gradients: int  # gradient shards (master dtype) of the trainable units
     optimizer: int  # optimizer state on the worst rank
     trainable: int  # trainable parameters (whole model)
 
 
-def estimate_memory(units: list[Unit], world_size: int, optim: str, precision: str) -> MemoryEstimate:
+def estimate_memory(units: list[Unit], world_size: int, optim: str, precision: str,
+                    master_weights: str = "fp32") -> MemoryEstimate:
     """Per-rank memory of parameters, gradients and optimizer state under FULL_SHARD.
+
+    Parameter and gradient shards are in the master dtype (`train.master_weights`: fp32
+    4 B, bf16 2 B per element); the optimizer state is fp32 either way.
 
     Gathered copies: FSDP1 keeps the root unit gathered from forward to backward, and
     with limit_all_gathers and backward prefetch at most two other units are gathered
@@ -167,6 +173,11 @@ def estimate_memory(units: list[Unit], world_size: int, optim: str, precision: s
         raise ValueError(f"optim must be one of {', '.join(OPTIMIZERS)}, got {optim!r}")
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+    if master_weights not in MASTER_DTYPES:
+        raise ValueError(f"master_weights must be one of {', '.join(MASTER_DTYPES)}, got {master_weights!r}")
+    if master_weights == "bf16" and optim == "hf_adafactor":
+        raise ValueError("hf_adafactor cannot train bf16 master weights (round-to-nearest write-back)")
+    master_bytes = MASTER_DTYPES[master_weights].itemsize
     trainable_shard = sum(shard_numel(u.numel, world_size) for u in units if u.trainable_numel)
     root, others = units[-1], units[:-1]
     largest = max(others, key=lambda u: u.numel, default=None)
@@ -177,10 +188,11 @@ def estimate_memory(units: list[Unit], world_size: int, optim: str, precision: s
         world_size=world_size,
         precision=precision,
         optim=optim,
-        master=sum(shard_numel(u.numel, world_size) for u in units) * 4,
+        master_weights=master_weights,
+        master=sum(shard_numel(u.numel, world_size) for u in units) * master_bytes,
         gathered=gathered,
         gathered_units=(root, largest),
-        gradients=trainable_shard * 4,
+        gradients=trainable_shard * master_bytes,
         optimizer=optimizer,
         trainable=sum(u.trainable_numel for u in units),
     )
@@ -196,15 +208,17 @@ def format_memory(est: MemoryEstimate, act: "ActivationEstimate | None" = None) 
     optim_why = OPTIMIZERS[est.optim].memory_note
     total = est.master + est.gathered + est.gradients + est.optimizer
     rows = [
-        ("parameters", est.master, "fp32 master shards"),
+        ("parameters", est.master, f"{est.master_weights} master shards"),
         ("", est.gathered, f"{dtype} gathered during compute: {gathered_why}"),
-        ("gradients", est.gradients, f"fp32 shards, trainable units only ({_fmt_count(est.trainable)} params)"),
+        ("gradients", est.gradients, f"{est.master_weights} shards, trainable units only "
+                                     f"({_fmt_count(est.trainable)} params)"),
         ("optimizer", est.optimizer, f"{est.optim}: {optim_why}"),
     ]
     if act is None:
         rows.append(("total", total, "+ activations, buffers, allocator slack"))
     lines = [
-        f"Per-rank memory estimate (world size {est.world_size}, {dtype} compute, {est.optim}); "
+        f"Per-rank memory estimate (world size {est.world_size}, {dtype} compute, {est.master_weights} "
+        f"master weights, {est.optim}); "
         f"largest all-gather: {biggest.fqn or '<root>'}, {_fmt_count(biggest.numel)} params = "
         f"{_fmt_bytes(biggest.numel * (2 if dtype == 'bf16' else 4))} in {dtype}",
     ]
@@ -393,6 +407,7 @@ class _Plan(NamedTuple):
     freeze: dict[str, bool]
     optim: str
     precision: str
+    master_weights: str
     checkpointing: bool
     tokens: int
     tokens_why: str
@@ -430,6 +445,7 @@ def _resolve(args, parser) -> _Plan:
         tokens, why = micro_batch_tokens(cfg)
         return _Plan(model_path, freeze, args.optim or cfg.train.optim,
                      "bf16" if precision == "auto" else precision,
+                     args.master_weights or cfg.train.master_weights,
                      cfg.fsdp.activation_checkpointing and not args.no_activation_checkpointing,
                      tokens, why, cfg.train.loss_chunk_size)
     if args.overrides:
@@ -441,14 +457,14 @@ def _resolve(args, parser) -> _Plan:
         raise ConfigError(f"{args.config}: has no config.json")
     tokens = DataConfig.max_length * TrainConfig.per_device_train_batch_size
     return _Plan(args.config, flag_freeze, args.optim or TrainConfig.optim, args.precision or "bf16",
-                 not args.no_activation_checkpointing, tokens,
+                 args.master_weights or TrainConfig.master_weights, not args.no_activation_checkpointing, tokens,
                  f"data.max_length's default {DataConfig.max_length}", TrainConfig.loss_chunk_size)
 
 
 def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_patches) -> list[str]:
     """What would make a plan that does not fit, fit: more ranks, freezing, fewer tokens."""
     def total(world_size: int, units_=units, tokens=plan.tokens, patches=vision_patches) -> int:
-        est = estimate_memory(units_, world_size, plan.optim, plan.precision)
+        est = estimate_memory(units_, world_size, plan.optim, plan.precision, plan.master_weights)
         act = estimate_activations(model.config, units_, tokens, plan.precision, plan.checkpointing,
                                    plan.loss_chunk_size, patches)
         return plan_total(est, act)
@@ -460,11 +476,18 @@ def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_p
     elif total(world * 2**7) > gpu_bytes:
         out.append("more ranks alone do not help (activations and gathered units do not shrink)")
     if plan.optim != "adafactor":
-        est = estimate_memory(units, world, "adafactor", plan.precision)
+        est = estimate_memory(units, world, "adafactor", plan.precision, plan.master_weights)
         act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
                                    plan.loss_chunk_size, vision_patches)
         if plan_total(est, act) <= gpu_bytes:
             out.append("train.optim=adafactor")
+    if plan.master_weights == "fp32":
+        optim = "adafactor" if plan.optim == "hf_adafactor" else plan.optim
+        est = estimate_memory(units, world, optim, plan.precision, "bf16")
+        act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
+                                   plan.loss_chunk_size, vision_patches)
+        if plan_total(est, act) <= gpu_bytes:
+            out.append("train.master_weights=bf16" + (" train.optim=adafactor" if optim != plan.optim else ""))
     if not plan.freeze["freeze_vision_tower"]:
         frozen = dict(plan.freeze, freeze_vision_tower=True)
         if not all(frozen.values()):
@@ -473,7 +496,7 @@ def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_p
                 out.append("model.freeze_vision_tower=true")
             apply_freezing(model, argparse.Namespace(**plan.freeze))
     if not plan.checkpointing:
-        est = estimate_memory(units, world, plan.optim, plan.precision)
+        est = estimate_memory(units, world, plan.optim, plan.precision, plan.master_weights)
         act = estimate_activations(model.config, units, plan.tokens, plan.precision, True,
                                    plan.loss_chunk_size, vision_patches)
         if plan_total(est, act) <= gpu_bytes:
@@ -516,6 +539,9 @@ def main(argv: list[str] | None = None) -> None:
                         default=None,
                         help="compute dtype of the gathered parameters and activations (default: the "
                         "run config's train.precision, auto meaning bf16; else bf16)")
+    parser.add_argument("--master-weights", choices=field_choices("train.master_weights"), default=None,
+                        help="dtype of the parameter and gradient shards (default: the run config's "
+                        f"train.master_weights, else {TrainConfig.master_weights})")
     parser.add_argument("--tokens", type=int, default=None,
                         help="tokens per micro-batch (default: the run config's data.pack_length if "
                         "packing, else data.max_length x train.per_device_train_batch_size)")
@@ -549,10 +575,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     apply_freezing(model, argparse.Namespace(**plan.freeze))  # the freeze_* attributes of a ModelConfig
     units = plan_units(model)
-    est = estimate_memory(units, args.world_size, plan.optim, plan.precision)
+    est = estimate_memory(units, args.world_size, plan.optim, plan.precision, plan.master_weights)
     act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
                                plan.loss_chunk_size, args.vision_patches)
-    print(format_plan(units, args.world_size, root_names=root_members(model, units)))
+    if plan.master_weights == "bf16" and plan.optim == "hf_adafactor":
+        print("error: train.master_weights=bf16 with train.optim=hf_adafactor is refused (HF's Adafactor "
+              "rounds its updates to nearest); use adafactor or adamw", file=sys.stderr)
+        sys.exit(2)
+    print(format_plan(units, args.world_size, root_names=root_members(model, units),
+                      param_bytes=MASTER_DTYPES[plan.master_weights].itemsize))
     print(format_memory(est, act))
     gpu_bytes = int(args.gpu_memory_gib * 2**30)
     total = plan_total(est, act)

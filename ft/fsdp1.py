@@ -136,24 +136,27 @@ _PREFETCH = {
 }
 
 
-def mixed_precision(precision: str, reduce_dtype: str = "fp32") -> MixedPrecision | None:
-    """bf16 compute over fp32 master weights. FSDP keeps the sharded fp32 parameters for
-    the optimizer and casts a bf16 copy for each all-gather. Gradients are reduced in
-    `reduce_dtype` (fp32 by default: summing many ranks' bf16 gradients loses bits).
-    Buffers stay fp32: rotary `inv_freq` in bf16 visibly shifts long-context positions."""
-    if precision == "fp32":
-        return None
-    if precision != "bf16":
+def mixed_precision(precision: str, reduce_dtype: str = "fp32", master: str = "fp32") -> MixedPrecision | None:
+    """FSDP1's casts between the sharded `master` weights and compute in `precision`.
+
+    fp32 master, bf16 compute: FSDP keeps the sharded fp32 parameters for the optimizer
+    and casts a bf16 copy for each all-gather. bf16 master: the shards are bf16 already
+    (no cast for bf16 compute; fp32 compute upcasts each gathered unit). Gradients are
+    reduced in `reduce_dtype` under bf16 compute (fp32 by default: summing many ranks'
+    bf16 gradients loses bits), in fp32 under fp32 compute, and stored in the master
+    dtype. Buffers stay fp32: rotary `inv_freq` in bf16 visibly shifts long-context
+    positions."""
+    if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32' here, got {precision!r}")
-    return MixedPrecision(
-        param_dtype=torch.bfloat16,
-        reduce_dtype=torch.float32 if reduce_dtype == "fp32" else torch.bfloat16,
-        buffer_dtype=torch.float32,
-    )
+    if precision == master == "fp32":
+        return None
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    reduce = torch.float32 if precision == "fp32" or reduce_dtype == "fp32" else torch.bfloat16
+    return MixedPrecision(param_dtype=compute, reduce_dtype=reduce, buffer_dtype=torch.float32)
 
 
 def wrap(model: nn.Module, unit_modules: list[nn.Module], recompute: list[nn.Module],
-         fsdp_cfg, precision: str, info: DistInfo) -> FSDP:
+         fsdp_cfg, precision: str, info: DistInfo, master: str = "fp32") -> FSDP:
     """Shard `model`: each of `unit_modules` becomes a unit, the rest the root (wrapped
     last); then the modules in `recompute` get non-reentrant activation checkpointing.
     A collective (the weights broadcast, FSDP's own set-up).
@@ -177,7 +180,7 @@ def wrap(model: nn.Module, unit_modules: list[nn.Module], recompute: list[nn.Mod
         sync_module_states=fsdp_cfg.sync_module_states and info.on_gpu,
         use_orig_params=fsdp_cfg.use_orig_params,
         cpu_offload=CPUOffload(offload_params=True) if fsdp_cfg.cpu_offload else None,
-        mixed_precision=mixed_precision(precision, fsdp_cfg.reduce_dtype),
+        mixed_precision=mixed_precision(precision, fsdp_cfg.reduce_dtype, master),
         # FSDP on CPU needs device_id=cpu ("needs a non-CPU accelerator device" otherwise).
         device_id=info.device,
     )
@@ -277,11 +280,27 @@ def shard_layout(model: nn.Module, tensors: list[torch.Tensor], process_group=No
 # =====================================================================================
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """Clip to `max_norm` (0 disables clipping) and return the norm *before* clipping,
-    over the whole model on all ranks (a collective: every rank must call it)."""
+    over the whole model on all ranks (a collective: every rank must call it).
+
+    Sharded units: FSDP's own `clip_grad_norm_` (fp32 norms of the local shards, summed
+    over the shard group, each gradient scaled by the coefficient cast to its dtype; it
+    returns the norm in the gradients' dtype, so bf16 gradients log a bf16 norm). When
+    nothing is sharded (world size 1, or a plain model) with bf16 gradients, FSDP hands
+    over to torch's `clip_grad_norm_`, which takes the norm in bf16 (0.4 % off): the
+    same fp32 computation as the sharded path is done here instead, so that a bf16 run
+    clips alike at every world size."""
     limit = max_norm if max_norm > 0 else float("inf")
-    if isinstance(model, FSDP):
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    sharded = isinstance(model, FSDP) and any(h.uses_sharded_strategy for h in model._all_handles)
+    if sharded:
         return float(model.clip_grad_norm_(limit))
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+    if all(g.dtype == torch.float32 for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
+    coef = torch.clamp(limit / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.dtype))
+    return float(norm)
 
 
 def model_state_dict(model: nn.Module) -> dict:

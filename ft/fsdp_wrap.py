@@ -215,16 +215,17 @@ def root_members(model: nn.Module, units: list[Unit]) -> list[str]:
 # Wrapping
 # =====================================================================================
 def wrap_model(model: nn.Module, units: list[Unit], fsdp_cfg, precision: str, info: DistInfo,
-               backend: str = DEFAULT) -> nn.Module:
+               backend: str = DEFAULT, master: str = "fp32") -> nn.Module:
     """Shard `model` into the planned units (root last) and, when
     `fsdp_cfg.activation_checkpointing`, recompute the planned modules; return the root.
-    A collective (rank 0's weights are broadcast; see `ft.model.load_model`)."""
+    `precision` is the compute dtype, `master` that of the sharded weights (the model's
+    own: `ft.model.load_model`). A collective (rank 0's weights are broadcast)."""
     impl = BACKENDS[backend]
     if impl.flattens_units(fsdp_cfg):
         # Before any collective, so every rank raises the same readable error.
         check_uniform_requires_grad(units)
     recompute = [m for u in units for m in u.recompute.values()] if fsdp_cfg.activation_checkpointing else []
-    return impl.wrap(model, [u.module for u in units[:-1]], recompute, fsdp_cfg, precision, info)  # SYNC
+    return impl.wrap(model, [u.module for u in units[:-1]], recompute, fsdp_cfg, precision, info, master)  # SYNC
 
 
 if __name__ == "__main__":  # `python -m ft.fsdp_wrap` is the dry run's older name

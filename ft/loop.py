@@ -52,6 +52,7 @@ from ft.optim import build_optimizer, clip_grad_norm, lr_scale, set_lr
 from ft.parts import PARTS, WrapPlanError, apply_freezing, param_groups
 from ft.packing import PackedBatchSampler, PackedRows, RopeIndex, eval_batches, truncates_video_seconds, varlen_refusal
 from ft.processor import MissingDependency, load_processor_for, training_settings
+from ft.rounding import MASTER_DTYPES
 from ft.sampler import ShardedBatchSampler
 from ft.track import Tracker
 
@@ -426,15 +427,22 @@ def build_model(run: Run) -> torch.nn.Module:
     (FSDP1 flattens a unit into one tensor, which has one requires_grad), and
     wrap_model refuses a plan that mixes them, naming the unit."""
     cfg, info = run.cfg, run.info
-    model = load_model(cfg.model.path, info, cfg.model.attn_implementation)
+    model = load_model(cfg.model.path, info, cfg.model.attn_implementation, cfg.train.master_weights)
     log(info, f"best/ exports in {ckpt.export_dtype_name(cfg.train.export_dtype, cfg.model.path)} "
               f"(train.export_dtype={cfg.train.export_dtype})")
     apply_freezing(model, cfg.model)
     units = plan_units(model)
-    log(info, format_plan(units, info.world_size, root_names=root_members(model, units)))
+    log(info, format_plan(units, info.world_size, root_names=root_members(model, units),
+                          param_bytes=MASTER_DTYPES[cfg.train.master_weights].itemsize))
+    if cfg.train.master_weights == "bf16":
+        log(info, "master weights and gradients in bf16; the optimizer writes its fp32 result back with "
+                  + (f"stochastic rounding (keyed by seed {cfg.train.seed}, step, parameter, element)"
+                     if cfg.train.stochastic_rounding else "round-to-nearest (updates below half the bf16 "
+                                                           "spacing are lost)"))
     frozen = [p.name for p in PARTS if getattr(cfg.model, p.freeze_field)]
     run.flops_of = functools.partial(train_flops, model.config, frozen=frozen)
-    model = wrap_model(model, units, cfg.fsdp, run.precision, info)  # SYNC (weights broadcast)
+    model = wrap_model(model, units, cfg.fsdp, run.precision, info,
+                       master=cfg.train.master_weights)  # SYNC (weights broadcast)
     if cfg.fsdp.activation_checkpointing:
         ck = checkpoint_summary(units)
         log(info, f"activation checkpointing (non-reentrant) on {ck.wrapped} modules"

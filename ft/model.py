@@ -12,11 +12,14 @@ from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 from ft.backends import backend_of
 from ft.data import IGNORE_INDEX
 from ft.dist import DistInfo
+from ft.rounding import MASTER_DTYPES
 
 
-def load_model(path: str, info: DistInfo, attn_implementation: str = "sdpa") -> Qwen2_5_VLForConditionalGeneration:
-    """Rank 0 reads the weights from disk (fp32 master copy, on CPU); every other rank
-    builds the same architecture without reading anything.
+def load_model(path: str, info: DistInfo, attn_implementation: str = "sdpa",
+               master: str = "fp32") -> Qwen2_5_VLForConditionalGeneration:
+    """Rank 0 reads the weights from disk (the master copy, on CPU, in `master`'s dtype:
+    `MASTER_DTYPES`); every other rank builds the same architecture without reading
+    anything. Floating-point buffers (the rotary `inv_freq`) are fp32 either way.
 
     Other ranks build on the meta device, then `to_empty` gives them uninitialised
     storage: on the GPU when there is one (so the node's CPU RAM holds one copy of the
@@ -35,7 +38,7 @@ def load_model(path: str, info: DistInfo, attn_implementation: str = "sdpa") -> 
         raise ValueError(f"{path}/config.json: model_type is {config.model_type!r}, expected 'qwen2_5_vl'")
     config.use_cache = False  # no KV cache in training: it only costs memory
 
-    common = dict(dtype=torch.float32, attn_implementation=attn_implementation)
+    common = dict(dtype=MASTER_DTYPES[master], attn_implementation=attn_implementation)
     if info.rank == 0:
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, config=config, **common)
     else:
@@ -47,6 +50,10 @@ def load_model(path: str, info: DistInfo, attn_implementation: str = "sdpa") -> 
         # the broadcast aborts (gloo: "Received data size doesn't match expected size ...
         # collective mismatch"; NCCL hangs).
         model.tie_weights()
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                setattr(module, name, buf.float())
     model.train()
     return model
 

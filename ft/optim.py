@@ -24,12 +24,14 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.optim.adam import adam
 
 from ft.adafactor import Adafactor, adafactor_state_bytes
 from transformers.optimization import Adafactor as HFAdafactor
 
 from ft.backends import BACKENDS, backend_of
 from ft.config import field_choices
+from ft.rounding import WriteBack
 
 
 # =====================================================================================
@@ -90,15 +92,88 @@ class OptimizerSpec:
     checkpoint: type  # TorchState or FqnState
 
 
-def _build_adafactor(groups, train_cfg, model):
+# =====================================================================================
+# AdamW over bf16 master weights
+# =====================================================================================
+class MasterAdamW(torch.optim.AdamW):
+    """torch's AdamW for bf16 master weights: its moments are fp32 (torch's own AdamW
+    would make them bf16, like the parameter), its math is torch's (`torch.optim.adam.adam`,
+    decoupled weight decay) on an fp32 copy of one parameter tensor at a time, and the
+    result is written back through `write_back` (`ft.rounding`: stochastic rounding keyed
+    by each original parameter's name and element index, found through the backend's
+    shard layout). State per trainable element: 8 bytes, as with fp32 weights."""
+
+    def __init__(self, params, model: nn.Module, write_back: WriteBack, **kwargs):
+        super().__init__(params, foreach=False, **kwargs)
+        tensors = [p for g in self.param_groups for p in g["params"]]
+        self._slices = backend_of(model).shard_layout(model, tensors).slices
+        self._write = write_back
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                w32 = p.detach().float()
+                adam(
+                    [w32], [p.grad.float()], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["step"]],
+                    foreach=False, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
+                    lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+                step, dst, src = int(st["step"]), p.detach().view(-1), w32.view(-1)
+                for sl in self._slices[id(p)]:
+                    if sl.numel:
+                        at = slice(sl.offset, sl.offset + sl.numel)
+                        self._write(dst[at], src[at], step, sl.fqn, sl.start)
+        return loss
+
+    def load_state_dict(self, state_dict):
+        """torch's `load_state_dict` casts floating state to the parameter's dtype (bf16):
+        put the saved fp32 moments back after it."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if key != "step" and torch.is_tensor(value):
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+
+
+# =====================================================================================
+# The builders
+# =====================================================================================
+def _write_back(train_cfg) -> WriteBack | None:
+    """How a bf16 master weight receives the optimizer's fp32 result; None for fp32."""
+    if train_cfg.master_weights == "fp32":
+        return None
+    return WriteBack(seed=train_cfg.seed, stochastic=train_cfg.stochastic_rounding)
+
+
+def _needs_model(train_cfg, model, why: str) -> None:
     if model is None:
-        raise ValueError("train.optim=adafactor (ft's shard-invariant Adafactor) needs "
-                         "build_optimizer(..., model=root): the FSDP root (or plain model) names "
-                         "the parameters")
-    return Adafactor(groups, model, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay)
+        raise ValueError(f"train.optim={train_cfg.optim} {why} needs build_optimizer(..., model=root): "
+                         "the FSDP root (or plain model) names the parameters")
+
+
+def _build_adafactor(groups, train_cfg, model):
+    _needs_model(train_cfg, model, "(ft's shard-invariant Adafactor)")
+    return Adafactor(groups, model, lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
+                     write_back=_write_back(train_cfg))
 
 
 def _build_hf_adafactor(groups, train_cfg, model):
+    if train_cfg.master_weights != "fp32":  # ft.config refuses it with the reason
+        raise ValueError("train.optim=hf_adafactor needs train.master_weights=fp32")
     # Exactly as the HF Trainer recipe builds it (optim="adafactor"). Under FSDP1 it sees
     # each rank's 1-D flat shard: it cannot factor its second moment and clips per shard,
     # so training depends on the world size (2 ranks vs 1: loss differs by 4.5e-2 after
@@ -109,8 +184,12 @@ def _build_hf_adafactor(groups, train_cfg, model):
 
 def _build_adamw(groups, train_cfg, model):
     # HF TrainingArguments' AdamW defaults (betas 0.9/0.999, eps 1e-8).
-    return torch.optim.AdamW(groups, lr=train_cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                             weight_decay=train_cfg.weight_decay)
+    hyper = dict(lr=train_cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8, weight_decay=train_cfg.weight_decay)
+    write_back = _write_back(train_cfg)
+    if write_back is None:
+        return torch.optim.AdamW(groups, **hyper)
+    _needs_model(train_cfg, model, "with bf16 master weights")
+    return MasterAdamW(groups, model, write_back, **hyper)
 
 
 def _per_element(nbytes: int):
@@ -132,7 +211,7 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             "1 fp32 moment per trainable shard element (unfactored on flat shards)", TorchState),
         OptimizerSpec(
             "adamw", torch.optim.AdamW, _build_adamw, _per_element(8),
-            "2 fp32 moments per trainable shard element", TorchState),
+            "2 fp32 moments per trainable shard element (with bf16 master weights too)", TorchState),
     ]
 }
 if set(OPTIMIZERS) != set(field_choices("train.optim")):
@@ -141,10 +220,10 @@ if set(OPTIMIZERS) != set(field_choices("train.optim")):
 
 
 def spec_of(optimizer: torch.optim.Optimizer) -> OptimizerSpec:
-    """The registered spec of a built optimizer; any other torch optimizer is
-    checkpointed like AdamW (its state through the backend)."""
+    """The registered spec of a built optimizer (`MasterAdamW` is AdamW's); any other
+    torch optimizer is checkpointed like AdamW (its state through the backend)."""
     for spec in OPTIMIZERS.values():
-        if type(optimizer) is spec.cls:
+        if isinstance(optimizer, spec.cls):
             return spec
     return OPTIMIZERS["adamw"]
 

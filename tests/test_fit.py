@@ -34,7 +34,7 @@ def _row(out: str, name: str) -> str:
 def test_run_config_with_overrides(run_config, tiny_model_dir_untied, capsys):
     dry_run([run_config, "--world-size", "2", "train.optim=adamw", "train.per_device_train_batch_size=3"])
     out = capsys.readouterr().out
-    assert "world size 2, bf16 compute, adamw" in out  # precision auto -> bf16; the override wins
+    assert "world size 2, bf16 compute, fp32 master weights, adamw" in out  # precision auto -> bf16; the override wins
     assert "Tokens per micro-batch: 1536 (data.max_length 512 x train.per_device_train_batch_size 3)" in out
     assert "vision_tower" in out and "frozen" in out and "vision tower frozen: none" in out
     # The parameter, gradient and optimizer rows are estimate_memory's for the same inputs.

@@ -116,15 +116,23 @@ def test_exact_resume_from_a_checkpoint(straight, tiny_model_dir, data, tmp_path
     assert_same_weights(weights(out), weights(straight))
 
 
-@pytest.mark.parametrize("optim", ["hf_adafactor", "adamw"])
-def test_exact_resume_with_other_optimizers(optim, tiny_model_dir, data, tmp_path):
+@pytest.mark.parametrize("optim, master", [("hf_adafactor", "fp32"), ("adamw", "fp32"), ("adafactor", "bf16")])
+def test_exact_resume_with_other_optimizers(optim, master, tiny_model_dir, data, tmp_path):
     """The recipe's HF Adafactor and AdamW checkpoint through FSDP's optimizer state dict
-    (ft's Adafactor, above, through its own): both resume to the same weights."""
-    args = (f"train.optim={optim}", "train.max_steps=4", "train.save_steps=2")
+    (ft's Adafactor, above, through its own): both resume to the same weights. bf16
+    master weights with stochastic rounding resume bit for bit (the rounding's bits are
+    a function of the step, not a generator's state), and a run with fp32 master
+    weights refuses their checkpoint, naming the setting."""
+    args = (f"train.optim={optim}", "train.max_steps=4", "train.save_steps=2", f"train.master_weights={master}")
     run(tmp_path / "straight", tiny_model_dir, data, *args)
-    run(tmp_path / "resumed", tiny_model_dir, data, *args,
-        f"train.resume={tmp_path / 'straight' / 'checkpoints' / 'step-2'}")
-    assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
+    step2 = tmp_path / "straight" / "checkpoints" / "step-2"
+    run(tmp_path / "resumed", tiny_model_dir, data, *args, f"train.resume={step2}")
+    assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "straight"),
+                        tol=0.0 if master == "bf16" else 1e-6)
+    if master == "bf16":
+        assert json.loads((tmp_path / "straight" / "best" / "config.json").read_text())["dtype"] == "float32"
+        log = run(tmp_path / "other", tiny_model_dir, data, *args[:-1], f"train.resume={step2}", expect_rc=2)
+        assert "train.master_weights=bf16" in log and "resume with train.master_weights=bf16" in log
 
 
 def test_exact_resume_with_packing(tiny_model_dir, data, tmp_path):
