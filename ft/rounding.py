@@ -17,9 +17,8 @@ never a full-size random tensor, and no generator state to checkpoint. Rounding 
 whole and rounding it in any split give the same bits (tested).
 
 The hash: (seed, step, name) -> a 32-bit key (BLAKE2b, in Python, once per parameter and
-step); per element, murmur3's 32-bit finaliser of the index XOR the key.
-All integer work stays inside int64 without overflow (`_mul32`), so CPU and GPU give
-the same bits. Rounding itself: fp32 and bf16 share sign and exponent layout, bf16
+step); per element, a 32-bit integer hash of the index XOR the key (`_hash32`). All
+integer work stays inside int64 without overflow, so CPU and GPU give the same bits. Rounding itself: fp32 and bf16 share sign and exponent layout, bf16
 being fp32's upper 16 bits; adding 16 random bits below the cut and then dropping the
 lower 16 bits rounds the magnitude up exactly with probability frac / 2^16, where frac is
 the dropped part, i.e. with probability proportional to the distance from the lower
@@ -50,36 +49,35 @@ def round_key(seed: int, step: int, name: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
-    """(h * c) mod 2^32 for h in [0, 2^32) held in int64, without overflowing int64."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (h * lo + (((h * hi) & 0xFFFF) << 16)) & _M32
+_MUL = 0x45D9F3B  # < 2^27: h * _MUL < 2^59 for h < 2^32, so int64 never overflows
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finaliser: a bijection on [0, 2^32) in which every input bit
-    flips each output bit with probability ~1/2."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
+def _hash32(h: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two xorshift-multiply rounds and a final xorshift: every
+    input bit flips each output bit with probability ~1/2) of h in [0, 2^32), in int64
+    lanes. The multiplier is below 2^27, so the products stay inside int64 and CPU and
+    GPU give the same bits."""
+    h = ((h ^ (h >> 16)) * _MUL) & _M32
+    h = ((h ^ (h >> 16)) * _MUL) & _M32
     return h ^ (h >> 16)
 
 
 def random_bits16(key: int, start: int, n: int, device) -> torch.Tensor:
-    """16 random bits (int64 in [0, 2^16)) for the indices start .. start+n-1 under the
-    32-bit `key`: the upper half of fmix32(index XOR key). For one element the key is
+    """16 random bits (int32 in [0, 2^16)) for the indices start .. start+n-1 under the
+    32-bit `key`: the upper half of hash32(index XOR key). For one element the key is
     fresh (uniform) every step, so its bits are uniform and independent across steps;
     within a step, distinct indices give distinct, avalanched hashes."""
     if start + n > 1 << 32:
         raise ValueError(f"stochastic rounding indexes up to 2^32 elements per parameter, got {start + n}")
     idx = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    return _fmix32(idx ^ key) >> 16
+    return (_hash32(idx ^ key) >> 16).to(torch.int32)
 
 
 def _round_chunk(x: torch.Tensor, key: int, start: int) -> torch.Tensor:
-    bits = x.view(torch.int32).to(torch.int64) + random_bits16(key, start, x.numel(), x.device)
-    rounded = (bits & ~0xFFFF).to(torch.int32).view(torch.float32).to(torch.bfloat16)  # exact cast
+    # Adding < 2^16 to the bits of a finite float cannot overflow int32 (the largest
+    # finite float is 0x7F7FFFFF); NaN inputs, which could, are restored below.
+    bits = x.view(torch.int32) + random_bits16(key, start, x.numel(), x.device)
+    rounded = (bits & -0x10000).view(torch.float32).to(torch.bfloat16)  # exact cast
     return torch.where(torch.isnan(x), x.to(torch.bfloat16), rounded)
 
 
