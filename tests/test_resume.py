@@ -29,12 +29,11 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """10 rows (images and text): with 2 ranks x batch 1 an epoch is 5 micro-batches per
-    rank and a step takes 2 of them, so steps straddle epoch boundaries (step 3 takes the
-    last batch of epoch 0 and the first of epoch 1) and step 4 ends mid-epoch."""
+    """12 rows (images and text): at a global batch of 4 (2 ranks x batch 1 x accumulation
+    2) an epoch is 3 steps, so step 4 ends mid-epoch; at a global batch of 6 it is 2."""
     d = tmp_path_factory.mktemp("data")
     rows = []
-    for i in range(10):
+    for i in range(12):
         if i % 2 == 0:
             write_test_image(d / f"img{i}.png", size=(56 + 28 * (i % 3), 56), seed=i)
             user = [{"type": "image", "image": f"img{i}.png"}, {"type": "text", "text": f"Describe picture {i}."}]
@@ -105,7 +104,7 @@ def straight(tiny_model_dir, data, tmp_path_factory):
 def test_exact_resume_from_a_checkpoint(straight, tiny_model_dir, data, tmp_path):
     ckpt4 = straight / "checkpoints" / "step-4"
     st = train_state(ckpt4)
-    assert (st["step"], st["epoch"], st["epoch_batches"]) == (4, 1, 3)  # mid-epoch
+    assert (st["step"], st["epoch"], st["epoch_steps"]) == (4, 1, 1)  # mid-epoch
     out = tmp_path / "resumed"
     log = run(out, tiny_model_dir, data, f"train.resume={ckpt4}")
     assert f"resumed from {ckpt4} (step 4" in log
@@ -129,14 +128,14 @@ def test_exact_resume_with_other_optimizers(optim, tiny_model_dir, data, tmp_pat
 
 def test_exact_resume_with_packing(tiny_model_dir, data, tmp_path):
     """Packed batches resume exactly mid-epoch: which samples share a row is a function
-    of (seed, epoch), like the order. 128-token packs hold one to three of the 10 rows;
-    step 3 ends mid-epoch and step 6 is in a later epoch."""
-    args = ("data.packing=true", "data.max_length=128", "train.gradient_accumulation_steps=1",
+    of (seed, epoch), like the order. 192-token packs hold one or two of the 12 rows (8
+    packs, 4 steps an epoch); step 3 ends mid-epoch and step 6 is in a later epoch."""
+    args = ("data.packing=true", "data.max_length=128", "data.pack_length=192", "train.gradient_accumulation_steps=1",
             "train.max_steps=6", "train.save_steps=3")
     log = run(tmp_path / "straight", tiny_model_dir, data, *args)
     rows, packs = map(int, re.search(r"\[ft\] packing: epoch 0 packs (\d+) rows into (\d+) rows", log).groups())
     st = train_state(tmp_path / "straight" / "checkpoints" / "step-3")
-    assert st["step"] == 3 and 0 < st["epoch_batches"] < packs // 2  # mid-epoch (2 ranks, 1 pack each)
+    assert st["step"] == 3 and 0 < st["epoch_steps"] < packs // 2  # mid-epoch (2 ranks, 1 pack each)
     assert train_state(tmp_path / "straight" / "checkpoints" / "step-6")["epoch"] >= 1  # and past it
     resumed = tmp_path / "resumed"
     run(resumed, tiny_model_dir, data, *args, f"train.resume={tmp_path / 'straight' / 'checkpoints' / 'step-3'}")
