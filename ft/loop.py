@@ -393,7 +393,8 @@ def build_data(run: Run, processor) -> None:
     log(info, f"train rows {len(train_ds)}, eval rows {len(eval_ds) if eval_ds else 0}; global batch "
               f"{run.global_batch} {'packs' if run.pack_length else 'rows'} = {bs} per device x "
               f"{accum} accumulation x {world} ranks")
-    # What a checkpoint's data position means depends on these; resume refuses a change.
+    # What a checkpoint's data position means depends on these; resume refuses a change,
+    # except of how the global batch is split (ckpt.check_run_shape).
     run.run_shape = {
         "world_size": world, "per_device_train_batch_size": bs,
         "gradient_accumulation_steps": accum, "seed": cfg.train.seed,
@@ -455,12 +456,20 @@ def resume(run: Run) -> None:
     saved_shape = meta.get("run", {})
     ckpt.check_run_shape(run.resume_path, saved_shape, run.run_shape)
     t0 = time.perf_counter()
-    ckpt.load_checkpoint(run.model, run.optimizer, run.resume_path, run.info)  # SYNC
+    ckpt.load_checkpoint(run.model, run.optimizer, run.resume_path, run.info, run.cfg.train.seed)  # SYNC
     run.state.load_state_dict(meta["train_state"])
     if "epoch_steps" not in meta["train_state"]:
         old_position(run, meta["train_state"], saved_shape)
     log(run.info, f"resumed from {run.resume_path} (step {run.state.step}, epoch {run.state.epoch}) "
                   f"in {time.perf_counter() - t0:.1f} s")
+    if meta["world_size"] != run.info.world_size:
+        log(run.info, f"resumed on {run.info.world_size} ranks a run of {meta['world_size']}: global batch "
+                      f"{ckpt.global_batch(saved_shape)} -> {ckpt.global_batch(run.run_shape)}; the same samples "
+                      f"per step; each rank's RNG state derived from (seed {run.cfg.train.seed}, step "
+                      f"{run.state.step}, rank), not restored")
+        if run.cfg.train.optim == "hf_adafactor":
+            log(run.info, "note: train.optim=hf_adafactor keeps and clips its state per flat shard, so its "
+                          "updates depend on the world size: from here on they are those of this one")
     metric = run.cfg.train.metric_for_best
     if run.state.best_metric is not None and run.state.best_metric_name != metric:
         log(run.info, f"train.metric_for_best changed from {run.state.best_metric_name} to {metric}: the next "

@@ -118,12 +118,22 @@ def test_exact_resume_from_a_checkpoint(straight, tiny_model_dir, data, tmp_path
 @pytest.mark.parametrize("optim", ["hf_adafactor", "adamw"])
 def test_exact_resume_with_other_optimizers(optim, tiny_model_dir, data, tmp_path):
     """The recipe's HF Adafactor and AdamW checkpoint through FSDP's optimizer state dict
-    (ft's Adafactor, above, through its own): both resume to the same weights."""
+    (ft's Adafactor, above, through its own): both resume to the same weights. AdamW's
+    state reshards too: the 2-rank checkpoint continues on 1 rank x accumulation 2 to
+    the same weights up to float rounding (HF Adafactor's updates depend on the world
+    size: it is not compared there)."""
     args = (f"train.optim={optim}", "train.max_steps=4", "train.save_steps=2")
     run(tmp_path / "straight", tiny_model_dir, data, *args)
     run(tmp_path / "resumed", tiny_model_dir, data, *args,
         f"train.resume={tmp_path / 'straight' / 'checkpoints' / 'step-2'}")
     assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "straight"))
+    if optim == "adamw":
+        one = tmp_path / "one-rank"
+        run(one, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=4",
+            f"train.resume={tmp_path / 'straight' / 'checkpoints' / 'step-2'}", nproc=1)
+        got, want = losses(one), losses(tmp_path / "straight")
+        assert sorted(got) == [3, 4] and all(got[s] == pytest.approx(want[s], abs=1e-5) for s in got)
+        assert_same_weights(weights(one), weights(tmp_path / "straight"), tol=1e-5)
 
 
 def test_exact_resume_with_packing(tiny_model_dir, data, tmp_path):
@@ -144,6 +154,39 @@ def test_exact_resume_with_packing(tiny_model_dir, data, tmp_path):
     for step in got:
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
     assert_same_weights(weights(resumed), weights(tmp_path / "straight"))
+
+
+def test_resume_on_another_number_of_ranks(tiny_model_dir, data, tmp_path):
+    """2 ranks x accumulation 3 stop at step 3 (mid-epoch) and continue on 3 ranks x
+    accumulation 2; its step-4 checkpoint (an epoch's end) continues on 1 rank x
+    accumulation 6. The global batch stays 6, so every step trains on the same samples
+    (the same token count per step), and the losses and final weights are the
+    uninterrupted run's up to float rounding. The optimizer state reshards: ft's
+    Adafactor (full tensors by name); AdamW's (FSDP's sharded optimizer state) is
+    tested below."""
+    args = ("train.max_steps=6", "train.save_steps=3", "train.gradient_accumulation_steps=3")
+    straight, three, one = tmp_path / "straight", tmp_path / "three", tmp_path / "one"
+    run(straight, tiny_model_dir, data, *args)
+    log = run(three, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=2", "train.save_steps=1",
+              f"train.resume={straight / 'checkpoints' / 'step-3'}", nproc=3)
+    assert ("resumed on 3 ranks a run of 2: global batch 6 (2 ranks x 1 per device x 3 accumulation) -> "
+            "6 (3 ranks x 1 per device x 2 accumulation); the same samples per step; each rank's RNG state "
+            "derived from (seed 3, step 3, rank), not restored") in log
+    assert train_state(three / "checkpoints" / "step-4")["epoch_steps"] == 2  # the end of epoch 1
+    log = run(one, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=6",
+              f"train.resume={three / 'checkpoints' / 'step-4'}", nproc=1)
+    assert "resumed on 1 ranks a run of 3" in log
+    want, end = losses(straight), train_state(straight / "checkpoints" / "step-6")
+    assert end["samples_seen"] == 36
+    for out, steps in ((three, [4, 5, 6]), (one, [5, 6])):
+        got = losses(out)
+        assert sorted(got) == steps
+        for step in steps:
+            assert got[step] == pytest.approx(want[step], abs=1e-5), (out.name, step)
+        st = train_state(out / "checkpoints" / "step-6")
+        assert (st["samples_seen"], st["tokens_seen"]) == (end["samples_seen"], end["tokens_seen"])
+        assert_same_weights(weights(out), weights(straight), tol=1e-5)
+
 
 
 def test_kill_during_save_then_elastic_restart(straight, tiny_model_dir, data, tmp_path):
@@ -299,10 +342,11 @@ def test_refusals_before_any_step(straight, tiny_model_dir, data, tmp_path):
     assert_refused_once(log, "already holds a run")
     assert "overwrite_output_dir" in log
     assert sorted(losses(straight)) == list(range(1, STEPS + 1))  # untouched
-    # a different world size
+    # a different global batch (another world size is fine with the same one: below)
     log = run(tmp_path / "a", tiny_model_dir, data, f"train.resume={straight / 'checkpoints/step-4'}",
               nproc=1, expect_rc=2)
-    assert_refused_once(log, "world_size: 2 -> 1")
+    assert_refused_once(log, "global batch 4 (2 ranks x 1 per device x 2 accumulation) -> "
+                             "2 (1 rank x 1 per device x 2 accumulation)")
     # a checkpoint whose weights were saved in another dtype
     bad = tmp_path / "bf16-ckpt"
     convert_checkpoint(straight / "checkpoints" / "step-4", bad, "model.model.language_model.norm.weight", torch.bfloat16)
