@@ -463,7 +463,8 @@ def resume(run: Run) -> None:
     log(run.info, f"resumed from {run.resume_path} (step {run.state.step}, epoch {run.state.epoch}) "
                   f"in {time.perf_counter() - t0:.1f} s")
     if meta["world_size"] != run.info.world_size:
-        log(run.info, f"resumed on {run.info.world_size} ranks a run of {meta['world_size']}: global batch "
+        ranks = f"{run.info.world_size} rank{'s' if run.info.world_size != 1 else ''}"
+        log(run.info, f"resumed on {ranks} a run of {meta['world_size']}: global batch "
                       f"{ckpt.global_batch(saved_shape)} -> {ckpt.global_batch(run.run_shape)}; the same samples "
                       f"per step; each rank's RNG state derived from (seed {run.cfg.train.seed}, step "
                       f"{run.state.step}, rank), not restored")

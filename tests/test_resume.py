@@ -175,7 +175,7 @@ def test_resume_on_another_number_of_ranks(tiny_model_dir, data, tmp_path):
     assert train_state(three / "checkpoints" / "step-4")["epoch_steps"] == 2  # the end of epoch 1
     log = run(one, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=6",
               f"train.resume={three / 'checkpoints' / 'step-4'}", nproc=1)
-    assert "resumed on 1 ranks a run of 3" in log
+    assert "resumed on 1 rank a run of 3" in log
     want, end = losses(straight), train_state(straight / "checkpoints" / "step-6")
     assert end["samples_seen"] == 36
     for out, steps in ((three, [4, 5, 6]), (one, [5, 6])):
