@@ -237,22 +237,24 @@ def read_meta(path: str) -> dict:
 
 
 def load_checkpoint(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str, info: DistInfo
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str, info: DistInfo, seed: int = 0
 ) -> dict:
     """Load a checkpoint written by `save_checkpoint` into an already wrapped model and
-    its (fresh) optimizer, restore this rank's RNG state; return the saved meta."""
+    its (fresh) optimizer, at its world size or another: DCP reshards the model and
+    optimizer shards. Restore this rank's RNG state when the world size is the one that
+    wrote it; at another, there is no such state for every rank, and each rank's is
+    derived from (`seed`, step, rank) instead (`ft.rng.derive`). Returns the saved meta."""
     why = incomplete_reason(path)
     if why:
         raise CheckpointMismatch(f"{path} is not a complete checkpoint: {why}")
     meta = read_meta(path)
-    if meta["world_size"] != info.world_size:
-        # Model and optimizer shards could be resharded, but each rank's data position
-        # and RNG stream could not: refuse rather than silently train on other samples.
-        raise CheckpointMismatch(
-            f"{path} was written by {meta['world_size']} ranks; this run has {info.world_size}. "
-            "Resume with the same world size, or start over (train.resume=none)."
-        )
     backend, io = backend_of(model), spec_of(optimizer).checkpoint
+    if meta["world_size"] != info.world_size and not io.reshards:
+        raise CheckpointMismatch(
+            f"{path} was written by {meta['world_size']} ranks; this run has {info.world_size}, and the "
+            f"state of train.optim={spec_of(optimizer).name} cannot be resharded: {io.why_not_reshard} "
+            "Resume on the same number of ranks, or start over (train.resume=none)."
+        )
     model_sd = backend.model_state_dict(model)
     saved_optim = {k[len("optim."):]: m for k, m in _saved_tensor_meta(path).items() if k.startswith("optim.")}
     state = {"model": model_sd, "optim": io.template(model, optimizer, saved_optim)}
@@ -260,6 +262,9 @@ def load_checkpoint(
     dcp.load(state, checkpoint_id=path)  # SYNC
     backend.load_model_state_dict(model, state["model"])
     io.load(model, optimizer, state["optim"])
+    if meta["world_size"] != info.world_size:
+        rng.derive(seed, meta["train_state"]["step"], info.rank, info.device)
+        return meta
     try:
         rng.load(os.path.join(path, RNG_DIR, f"rank-{info.rank}.pt"), info.device)
         error = None
@@ -457,14 +462,32 @@ RUN_SHAPE_ADDED = {"pack_length": 0, "eval_fraction": 0.0}
 """Run-shape keys newer than some checkpoints, with the value such a checkpoint implies
 (it predates packing and eval_fraction, so it did not pack and held out no rows)."""
 
+GLOBAL_BATCH_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
+"""The run-shape keys whose product is the global batch: each may change on resume, as
+long as the product does not."""
+
+
+def global_batch(shape: dict) -> str:
+    """'6 (2 ranks x 1 per device x 3 accumulation)': a run shape's global batch."""
+    world, bs, accum = (shape.get(k) for k in GLOBAL_BATCH_KEYS)
+    total = world * bs * accum if None not in (world, bs, accum) else None
+    return f"{total} ({world} rank{'s' if world != 1 else ''} x {bs} per device x {accum} accumulation)"
+
 
 def check_run_shape(path: str, saved: dict, now: dict) -> None:
-    """A checkpoint's data position (epoch, batches into it) and per-rank RNG states
-    mean the same thing only with the same world size, batch sizes, seed and data."""
+    """A checkpoint's data position (epoch, steps into it) means the same thing only with
+    the same global batch, seed and data: the data order is a function of them alone
+    (`ft.sampler`, `ft.packing`). How the global batch is split (world size, batch per
+    device, accumulation) may change: another world size continues the same order."""
     saved = {**RUN_SHAPE_ADDED, **saved}
-    changed = [f"{k}: {saved.get(k)} -> {v}" for k, v in now.items() if saved.get(k) != v]
+    changed = [f"{k}: {saved.get(k)} -> {v}" for k, v in now.items()
+               if k not in GLOBAL_BATCH_KEYS and saved.get(k) != v]
+    before, after = global_batch(saved), global_batch(now)
+    if before.split()[0] != after.split()[0]:
+        changed.insert(0, f"global batch {before} -> {after}")
     if changed:
         raise ResumeError(
-            f"cannot resume from {path}: the run changed ({'; '.join(changed)}). Resume with "
-            "the original settings, or start over with train.resume=none."
+            f"cannot resume from {path}: the run changed ({'; '.join(changed)}). Resume with the original "
+            "settings (another number of ranks is fine if per_device_train_batch_size x "
+            "gradient_accumulation_steps x world size stays the same), or start over with train.resume=none."
         )

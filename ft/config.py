@@ -207,7 +207,10 @@ class DataConfig:
     shuffled: its rows are cut into chunks of 50 global batches (all ranks' micro-batches
     of one step), each chunk is sorted by length and split into global batches, and the
     order of the batches is shuffled; the batch holding the epoch's longest row goes
-    first, so an out-of-memory error shows at the first step. Off by default, which
+    first, so an out-of-memory error shows at the first step. A global batch is cut
+    into micro-batches of consecutive lengths, so ranks and accumulation steps get
+    similar lengths; like the plain order, it depends on the global batch's size only,
+    not on the world size. Off by default, which
     keeps the plain shuffled order of the HF Trainer reference: grouped steps see all
     short or all long samples, so the per-step loss swings with length."""
 
@@ -236,8 +239,11 @@ class TrainConfig:
 
     max_steps: int = 60
     """Number of optimizer steps to train for. Each step consumes
-    `per_device_train_batch_size` × `gradient_accumulation_steps` × world size samples;
-    the training data is reshuffled and repeated as often as needed."""
+    `per_device_train_batch_size` × `gradient_accumulation_steps` × world size samples
+    (the global batch); the training data is reshuffled and repeated as often as needed.
+    An epoch is a whole number of steps: the rows of its shuffle that do not fill a last
+    global batch (fewer than one global batch) are left out of it, different ones each
+    epoch."""
 
     per_device_train_batch_size: int = 1
     """Training samples per micro-batch on each process (GPU, or CPU rank). The global
@@ -333,8 +339,11 @@ class TrainConfig:
     """`auto`: continue from the newest complete checkpoint in `output_dir`, or start
     fresh when there is none. A path: continue from that checkpoint folder. `none`:
     start over, refused if `output_dir` already holds a run unless
-    `overwrite_output_dir` is true. Resuming needs the same world size, batch sizes and
-    data file as the run that wrote the checkpoint; ft checks and refuses otherwise."""
+    `overwrite_output_dir` is true. Resuming needs the same global batch
+    (`per_device_train_batch_size` × `gradient_accumulation_steps` × world size), seed
+    and data as the run that wrote the checkpoint, and ft checks and refuses otherwise;
+    how the global batch is split may change (e.g. 2 ranks × accumulation 3 continuing
+    on 3 ranks × accumulation 2), and every step then trains on the same samples."""
 
     overwrite_output_dir: bool = False
     """With `resume=none`: delete the previous run's checkpoints, export and logs in

@@ -73,7 +73,7 @@ class TrainState:
 
     step: int = 0  # optimizer steps taken (skipped steps not counted)
     epoch: int = 0  # current pass over the training set
-    epoch_batches: int = 0  # micro-batches each rank has consumed in this epoch
+    epoch_steps: int = 0  # steps (global batches) of this epoch consumed, skipped ones included
     samples_seen: int = 0  # all ranks, skipped ones included
     tokens_seen: int = 0  # real (non-pad) tokens trained on, all ranks
     best_metric: float | None = None  # train.metric_for_best's value at best_step
@@ -91,6 +91,7 @@ class TrainState:
         d = dict(d)
         if "best_eval_loss" in d:  # checkpoints from before train.metric_for_best
             d["best_metric"] = d.pop("best_eval_loss")
+        d.pop("epoch_batches", None)  # ft before the world-size-independent order: see `resume`
         for k, v in d.items():
             setattr(self, k, v)
 
@@ -230,7 +231,7 @@ def train(cfg) -> None:
     run.meter, run.peak = Meter(cfg.train.metrics_warmup_steps), peak_flops(run.info.device)
     run.bar = progress_bar(run)
     state, stopped = run.state, False
-    run.sampler.set_position(state.epoch, state.epoch_batches)
+    run.sampler.set_position(state.epoch, state.epoch_steps)
     run.batches = iter(run.loader)
     run.model.train()
 
@@ -333,9 +334,9 @@ def build_data(run: Run, processor) -> None:
     share what they found), so that a broken row stops the job now with its file and
     line, or is dropped (data.on_bad_sample), instead of killing one rank hours in. The
     check also measures each row's length, for length grouping. Then the loader: each
-    rank reads a disjoint 1/world_size of every epoch."""
+    rank reads its slice of every step's global batch."""
     cfg, info = run.cfg, run.info
-    bs, world = cfg.train.per_device_train_batch_size, info.world_size
+    bs, world, accum = cfg.train.per_device_train_batch_size, info.world_size, cfg.train.gradient_accumulation_steps
     refusal = run.pack_length and varlen_refusal(cfg.model.attn_implementation)
     if refusal:
         raise ConfigError(refusal)
@@ -368,32 +369,36 @@ def build_data(run: Run, processor) -> None:
         log(info, f"note: transformers {transformers.__version__} rounds a video's seconds per two frames "
                   "down to whole seconds in M-RoPE (0.5 s becomes 0: frames share a time position); "
                   "training and inference on this version agree, but transformers >= 5.24 keeps the fraction")
-    if len(train_ds) < bs * world:
+    if len(train_ds) < run.global_batch:
         raise DataError(
-            f"{cfg.data.train_file}: {len(train_ds)} usable rows, but one micro-batch on every rank "
-            f"needs {bs * world} (per_device_train_batch_size {bs} x world size {world})"
+            f"{cfg.data.train_file}: {len(train_ds)} usable rows, but one optimizer step needs "
+            f"{run.global_batch} (per_device_train_batch_size {bs} x gradient_accumulation_steps {accum} "
+            f"x world size {world})"
         )
     # Every rank gets the same number of batches per epoch, hence runs the same number
     # of forwards (a rank with one more would wait forever in an all-gather). The order
-    # is a pure function of (seed, epoch): resuming sets the position, nothing else.
+    # is a pure function of (seed, epoch) over global batches, whatever the world size:
+    # resuming sets the position (in steps), nothing else.
     if run.pack_length:
         run.sampler = PackedBatchSampler(train_lengths, run.pack_length, batch_size=bs, num_replicas=world,
-                                         rank=info.rank, seed=cfg.train.seed)
+                                         rank=info.rank, seed=cfg.train.seed, accumulation=accum)
         check_packs(run, train_lengths)
         train_ds, eval_ds = PackedRows(train_ds), eval_ds and PackedRows(eval_ds)
     else:
         run.sampler = ShardedBatchSampler(train_lengths, batch_size=bs, num_replicas=world, rank=info.rank,
-                                          seed=cfg.train.seed, group_by_length=cfg.data.group_by_length)
+                                          seed=cfg.train.seed, group_by_length=cfg.data.group_by_length,
+                                          accumulation=accum)
     run.loader = DataLoader(train_ds, batch_sampler=run.sampler, collate_fn=run.collator,
                             num_workers=cfg.train.dataloader_num_workers, pin_memory=info.on_gpu)
     run.train_ds, run.eval_ds, run.eval_lengths = train_ds, eval_ds, eval_lengths
     log(info, f"train rows {len(train_ds)}, eval rows {len(eval_ds) if eval_ds else 0}; global batch "
               f"{run.global_batch} {'packs' if run.pack_length else 'rows'} = {bs} per device x "
-              f"{cfg.train.gradient_accumulation_steps} accumulation x {world} ranks")
-    # What a checkpoint's data position means depends on these; resume refuses a change.
+              f"{accum} accumulation x {world} ranks")
+    # What a checkpoint's data position means depends on these; resume refuses a change,
+    # except of how the global batch is split (ckpt.check_run_shape).
     run.run_shape = {
         "world_size": world, "per_device_train_batch_size": bs,
-        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps, "seed": cfg.train.seed,
+        "gradient_accumulation_steps": accum, "seed": cfg.train.seed,
         "train_file": os.path.abspath(cfg.data.train_file), "train_rows": len(train_ds),
         "eval_fraction": cfg.data.eval_fraction, "group_by_length": cfg.data.group_by_length,
         "pack_length": run.pack_length,
@@ -404,11 +409,12 @@ def check_packs(run: Run, lengths: list[int]) -> None:
     """Refuse data too small for one packed micro-batch on every rank; log what packing
     saves: the packs' fill against the padding of the same rows unpacked."""
     cfg, sampler = run.cfg, run.sampler
-    if not sampler.batches_in(0):
+    if not sampler.steps_in(0):
         raise DataError(
-            f"{cfg.data.train_file}: {len(lengths)} usable rows fill fewer than the {sampler.group} packs of "
-            f"{run.pack_length} tokens that one micro-batch on every rank needs (per_device_train_batch_size "
-            f"{sampler.batch_size} x world size {sampler.num_replicas}): lower data.pack_length or the batch size"
+            f"{cfg.data.train_file}: {len(lengths)} usable rows fill fewer than the {sampler.step_packs} packs of "
+            f"{run.pack_length} tokens that one optimizer step needs (per_device_train_batch_size "
+            f"{sampler.batch_size} x gradient_accumulation_steps {sampler.accumulation} x world size "
+            f"{sampler.num_replicas}): lower data.pack_length or the batch size"
         )
     efficiency, used, left = sampler.efficiency(0)
     unpacked = [b for r in range(sampler.num_replicas)
@@ -416,7 +422,7 @@ def check_packs(run: Run, lengths: list[int]) -> None:
                                              cfg.train.seed).batches(0)]
     real = sum(lengths[i] for b in unpacked for i in b)
     padded = sum(max(lengths[i] for i in b) * len(b) for b in unpacked)
-    log(run.info, f"packing: epoch 0 packs {used} rows into {sampler.batches_in(0) * sampler.group} rows of "
+    log(run.info, f"packing: epoch 0 packs {used} rows into {sampler.steps_in(0) * sampler.step_packs} rows of "
                   f"{run.pack_length} tokens, {efficiency:.1%} filled ({left} rows wait for the next epoch); "
                   f"unpacked, {1 - real / padded:.1%} of the batch would be padding")
 
@@ -455,12 +461,24 @@ def resume(run: Run) -> None:
     if not run.resume_path:
         return
     meta = ckpt.read_meta(run.resume_path)
-    ckpt.check_run_shape(run.resume_path, meta.get("run", {}), run.run_shape)
+    saved_shape = meta.get("run", {})
+    ckpt.check_run_shape(run.resume_path, saved_shape, run.run_shape)
     t0 = time.perf_counter()
-    ckpt.load_checkpoint(run.model, run.optimizer, run.resume_path, run.info)  # SYNC
+    ckpt.load_checkpoint(run.model, run.optimizer, run.resume_path, run.info, run.cfg.train.seed)  # SYNC
     run.state.load_state_dict(meta["train_state"])
+    if "epoch_steps" not in meta["train_state"]:
+        old_position(run, meta["train_state"], saved_shape)
     log(run.info, f"resumed from {run.resume_path} (step {run.state.step}, epoch {run.state.epoch}) "
                   f"in {time.perf_counter() - t0:.1f} s")
+    if meta["world_size"] != run.info.world_size:
+        ranks = f"{run.info.world_size} rank{'s' if run.info.world_size != 1 else ''}"
+        log(run.info, f"resumed on {ranks} a run of {meta['world_size']}: global batch "
+                      f"{ckpt.global_batch(saved_shape)} -> {ckpt.global_batch(run.run_shape)}; the same samples "
+                      f"per step; each rank's RNG state derived from (seed {run.cfg.train.seed}, step "
+                      f"{run.state.step}, rank), not restored")
+        if run.cfg.train.optim == "hf_adafactor":
+            log(run.info, "note: train.optim=hf_adafactor keeps and clips its state per flat shard, so its "
+                          "updates depend on the world size: from here on they are those of this one")
     metric = run.cfg.train.metric_for_best
     if run.state.best_metric is not None and run.state.best_metric_name != metric:
         log(run.info, f"train.metric_for_best changed from {run.state.best_metric_name} to {metric}: the next "
@@ -471,41 +489,50 @@ def resume(run: Run) -> None:
         log(run.info, f"step {run.state.step} >= train.max_steps={run.cfg.train.max_steps}: nothing left to train")
 
 
+def old_position(run: Run, saved_state: dict, saved_shape: dict) -> None:
+    """A checkpoint of ft before the world-size-independent data order counted the
+    micro-batches each rank had consumed of its epoch (`epoch_batches`). With one
+    micro-batch per step that count is the step count of today's order, which is the
+    same order; with accumulation, old steps could straddle epochs and the order of the
+    epoch differs, so the rest of this epoch may repeat or leave out a few rows."""
+    batches, accum = saved_state.get("epoch_batches", 0), saved_shape.get("gradient_accumulation_steps", 1)
+    steps = min(-(-batches // accum), run.sampler.steps_in(run.state.epoch))
+    run.state.epoch_steps = steps
+    if accum != 1 and batches:
+        log(run.info, f"the checkpoint counts {batches} micro-batches of epoch {run.state.epoch} per rank (an "
+                      f"older ft); continuing at its step {steps}: with accumulation the order of this epoch "
+                      "changed since, so the rest of it may repeat or leave out a few rows")
+
+
 # =====================================================================================
 # One step
 # =====================================================================================
-def next_batch(run: Run) -> Batch:
-    """The next micro-batch of this rank; moves the data position even when the sample
-    is bad, so that every rank's position stays the same."""
-    state = run.state
-    # Epoch boundary: reshuffle. `while`, not `if`: a packed epoch can come out one
-    # micro-batch short of what the last one had, which for a dataset of one
-    # micro-batch an epoch is none (the packing check at start-up saw epoch 0 only).
-    while state.epoch_batches == run.sampler.batches_in(state.epoch):
-        state.epoch += 1
-        state.epoch_batches = 0
-        run.sampler.set_position(state.epoch, 0)
-        run.batches = iter(run.loader)
-    state.epoch_batches += 1
-    return next(run.batches)
-
-
 def fetch_step(run: Run) -> tuple[list[Batch], DataError | None, int]:
     """The whole optimizer step's micro-batches, fetched first: the loss is divided by
     the label-token count of all of them on all ranks, known before any backward. A
     sample that fails to load (file gone since the data check) must not take down this
     rank alone: note it, keep fetching so every rank's position moves alike, and let
     all ranks decide together. Also returns how many samples the failed micro-batches
-    held."""
+    held. The data position moves by one step (a global batch), whatever happens."""
+    state, accum = run.state, run.cfg.train.gradient_accumulation_steps
+    # Epoch boundary: reshuffle. `while`, not `if`: a packed epoch can come out one step
+    # short of what the last one had, which for a dataset of one step an epoch is none
+    # (the packing check at start-up saw epoch 0 only).
+    while state.epoch_steps == run.sampler.steps_in(state.epoch):
+        state.epoch += 1
+        state.epoch_steps = 0
+        run.sampler.set_position(state.epoch, 0)
+        run.batches = iter(run.loader)
     micro, bad, unloaded = [], None, 0
-    for _ in range(run.cfg.train.gradient_accumulation_steps):
+    for i in range(accum):
         try:
-            batch = next_batch(run)
-            faults.hook("bad_sample", run.state.step + 1, run.info.rank)
+            batch = next(run.batches)
+            faults.hook("bad_sample", state.step + 1, run.info.rank)
             micro.append(batch)
         except DataError as e:
             bad = e
-            unloaded += run.sampler.samples_in(run.state.epoch, run.state.epoch_batches - 1)
+            unloaded += run.sampler.samples_in(state.epoch, state.epoch_steps * accum + i)
+    state.epoch_steps += 1
     return micro, bad, unloaded
 
 

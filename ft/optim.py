@@ -42,6 +42,10 @@ class TorchState:
     backend's optimizer state dict, checked tensor by tensor against the checkpoint."""
 
     check_saved = True  # ft.ckpt compares saved and expected shapes and dtypes
+    # DCP stores each state tensor by original parameter with its global shape, so any
+    # world size can load it.
+    reshards = True
+    why_not_reshard = ""
 
     @staticmethod
     def state_dict(model: nn.Module, optimizer) -> dict:
@@ -64,6 +68,8 @@ class FqnState:
     like the flat shard)."""
 
     check_saved = False  # the template is made from the checkpoint's own metadata
+    reshards = True  # full tensors by name: loads at any world size
+    why_not_reshard = ""
 
     @staticmethod
     def state_dict(model: nn.Module, optimizer) -> dict:

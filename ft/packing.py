@@ -46,7 +46,7 @@ __all__ = ["PackedBatchSampler", "PackedRows", "RopeIndex", "eval_batches", "pac
 
 CHUNK_GROUPS = 16
 """Packs are planned within shuffled chunks of the epoch's rows, each about this many
-global micro-batches (all ranks' packs of one micro-batch) of rows. Larger chunks fill
+steps' packs (all ranks' packs of one optimizer step) of rows. Larger chunks fill
 packs better but change less from epoch to epoch which samples share a pack: a dataset
 smaller than one chunk is packed whole, so its packs differ between epochs only where
 equal lengths tie."""
@@ -94,78 +94,96 @@ class PackedBatchSampler(torch.utils.data.Sampler[list[list[int]]]):
     """Per-rank micro-batches of packs: each micro-batch is `batch_size` packs (lists of
     row indices, at most `pack_length` tokens each). Use it with :class:`PackedRows`.
 
+    The plan is made per optimizer step, over all ranks, and depends on the step's
+    number of packs ``step_packs = batch_size * accumulation * num_replicas`` but not on
+    how it is split: at any world size with the same `step_packs`, step t trains on the
+    same packs (the same rows in the same packs), only dealt to other ranks and
+    micro-batches. So a run can continue on another number of ranks.
+
     Each epoch: the rows in shuffled order (the seed and epoch alone decide it) are cut
-    into chunks of about :data:`CHUNK_GROUPS` global micro-batches' worth of rows, and
+    into chunks of about :data:`CHUNK_GROUPS` x `step_packs` packs' worth of rows, and
     each chunk is packed (:func:`pack`). The epoch's packs, fullest first, are cut into
-    global micro-batches of `num_replicas * batch_size` packs, so packs of similar fill
-    run side by side, and each global micro-batch is dealt to the ranks evening out
-    their tokens: no rank idles long waiting for the others at the step's collectives.
-    The global micro-batches are then shuffled, except that the one holding the fullest
-    pack goes first, so that an out-of-memory error shows at the first step. The packs
-    that do not fill a last global micro-batch are left out of the epoch (the emptiest
-    ones; different rows each epoch).
+    steps of `step_packs`, so packs of similar fill run side by side; a step's packs,
+    still fullest first, are cut into `accumulation` global micro-batches of
+    ``num_replicas * batch_size`` packs, each dealt to the ranks evening out their
+    tokens: no rank idles long waiting for the others at the step's collectives. The
+    steps are then shuffled, except that the one holding the fullest pack goes first,
+    so that an out-of-memory error shows at the first step. The packs that do not fill
+    a last step are left out of the epoch (the emptiest ones; different rows each epoch).
 
     Every rank gets the same number of micro-batches in an epoch
-    (:meth:`batches_in`), as FSDP needs, but that number may differ between epochs.
+    (:meth:`steps_in` x `accumulation`), as FSDP needs, but that number may differ
+    between epochs.
     """
 
     def __init__(self, lengths: Sequence[int], pack_length: int, batch_size: int, num_replicas: int = 1,
-                 rank: int = 0, seed: int = 0, chunk_groups: int = CHUNK_GROUPS):
-        if batch_size < 1 or chunk_groups < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"invalid batch_size {batch_size}, chunk_groups {chunk_groups}, "
-                             f"rank {rank} or num_replicas {num_replicas}")
+                 rank: int = 0, seed: int = 0, chunk_groups: int = CHUNK_GROUPS, accumulation: int = 1):
+        if batch_size < 1 or chunk_groups < 1 or accumulation < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"invalid batch_size {batch_size}, chunk_groups {chunk_groups}, accumulation "
+                             f"{accumulation}, rank {rank} or num_replicas {num_replicas}")
         self.lengths, self.pack_length = list(lengths), pack_length
         self.batch_size, self.num_replicas, self.rank, self.seed = batch_size, num_replicas, rank, seed
-        self.group = num_replicas * batch_size
+        self.accumulation = accumulation
+        self.group = num_replicas * batch_size  # packs of one micro-batch over all ranks
+        self.step_packs = self.group * accumulation  # packs of one optimizer step
         mean = sum(self.lengths) / max(len(self.lengths), 1)
-        self.chunk_rows = max(1, round(chunk_groups * self.group * pack_length / max(mean, 1.0)))
+        self.chunk_rows = max(1, round(chunk_groups * self.step_packs * pack_length / max(mean, 1.0)))
         self.epoch, self.start = 0, 0
-        self._plans: dict[int, list[list[list[list[int]]]]] = {}
+        self._plans: dict[int, list[list[list[list[list[int]]]]]] = {}
 
-    def plan(self, epoch: int) -> list[list[list[list[int]]]]:
-        """All ranks' micro-batches of `epoch`: [micro-batch][rank][pack] -> rows."""
+    def steps(self, epoch: int) -> list[list[list[int]]]:
+        """The packs of each step of `epoch`, fullest first: [step][pack] -> rows. A
+        function of (seed, epoch, step_packs, pack_length, lengths) alone."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        packs = [p for start in range(0, len(order), self.chunk_rows)
+                 for p in pack(order[start:start + self.chunk_rows], self.lengths, self.pack_length)]
+        packs.sort(key=lambda p: -sum(self.lengths[r] for r in p))  # stable: ties keep chunk order
+        n = self.step_packs
+        steps = [packs[i:i + n] for i in range(0, len(packs) // n * n, n)]
+        if steps:
+            rest = [steps[i] for i in torch.randperm(len(steps) - 1, generator=generator).add(1).tolist()]
+            steps = [steps[0]] + rest
+        return steps
+
+    def plan(self, epoch: int) -> list[list[list[list[list[int]]]]]:
+        """All ranks' micro-batches of `epoch`: [step][micro-batch][rank][pack] -> rows."""
         if epoch not in self._plans:
-            generator = torch.Generator()
-            generator.manual_seed(self.seed + epoch)
-            order = torch.randperm(len(self.lengths), generator=generator).tolist()
-            packs = [p for start in range(0, len(order), self.chunk_rows)
-                     for p in pack(order[start:start + self.chunk_rows], self.lengths, self.pack_length)]
-            packs.sort(key=lambda p: -sum(self.lengths[r] for r in p))  # stable: ties keep chunk order
-            groups = [_balance(packs[i:i + self.group], self.lengths, self.num_replicas, self.batch_size)
-                      for i in range(0, len(packs) // self.group * self.group, self.group)]
-            if groups:
-                rest = [groups[i] for i in torch.randperm(len(groups) - 1, generator=generator).add(1).tolist()]
-                groups = [groups[0]] + rest
-            self._plans = {epoch: groups}  # one epoch at a time is all the loop needs
+            g = self.group
+            plan = [[_balance(step[i:i + g], self.lengths, self.num_replicas, self.batch_size)
+                     for i in range(0, self.step_packs, g)] for step in self.steps(epoch)]
+            self._plans = {epoch: plan}  # one epoch at a time is all the loop needs
         return self._plans[epoch]
 
     def batches(self, epoch: int) -> list[list[list[int]]]:
-        """This rank's micro-batches of `epoch`, in order."""
-        return [group[self.rank] for group in self.plan(epoch)]
+        """This rank's micro-batches of `epoch`, in order (`accumulation` per step)."""
+        return [micro[self.rank] for step in self.plan(epoch) for micro in step]
 
-    def batches_in(self, epoch: int) -> int:
-        """Micro-batches per rank in `epoch` (the same on every rank)."""
+    def steps_in(self, epoch: int) -> int:
+        """Optimizer steps in `epoch` (the same at every world size with the same
+        step_packs)."""
         return len(self.plan(epoch))
 
     def __len__(self) -> int:
-        return self.batches_in(self.epoch)
+        return self.steps_in(self.epoch) * self.accumulation
 
     def samples_in(self, epoch: int, index: int) -> int:
         """Samples in this rank's micro-batch `index` of epoch `epoch`."""
         return sum(len(p) for p in self.batches(epoch)[index])
 
-    def set_position(self, epoch: int, batches_done: int) -> None:
-        """Iterate over epoch `epoch` from its micro-batch `batches_done` on."""
-        if not 0 <= batches_done <= self.batches_in(epoch):
-            raise ValueError(f"batches_done {batches_done} is not in [0, {self.batches_in(epoch)}]")
-        self.epoch, self.start = epoch, batches_done
+    def set_position(self, epoch: int, steps_done: int) -> None:
+        """Iterate over epoch `epoch` from its step `steps_done` on."""
+        if not 0 <= steps_done <= self.steps_in(epoch):
+            raise ValueError(f"steps_done {steps_done} is not in [0, {self.steps_in(epoch)}]")
+        self.epoch, self.start = epoch, steps_done
 
     def __iter__(self) -> Iterator[list[list[int]]]:
-        yield from self.batches(self.epoch)[self.start:]
+        yield from self.batches(self.epoch)[self.start * self.accumulation:]
 
     def efficiency(self, epoch: int = 0) -> tuple[float, int, int]:
         """(real tokens / (packs x pack_length), rows packed, rows left out) in `epoch`."""
-        packs = [p for group in self.plan(epoch) for rank in group for p in rank]
+        packs = [p for step in self.plan(epoch) for micro in step for rank in micro for p in rank]
         used = sum(len(p) for p in packs)
         tokens = sum(self.lengths[r] for p in packs for r in p)
         return tokens / max(len(packs) * self.pack_length, 1), used, len(self.lengths) - used

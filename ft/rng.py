@@ -1,4 +1,5 @@
-"""Per-rank RNG state for checkpoints, stored as tensors only: no pickles.
+"""Per-rank RNG state for checkpoints, stored as tensors only: no pickles; and the
+state a rank starts from when a run resumes on another number of ranks (`derive`).
 
 A checkpoint folder often lives on a shared file system that others can write to. Loading
 it with `torch.load(..., weights_only=False)` would unpickle whatever the file holds and so
@@ -95,6 +96,18 @@ def restore(state: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(s["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(_check(state, "cuda", _U8, None), device)
+
+
+def derive(seed: int, step: int, rank: int, device: torch.device) -> None:
+    """Seed python, numpy and torch (and CUDA) from (seed, step, rank): for a run resumed
+    at another world size, where a checkpoint holds no saved state for some ranks and
+    the saved ones belong to other ranks' work. Deterministic, different per rank and
+    per step, and unrelated to the streams of a fresh start (which seeds every rank with
+    `seed` alone). The data order does not depend on it (`ft.sampler`)."""
+    value = int(np.random.SeedSequence([seed % 2**64, step, rank]).generate_state(1, np.uint64)[0])
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)  # every CUDA device too
 
 
 def save(path: str, device: torch.device) -> None:

@@ -43,7 +43,7 @@ def test_packed_sampler_epochs_are_equal_on_ranks_disjoint_balanced_and_resumabl
     ranks = [PackedBatchSampler(lengths, cap, bs, world, r, seed=5) for r in range(world)]
     for epoch in range(3):
         mine = [s.batches(epoch) for s in ranks]
-        assert len({len(m) for m in mine}) == 1 and ranks[0].batches_in(epoch) == len(mine[0]) > 0
+        assert len({len(m) for m in mine}) == 1 and ranks[0].steps_in(epoch) == len(mine[0]) > 0
         rows = [r for m in mine for batch in m for p in batch for r in p]
         assert len(rows) == len(set(rows))  # no row twice in an epoch
         assert all(len(batch) == bs for m in mine for batch in m)
@@ -64,6 +64,37 @@ def test_packed_sampler_epochs_are_equal_on_ranks_disjoint_balanced_and_resumabl
     assert again.batches(2) == ranks[0].batches(2)  # a pure function of (seed, epoch)
     again.set_position(2, 3)
     assert list(again) == ranks[0].batches(2)[3:]
+
+
+def test_packed_steps_are_the_same_packs_at_any_world_size():
+    """12 packs a step, split as (per-device packs, accumulation, world size) in several
+    ways: each step holds the same packs (the same rows together), dealt to disjoint
+    ranks in equal numbers, and a position in steps means the same for every split."""
+    lengths, cap = _lengths(500, seed=3), 700
+    splits = [(12, 1, 1), (3, 2, 2), (2, 3, 2), (1, 6, 2), (4, 1, 3), (2, 2, 3), (1, 4, 3)]
+
+    def steps_of(split, epoch):
+        bs, accum, world = split
+        ranks = [PackedBatchSampler(lengths, cap, bs, world, r, seed=9, accumulation=accum) for r in range(world)]
+        mine = [s.batches(epoch) for s in ranks]
+        n = ranks[0].steps_in(epoch)
+        assert n > 3 and {len(m) for m in mine} == {n * accum}
+        assert all(len(batch) == bs for m in mine for batch in m)
+        out = []
+        for t in range(n):
+            packs = [tuple(sorted(p)) for m in mine for batch in m[t * accum:(t + 1) * accum] for p in batch]
+            assert len(packs) == 12
+            out.append(sorted(packs))
+        rows = [r for step in out for p in step for r in p]
+        assert len(rows) == len(set(rows))  # no row twice in an epoch
+        ranks[-1].set_position(epoch, 2)
+        assert list(ranks[-1]) == mine[-1][2 * accum:]
+        return out
+
+    for epoch in (0, 1):
+        reference = steps_of(splits[0], epoch)
+        for split in splits[1:]:
+            assert steps_of(split, epoch) == reference, split
 
 
 def test_eval_batches_cover_every_row_once():

@@ -29,12 +29,11 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """10 rows (images and text): with 2 ranks x batch 1 an epoch is 5 micro-batches per
-    rank and a step takes 2 of them, so steps straddle epoch boundaries (step 3 takes the
-    last batch of epoch 0 and the first of epoch 1) and step 4 ends mid-epoch."""
+    """12 rows (images and text): at a global batch of 4 (2 ranks x batch 1 x accumulation
+    2) an epoch is 3 steps, so step 4 ends mid-epoch; at a global batch of 6 it is 2."""
     d = tmp_path_factory.mktemp("data")
     rows = []
-    for i in range(10):
+    for i in range(12):
         if i % 2 == 0:
             write_test_image(d / f"img{i}.png", size=(56 + 28 * (i % 3), 56), seed=i)
             user = [{"type": "image", "image": f"img{i}.png"}, {"type": "text", "text": f"Describe picture {i}."}]
@@ -105,7 +104,7 @@ def straight(tiny_model_dir, data, tmp_path_factory):
 def test_exact_resume_from_a_checkpoint(straight, tiny_model_dir, data, tmp_path):
     ckpt4 = straight / "checkpoints" / "step-4"
     st = train_state(ckpt4)
-    assert (st["step"], st["epoch"], st["epoch_batches"]) == (4, 1, 3)  # mid-epoch
+    assert (st["step"], st["epoch"], st["epoch_steps"]) == (4, 1, 1)  # mid-epoch
     out = tmp_path / "resumed"
     log = run(out, tiny_model_dir, data, f"train.resume={ckpt4}")
     assert f"resumed from {ckpt4} (step 4" in log
@@ -119,10 +118,13 @@ def test_exact_resume_from_a_checkpoint(straight, tiny_model_dir, data, tmp_path
 @pytest.mark.parametrize("optim, master", [("hf_adafactor", "fp32"), ("adamw", "fp32"), ("adafactor", "bf16")])
 def test_exact_resume_with_other_optimizers(optim, master, tiny_model_dir, data, tmp_path):
     """The recipe's HF Adafactor and AdamW checkpoint through FSDP's optimizer state dict
-    (ft's Adafactor, above, through its own): both resume to the same weights. bf16
-    master weights with stochastic rounding resume bit for bit (the rounding's bits are
-    a function of the step, not a generator's state), and a run with fp32 master
-    weights refuses their checkpoint, naming the setting."""
+    (ft's Adafactor, above, through its own): both resume to the same weights. AdamW's
+    state reshards too: the 2-rank checkpoint continues on 1 rank x accumulation 4 to
+    the same weights up to float rounding (HF Adafactor's updates depend on the world
+    size: it is not compared there). bf16 master weights with stochastic rounding
+    resume bit for bit (the rounding's bits are a function of the step, not a
+    generator's state), and a run with fp32 master weights refuses their checkpoint,
+    naming the setting."""
     args = (f"train.optim={optim}", "train.max_steps=4", "train.save_steps=2", f"train.master_weights={master}")
     run(tmp_path / "straight", tiny_model_dir, data, *args)
     step2 = tmp_path / "straight" / "checkpoints" / "step-2"
@@ -133,18 +135,24 @@ def test_exact_resume_with_other_optimizers(optim, master, tiny_model_dir, data,
         assert json.loads((tmp_path / "straight" / "best" / "config.json").read_text())["dtype"] == "float32"
         log = run(tmp_path / "other", tiny_model_dir, data, *args[:-1], f"train.resume={step2}", expect_rc=2)
         assert "train.master_weights=bf16" in log and "resume with train.master_weights=bf16" in log
+    if optim == "adamw":
+        one = tmp_path / "one-rank"
+        run(one, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=4", f"train.resume={step2}", nproc=1)
+        got, want = losses(one), losses(tmp_path / "straight")
+        assert sorted(got) == [3, 4] and all(got[s] == pytest.approx(want[s], abs=1e-5) for s in got)
+        assert_same_weights(weights(one), weights(tmp_path / "straight"), tol=1e-5)
 
 
 def test_exact_resume_with_packing(tiny_model_dir, data, tmp_path):
     """Packed batches resume exactly mid-epoch: which samples share a row is a function
-    of (seed, epoch), like the order. 128-token packs hold one to three of the 10 rows;
-    step 3 ends mid-epoch and step 6 is in a later epoch."""
-    args = ("data.packing=true", "data.max_length=128", "train.gradient_accumulation_steps=1",
+    of (seed, epoch), like the order. 192-token packs hold one or two of the 12 rows (8
+    packs, 4 steps an epoch); step 3 ends mid-epoch and step 6 is in a later epoch."""
+    args = ("data.packing=true", "data.max_length=128", "data.pack_length=192", "train.gradient_accumulation_steps=1",
             "train.max_steps=6", "train.save_steps=3")
     log = run(tmp_path / "straight", tiny_model_dir, data, *args)
     rows, packs = map(int, re.search(r"\[ft\] packing: epoch 0 packs (\d+) rows into (\d+) rows", log).groups())
     st = train_state(tmp_path / "straight" / "checkpoints" / "step-3")
-    assert st["step"] == 3 and 0 < st["epoch_batches"] < packs // 2  # mid-epoch (2 ranks, 1 pack each)
+    assert st["step"] == 3 and 0 < st["epoch_steps"] < packs // 2  # mid-epoch (2 ranks, 1 pack each)
     assert train_state(tmp_path / "straight" / "checkpoints" / "step-6")["epoch"] >= 1  # and past it
     resumed = tmp_path / "resumed"
     run(resumed, tiny_model_dir, data, *args, f"train.resume={tmp_path / 'straight' / 'checkpoints' / 'step-3'}")
@@ -153,6 +161,39 @@ def test_exact_resume_with_packing(tiny_model_dir, data, tmp_path):
     for step in got:
         assert got[step] == pytest.approx(want[step], abs=1e-6), step
     assert_same_weights(weights(resumed), weights(tmp_path / "straight"))
+
+
+def test_resume_on_another_number_of_ranks(tiny_model_dir, data, tmp_path):
+    """2 ranks x accumulation 3 stop at step 3 (mid-epoch) and continue on 3 ranks x
+    accumulation 2; its step-4 checkpoint (an epoch's end) continues on 1 rank x
+    accumulation 6. The global batch stays 6, so every step trains on the same samples
+    (the same token count per step), and the losses and final weights are the
+    uninterrupted run's up to float rounding. The optimizer state reshards: ft's
+    Adafactor (full tensors by name); AdamW's (FSDP's sharded optimizer state) is
+    tested below."""
+    args = ("train.max_steps=6", "train.save_steps=3", "train.gradient_accumulation_steps=3")
+    straight, three, one = tmp_path / "straight", tmp_path / "three", tmp_path / "one"
+    run(straight, tiny_model_dir, data, *args)
+    log = run(three, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=2", "train.save_steps=1",
+              f"train.resume={straight / 'checkpoints' / 'step-3'}", nproc=3)
+    assert ("resumed on 3 ranks a run of 2: global batch 6 (2 ranks x 1 per device x 3 accumulation) -> "
+            "6 (3 ranks x 1 per device x 2 accumulation); the same samples per step; each rank's RNG state "
+            "derived from (seed 3, step 3, rank), not restored") in log
+    assert train_state(three / "checkpoints" / "step-4")["epoch_steps"] == 2  # the end of epoch 1
+    log = run(one, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=6",
+              f"train.resume={three / 'checkpoints' / 'step-4'}", nproc=1)
+    assert "resumed on 1 rank a run of 3" in log
+    want, end = losses(straight), train_state(straight / "checkpoints" / "step-6")
+    assert end["samples_seen"] == 36
+    for out, steps in ((three, [4, 5, 6]), (one, [5, 6])):
+        got = losses(out)
+        assert sorted(got) == steps
+        for step in steps:
+            assert got[step] == pytest.approx(want[step], abs=1e-5), (out.name, step)
+        st = train_state(out / "checkpoints" / "step-6")
+        assert (st["samples_seen"], st["tokens_seen"]) == (end["samples_seen"], end["tokens_seen"])
+        assert_same_weights(weights(out), weights(straight), tol=1e-5)
+
 
 
 def test_kill_during_save_then_elastic_restart(straight, tiny_model_dir, data, tmp_path):
@@ -308,10 +349,11 @@ def test_refusals_before_any_step(straight, tiny_model_dir, data, tmp_path):
     assert_refused_once(log, "already holds a run")
     assert "overwrite_output_dir" in log
     assert sorted(losses(straight)) == list(range(1, STEPS + 1))  # untouched
-    # a different world size
+    # a different global batch (another world size is fine with the same one: below)
     log = run(tmp_path / "a", tiny_model_dir, data, f"train.resume={straight / 'checkpoints/step-4'}",
               nproc=1, expect_rc=2)
-    assert_refused_once(log, "world_size: 2 -> 1")
+    assert_refused_once(log, "global batch 4 (2 ranks x 1 per device x 2 accumulation) -> "
+                             "2 (1 rank x 1 per device x 2 accumulation)")
     # a checkpoint whose weights were saved in another dtype
     bad = tmp_path / "bf16-ckpt"
     convert_checkpoint(straight / "checkpoints" / "step-4", bad, "model.model.language_model.norm.weight", torch.bfloat16)

@@ -122,3 +122,16 @@ def test_restore_validates(key, value, message):
         rng.restore(state, CPU)
     assert message in str(info.value)
     assert random.getstate() == before[0] and torch.equal(torch.get_rng_state(), before[1])
+
+
+def test_derived_state_is_a_function_of_seed_step_and_rank():
+    """At another world size each rank's RNG is derived from (seed, step, rank): the same
+    numbers on every call, different for another rank or step."""
+    def draws(seed, step, rank):
+        rng.derive(seed, step, rank, CPU)
+        return _draw(5)
+
+    assert draws(42, 10, 1) == draws(42, 10, 1)
+    assert draws(42, 10, 1) != draws(42, 10, 0)
+    assert draws(42, 10, 1) != draws(42, 11, 1)
+    assert draws(42, 10, 1) != draws(43, 10, 1)

@@ -1,4 +1,5 @@
-"""Tests of ft.sampler.ShardedBatchSampler: sharding, determinism, resume, grouping."""
+"""Tests of ft.sampler.ShardedBatchSampler: sharding, determinism, resume, grouping, and
+the same global batches at any world size."""
 
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ def test_set_position_resumes_the_uninterrupted_sequence(group):
         resumed.set_position(1, 3)
         loader = DataLoader(range(len(LENGTHS)), batch_sampler=resumed, num_workers=1)
         assert [b.tolist() for b in loader] == full[per_epoch + 3:2 * per_epoch]
-    with pytest.raises(ValueError, match="batches_done"):
+    with pytest.raises(ValueError, match="steps_done"):
         sampler.set_position(0, per_epoch + 1)
 
 
@@ -138,11 +139,64 @@ def test_grouping_keeps_equal_lengths_in_shuffled_order():
     assert sorted(sampler.batches(0)) == sorted(plain.batches(0))
 
 
+# (per-device batch, accumulation, world size) splits of one global batch of 12 rows.
+SPLITS_OF_12 = [(12, 1, 1), (2, 6, 1), (3, 2, 2), (1, 6, 2), (2, 3, 2), (4, 1, 3), (2, 2, 3), (1, 4, 3)]
+
+
+def steps_of(rows, split, epoch, **kwargs):
+    """Each step's rows over all ranks, as sets, from the per-rank micro-batches; checks
+    on the way that the ranks' micro-batches are disjoint and equal in number."""
+    bs, accum, world = split
+    ranks = [ShardedBatchSampler(rows, bs, world, r, accumulation=accum, **kwargs) for r in range(world)]
+    per_rank = [s.batches(epoch) for s in ranks]
+    assert {len(b) for b in per_rank} == {ranks[0].steps_in(epoch) * accum}
+    steps = []
+    for t in range(ranks[0].steps_in(epoch)):
+        rows_t = [i for b in per_rank for batch in b[t * accum:(t + 1) * accum] for i in batch]
+        assert len(rows_t) == len(set(rows_t)) == bs * accum * world  # disjoint, full
+        steps.append(set(rows_t))
+    return steps, ranks
+
+
+@pytest.mark.parametrize("group", [False, True])
+def test_every_split_of_the_global_batch_trains_the_same_rows_per_step(group):
+    """World size 1, 2, 3 with per-device batch and accumulation making the same global
+    batch: each step's rows are the same set, never seen twice in an epoch, and a
+    position in steps resumes any split where another stopped."""
+    rows = LENGTHS if group else len(LENGTHS)
+    for epoch in (0, 1):
+        reference, _ = steps_of(rows, SPLITS_OF_12[0], epoch, seed=11, group_by_length=group, mega_batches=4)
+        assert len(reference) == len(LENGTHS) // 12
+        seen = [i for step in reference for i in step]
+        assert len(seen) == len(set(seen))  # no row twice in an epoch
+        for split in SPLITS_OF_12[1:]:
+            steps, ranks = steps_of(rows, split, epoch, seed=11, group_by_length=group, mega_batches=4)
+            assert steps == reference, split
+            # Resume this split at step 5 of the epoch: the rows the reference trains next.
+            bs, accum, world = split
+            for r, sampler in enumerate(ranks):
+                sampler.set_position(epoch, 5)
+                assert list(sampler) == sampler.batches(epoch)[5 * accum:]
+            rest = [i for s in ranks for batch in s for i in batch]
+            assert sorted(rest) == sorted(i for step in reference[5:] for i in step)
+    if group:  # each micro-batch still holds similar lengths: padding as with one rank
+        one = ShardedBatchSampler(LENGTHS, 12, seed=11, group_by_length=True, mega_batches=4).batches(0)
+        three = [b for r in range(3) for b in
+                 ShardedBatchSampler(LENGTHS, 2, 3, r, seed=11, group_by_length=True, mega_batches=4,
+                                     accumulation=2).batches(0)]
+        plain = [b for r in range(3) for b in ShardedBatchSampler(len(LENGTHS), 2, 3, r, seed=11,
+                                                                   accumulation=2).batches(0)]
+        assert padding_fraction(three, LENGTHS) <= padding_fraction(one, LENGTHS) + 0.05
+        assert padding_fraction(three, LENGTHS) < padding_fraction(plain, LENGTHS) / 3
+
+
 def test_refuses_bad_arguments():
     with pytest.raises(ValueError, match="needs each row's length"):
         ShardedBatchSampler(100, 4, group_by_length=True)
     with pytest.raises(ValueError, match="needs 8"):
         ShardedBatchSampler(7, 4, 2, 0)
+    with pytest.raises(ValueError, match=r"needs 24 \(batch size 4 x accumulation 3 x 2 ranks\)"):
+        ShardedBatchSampler(23, 4, 2, 0, accumulation=3)
     with pytest.raises(ValueError, match="rank 2"):
         ShardedBatchSampler(100, 4, 2, 2)
     assert len(ShardedBatchSampler(torch.arange(17).tolist(), 4, 2, 1)) == 2

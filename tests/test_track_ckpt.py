@@ -97,3 +97,17 @@ def test_completeness_listing_and_pruning(tmp_path):
     assert sorted(int(p.rsplit("-", 1)[1]) for p in deleted) == [2, 4, 8]
     assert sorted(c.step for c in ckpt.list_checkpoints(str(tmp_path))) == [6, 10, 12]
     assert (tmp_path / "best").is_dir()
+
+
+def test_run_shape_allows_another_split_of_the_same_global_batch():
+    shape = {"world_size": 2, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 3, "seed": 1,
+             "train_file": "/d/train.jsonl", "train_rows": 12, "eval_fraction": 0.0, "group_by_length": False,
+             "pack_length": 0}
+    ckpt.check_run_shape("ck", shape, {**shape, "world_size": 3, "gradient_accumulation_steps": 2})
+    ckpt.check_run_shape("ck", shape, {**shape, "world_size": 1, "per_device_train_batch_size": 2})
+    with pytest.raises(ckpt.ResumeError) as e:
+        ckpt.check_run_shape("ck", shape, {**shape, "world_size": 3, "gradient_accumulation_steps": 2, "seed": 2,
+                                           "per_device_train_batch_size": 2})
+    assert ("global batch 6 (2 ranks x 1 per device x 3 accumulation) -> 12 (3 ranks x 2 per device x 2 "
+            "accumulation); seed: 1 -> 2") in str(e.value)
+    assert "per_device_train_batch_size x gradient_accumulation_steps x world size" in str(e.value)
