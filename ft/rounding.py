@@ -36,9 +36,12 @@ import torch
 MASTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """`train.master_weights` -> the dtype the model's parameters are loaded and trained in."""
 
-CHUNK = 1 << 22
-"""Elements rounded per pass: bounds the int64 temporaries (~5 per element) to ~160 MiB
-on the device however large the shard."""
+CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}
+"""Elements rounded per pass, per device type (others take the cuda figure). The
+integer temporaries (a few int64 values per element) of a CPU chunk stay in cache: at
+2^16, 9.8 ns per element on one core against 57 ns at 2^22 (2^24 elements). On a GPU a
+larger chunk amortises the ~15 kernel launches per pass, and 2^22 bounds its
+temporaries to ~100 MiB however large the shard."""
 
 _M32 = 0xFFFFFFFF
 
@@ -86,8 +89,9 @@ def stochastic_round_(dst: torch.Tensor, src: torch.Tensor, key: int, start: int
     `dst` (bf16) and `src` (fp32) are 1-D with the same length; `dst` may be a view."""
     if dst.dtype != torch.bfloat16 or src.dtype != torch.float32:
         raise TypeError(f"stochastic rounding is fp32 -> bf16, got {src.dtype} -> {dst.dtype}")
-    for a in range(0, src.numel(), CHUNK):
-        b = min(a + CHUNK, src.numel())
+    chunk = CHUNK.get(src.device.type, CHUNK["cuda"])
+    for a in range(0, src.numel(), chunk):
+        b = min(a + chunk, src.numel())
         dst[a:b].copy_(_round_chunk(src[a:b].contiguous(), key, start + a))
 
 

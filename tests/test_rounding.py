@@ -65,7 +65,7 @@ def test_unbiased():
 @pytest.mark.parametrize("shape", [(37, 53), (4, 5, 7)])
 def test_whole_equals_shards_bit_for_bit(shape, monkeypatch):
     # A small CHUNK makes the chunk loop's boundaries fall inside shards too.
-    monkeypatch.setattr(rounding, "CHUNK", 64)
+    monkeypatch.setitem(rounding.CHUNK, "cpu", 64)
     x = torch.randn(shape) * 0.02
     flat = x.reshape(-1)
     key = round_key(42, 3, "model.layers.0.mlp.up_proj.weight")
