@@ -216,6 +216,19 @@ def _ulp(x: torch.Tensor) -> torch.Tensor:
     return (bits.view(torch.float32) * 2.0**-7).clamp_min(2.0**-133)
 
 
+def _key_bias(name: str, w: torch.Tensor) -> torch.Tensor:
+    """The elements of `w` that are attention key biases: softmax ignores a constant per
+    query, so their gradient is zero in exact arithmetic and what Adafactor's normalised
+    update does with them is rounding noise (see tests/test_adafactor.py)."""
+    mask = torch.zeros(w.shape, dtype=torch.bool)
+    if name.endswith("k_proj.bias"):
+        mask[:] = True
+    elif name.endswith("attn.qkv.bias"):  # the vision blocks' fused q, k, v
+        n = w.numel() // 3
+        mask[n:2 * n] = True
+    return mask
+
+
 def test_world_sizes_agree_up_to_one_bf16_step(ranks):
     one, two, three = ranks[0]["world1"], ranks[1]["world2"], ranks[0]["world3"]
     assert ranks[2]["world2"]["losses"] == two["losses"] and ranks[1]["world3"]["losses"] == three["losses"]
@@ -229,6 +242,9 @@ def test_world_sizes_agree_up_to_one_bf16_step(ranks):
             d = w != v
             total, differ = total + w.numel(), differ + int(d.sum())
             # a differing element is the other bf16 neighbour: one bf16 step apart
+            # (but for the key biases, whose gradient is zero in exact arithmetic:
+            # their updates follow rounding noise at any world size, fp32 too)
+            d = d & ~_key_bias(name, w)
             assert torch.all((w[d].float() - v[d].float()).abs() <= _ulp(torch.maximum(w[d].abs(), v[d].abs()))), name
         assert differ / total <= 1e-4, f"{differ} of {total} elements differ"
         print(f"{differ} of {total} elements differ from world size 1")
