@@ -384,9 +384,9 @@ class TrainConfig:
     `precision` (bf16 needs no cast; fp32 upcasts each gathered unit), gradients are
     reduced in `fsdp.reduce_dtype` and stored in bf16. The optimizer does its math in
     fp32 (its state stays fp32) and writes each result back to bf16 as
-    `stochastic_rounding` says. Checkpoints and a `bf16`/`auto` export hold the bf16
-    weights. `train.optim=hf_adafactor` is refused with bf16 (it writes back with
-    round-to-nearest)."""
+    `stochastic_rounding` says. Checkpoints hold the bf16 weights (`export_dtype` still
+    sets the export's). `train.optim=hf_adafactor` is refused with bf16 (it writes back
+    with round-to-nearest)."""
 
     stochastic_rounding: bool = True
     """With `master_weights=bf16`: write the optimizer's fp32 result back to bf16 with
