@@ -93,6 +93,9 @@ print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torc
 "$PY" benchmarks/build_model.py "$MODEL" --if-missing \
   --text-layers "$TEXT_LAYERS" --vision-depth "$VISION_DEPTH" 2>&1 | tee "$OUT/build.log"
 
+# Stochastic rounding's cost on the GPU and its bits against the CPU's (seconds).
+timeout 90 "$PY" benchmarks/rounding.py --repeats 5 2>&1 | tee "$OUT/rounding.log" || true
+
 # compare.py rewrites compare.json after every run: a run cut short keeps what finished.
 timeout 420 "$PY" benchmarks/compare.py --model "$MODEL" --nproc 1 --precision "$PRECISION" \
   --steps "$STEPS" --warmup "$WARMUP" --rounds "$ROUNDS" --batch-size "$BATCH" \

@@ -56,6 +56,11 @@ def main() -> None:
     dst = torch.empty(n, dtype=torch.bfloat16, device=device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if device.type != "cpu":  # the bits must not depend on the device
+        cpu = torch.empty(n, dtype=torch.bfloat16)
+        stochastic_round_(cpu, src.cpu(), 12345, 7)
+        stochastic_round_(dst, src, 12345, 7)
+        print(f"stochastic rounding on {device.type} equals the CPU's bit for bit: {torch.equal(dst.cpu(), cpu)}")
     for name, fn in (("round-to-nearest (copy_)", lambda: dst.copy_(src)),
                      ("stochastic (ft.rounding)", lambda: stochastic_round_(dst, src, 12345, 0))):
         t = best_time(fn, args.repeats, device)
