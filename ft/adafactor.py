@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ft.backends import BACKENDS, DEFAULT, backend_of
-from ft.shards import ParamSlice
+from ft.shards import ParamSlice, local
 
 
 # =====================================================================================
@@ -217,7 +217,7 @@ class Adafactor(torch.optim.Optimizer):
             for p, held in plan:
                 if p.grad is None or not held:
                     continue
-                grad, states = p.grad.reshape(-1), self.state[p]
+                grad, states = local(p.grad).reshape(-1), self.state[p]
                 for e in held:
                     (mats if e.factored else vecs).append((group, p, e, grad[e.lo:e.hi], states[e.fqn]))
 
@@ -286,7 +286,7 @@ class Adafactor(torch.optim.Optimizer):
         for (group, p, e, g, _), (r_factor, c_factor) in zip(mats, factors):
             update = _factored_direction(e, r_factor, c_factor, g.float())
             update.div_(divisors[e.slot]).mul_(group["lr"])
-            w = p.detach().view(-1)[e.lo:e.hi]
+            w = local(p.detach()).view(-1)[e.lo:e.hi]
             w32 = w.float()
             if group["weight_decay"] != 0:
                 w32.add_(w32, alpha=-group["weight_decay"] * group["lr"])
@@ -297,7 +297,7 @@ class Adafactor(torch.optim.Optimizer):
         for group, es, ps, updates in vec_updates:
             torch._foreach_div_(updates, [divisors[e.slot] for e in es])
             torch._foreach_mul_(updates, group["lr"])
-            ws = [p.detach().view(-1)[e.lo:e.hi] for e, p in zip(es, ps)]
+            ws = [local(p.detach()).view(-1)[e.lo:e.hi] for e, p in zip(es, ps)]
             w32s = [w.float() for w in ws]
             if group["weight_decay"] != 0:
                 torch._foreach_add_(w32s, w32s, alpha=-group["weight_decay"] * group["lr"])

@@ -24,12 +24,14 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ft.adafactor import Adafactor, adafactor_state_bytes
 from transformers.optimization import Adafactor as HFAdafactor
 
 from ft.backends import BACKENDS, backend_of
-from ft.config import field_choices
+from ft.config import ConfigError, field_choices
+from ft.fsdp2 import HF_ADAFACTOR_CRASH
 
 
 # =====================================================================================
@@ -102,7 +104,9 @@ def _build_hf_adafactor(groups, train_cfg, model):
     # Exactly as the HF Trainer recipe builds it (optim="adafactor"). Under FSDP1 it sees
     # each rank's 1-D flat shard: it cannot factor its second moment and clips per shard,
     # so training depends on the world size (2 ranks vs 1: loss differs by 4.5e-2 after
-    # 3 steps on the tiny model).
+    # 3 steps on the tiny model). Under FSDP2 it crashes on the DTensor parameters.
+    if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
+        raise ConfigError(f"train.optim=hf_adafactor: {HF_ADAFACTOR_CRASH}")
     return HFAdafactor(groups, lr=train_cfg.learning_rate, scale_parameter=False, relative_step=False,
                        warmup_init=False, weight_decay=train_cfg.weight_decay)
 
