@@ -5,6 +5,7 @@ faults stay out of the way unless asked for."""
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -71,6 +72,37 @@ def test_optimizers_are_registered_once(tiny_model_dir):
     figures = {name: estimate_memory(units, 4, name, "bf16").optimizer for name in OPTIMIZERS}
     assert figures == {name: spec.state_bytes(units, 4, "fsdp1") for name, spec in OPTIMIZERS.items()}
     assert len(set(figures.values())) == len(figures)
+
+
+def test_backends_are_registered_once_and_fsdp2_maps_or_refuses_each_knob():
+    from ft import fsdp2
+    from ft.backends import BACKENDS
+    from ft.config import FSDPConfig, load_config
+
+    assert tuple(BACKENDS) == field_choices("fsdp.backend") and FSDPConfig().backend == "fsdp1"
+    assert BACKENDS["fsdp2"].config_refusals(load_config(None, ["fsdp.backend=fsdp2"])) == []
+    # Every FSDP1 knob, every value: mapped (and logged) or refused, naming the key.
+    for key, values in fsdp2.KNOBS.items():
+        for value, what in values.items():
+            cfg = load_config(None, ["fsdp.backend=fsdp2", f"fsdp.{key}={str(value).lower()}"
+                                     if isinstance(value, bool) else f"fsdp.{key}={value}"])
+            refusals = fsdp2.config_refusals(cfg)
+            if isinstance(what, fsdp2.Refused):
+                assert refusals == [f"fsdp.{key}={value} with fsdp.backend=fsdp2: {what.why}"]
+            else:
+                assert refusals == [] and f"{key}={value} -> {what.to}" in fsdp2.describe(cfg.fsdp, "bf16")
+    (refusal,) = fsdp2.config_refusals(load_config(None, ["fsdp.backend=fsdp2", "train.optim=hf_adafactor"]))
+    assert "train.optim=hf_adafactor" in refusal and "got mixed torch.Tensor and DTensor" in refusal
+
+
+def test_fsdp2_refusal_stops_the_loop_before_it_starts(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ft.loop", os.path.join(REPO, "configs/demo.yaml"), "fsdp.backend=fsdp2",
+         "fsdp.cpu_offload=true", f"train.output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ft: config error: fsdp.cpu_offload=True with fsdp.backend=fsdp2: FSDP2's CPUOffloadPolicy" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_unit_and_checkpointing_are_separate_decisions(tiny_model_dir):
