@@ -30,6 +30,10 @@ that, per step:
 HF's RMS of the parameter itself is only used with `scale_parameter=True`, so it is not
 computed. No collective runs when nothing is sharded (plain tensors, NO_SHARD).
 
+Under FSDP2 each parameter is a DTensor whose local shard is a dim-0 chunk, i.e. one
+run of whole rows: `ft.fsdp2.shard_layout` describes it as one `ParamSlice`, and step()
+reads and writes the local tensors (`ft.shards.local`); the rest is the same.
+
 State per rank: the row and column factors of every matrix it holds a slice of, and its
 slice of each 1-D parameter's second moment, all fp32 (under bf16 mixed precision FSDP
 hands the optimizer fp32 master shards; bf16/fp16 gradients or parameters are computed
@@ -217,9 +221,10 @@ class Adafactor(torch.optim.Optimizer):
             for p, held in plan:
                 if p.grad is None or not held:
                     continue
-                grad, states = local(p.grad).reshape(-1), self.state[p]
+                # A DTensor's (FSDP2) local shard: the held slices index into it.
+                grad, states, w = local(p.grad).reshape(-1), self.state[p], local(p)
                 for e in held:
-                    (mats if e.factored else vecs).append((group, p, e, grad[e.lo:e.hi], states[e.fqn]))
+                    (mats if e.factored else vecs).append((group, w, e, grad[e.lo:e.hi], states[e.fqn]))
 
         # 1. Row and column sums of grad² + eps of every matrix: one all-reduce.
         sq = torch.zeros(self._sq_numel, device=device)
@@ -286,7 +291,7 @@ class Adafactor(torch.optim.Optimizer):
         for (group, p, e, g, _), (r_factor, c_factor) in zip(mats, factors):
             update = _factored_direction(e, r_factor, c_factor, g.float())
             update.div_(divisors[e.slot]).mul_(group["lr"])
-            w = local(p.detach()).view(-1)[e.lo:e.hi]
+            w = p.detach().view(-1)[e.lo:e.hi]
             w32 = w.float()
             if group["weight_decay"] != 0:
                 w32.add_(w32, alpha=-group["weight_decay"] * group["lr"])
@@ -297,7 +302,7 @@ class Adafactor(torch.optim.Optimizer):
         for group, es, ps, updates in vec_updates:
             torch._foreach_div_(updates, [divisors[e.slot] for e in es])
             torch._foreach_mul_(updates, group["lr"])
-            ws = [local(p.detach()).view(-1)[e.lo:e.hi] for e, p in zip(es, ps)]
+            ws = [p.detach().view(-1)[e.lo:e.hi] for e, p in zip(es, ps)]
             w32s = [w.float() for w in ws]
             if group["weight_decay"] != 0:
                 torch._foreach_add_(w32s, w32s, alpha=-group["weight_decay"] * group["lr"])
