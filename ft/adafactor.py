@@ -30,6 +30,10 @@ that, per step:
 HF's RMS of the parameter itself is only used with `scale_parameter=True`, so it is not
 computed. No collective runs when nothing is sharded (plain tensors, NO_SHARD).
 
+Under FSDP2 each parameter is a DTensor whose local shard is a dim-0 chunk, i.e. one
+run of whole rows: `ft.fsdp2.shard_layout` describes it as one `ParamSlice`, and step()
+reads and writes the local tensors (`ft.shards.local`); the rest is the same.
+
 State per rank: the row and column factors of every matrix it holds a slice of, and its
 slice of each 1-D parameter's second moment, all fp32 (with fp32 master weights FSDP
 hands the optimizer fp32 shards; bf16 master weights and gradients are computed in fp32
@@ -57,7 +61,7 @@ from torch import nn
 
 from ft.backends import BACKENDS, DEFAULT, backend_of
 from ft.rounding import WriteBack
-from ft.shards import ParamSlice
+from ft.shards import ParamSlice, local
 
 
 # =====================================================================================
@@ -223,9 +227,10 @@ class Adafactor(torch.optim.Optimizer):
             for p, held in plan:
                 if p.grad is None or not held:
                     continue
-                grad, states = p.grad.reshape(-1), self.state[p]
+                # A DTensor's (FSDP2) local shard: the held slices index into it.
+                grad, states, w = local(p.grad).reshape(-1), self.state[p], local(p)
                 for e in held:
-                    (mats if e.factored else vecs).append((group, p, e, grad[e.lo:e.hi], states[e.fqn]))
+                    (mats if e.factored else vecs).append((group, w, e, grad[e.lo:e.hi], states[e.fqn]))
 
         # 1. Row and column sums of grad² + eps of every matrix: one all-reduce.
         sq = torch.zeros(self._sq_numel, device=device)

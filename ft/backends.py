@@ -1,9 +1,12 @@
 """The sharding backends, registered once. Code outside a backend module asks
 `backend_of(model)` instead of testing `isinstance(model, FSDP)`.
 
-A backend is a module with these functions (see `ft.fsdp1`, the only one today):
+A backend is a module with these functions (`ft.fsdp1`, `ft.fsdp2`), chosen by
+`fsdp.backend` (whose choices are this registry's names):
 
     NAME                                     its name
+    config_refusals(cfg) -> [str]            why a config cannot run on it (empty: it can)
+    describe(fsdp_cfg, precision) -> str     the start-up log line: what each knob became
     owns(model) -> bool                      was `model` wrapped by it?
     unwrap(model) -> nn.Module               the HF model inside
     clean_name(name) -> str                  a path without the wrappers' prefixes
@@ -27,10 +30,14 @@ from types import ModuleType
 
 from torch import nn
 
-from ft import fsdp1
+from ft import fsdp1, fsdp2
+from ft.config import FSDPConfig, field_choices
 
-BACKENDS: dict[str, ModuleType] = {fsdp1.NAME: fsdp1}
-DEFAULT = fsdp1.NAME
+BACKENDS: dict[str, ModuleType] = {m.NAME: m for m in (fsdp1, fsdp2)}
+DEFAULT = FSDPConfig.backend
+if tuple(BACKENDS) != field_choices("fsdp.backend"):
+    raise RuntimeError(f"ft.backends.BACKENDS {tuple(BACKENDS)} and FSDPConfig.backend's choices "
+                       f"{field_choices('fsdp.backend')} differ: register each backend in both")
 
 
 def backend_of(model: nn.Module) -> ModuleType:

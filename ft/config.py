@@ -430,6 +430,14 @@ class TrainConfig:
 class FSDPConfig:
     """How the model is sharded across processes with PyTorch FSDP."""
 
+    backend: Literal["fsdp1", "fsdp2"] = "fsdp1"
+    """Which FSDP runs it: `fsdp1` (torch's FSDP wrapper with one flat parameter per unit:
+    the HF Trainer recipe's) or `fsdp2` (torch's per-parameter FSDP: each parameter a
+    DTensor sharded on dim 0, so a unit may mix frozen and trainable weights). Both use the same wrap
+    plan and give the same training; the FSDP1 knobs below are mapped onto fsdp2 or
+    refused with the reason (the README's table), and `train.optim=hf_adafactor` is
+    refused on fsdp2."""
+
     sharding_strategy: Literal[
         "FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"
     ] = "FULL_SHARD"

@@ -153,7 +153,7 @@ class MemoryEstimate(NamedTuple):
 
 
 def estimate_memory(units: list[Unit], world_size: int, optim: str, precision: str,
-                    master_weights: str = "fp32") -> MemoryEstimate:
+                    master_weights: str = "fp32", backend: str = DEFAULT) -> MemoryEstimate:
     """Per-rank memory of parameters, gradients and optimizer state under FULL_SHARD.
 
     Parameter and gradient shards are in the master dtype (`train.master_weights`: fp32
@@ -178,18 +178,18 @@ def estimate_memory(units: list[Unit], world_size: int, optim: str, precision: s
     if master_weights == "bf16" and optim == "hf_adafactor":
         raise ValueError("hf_adafactor cannot train bf16 master weights (round-to-nearest write-back)")
     master_bytes = MASTER_DTYPES[master_weights].itemsize
-    trainable_shard = sum(shard_numel(u.numel, world_size) for u in units if u.trainable_numel)
+    trainable_shard = sum(shard_numel(u.numel, world_size, backend) for u in units if u.trainable_numel)
     root, others = units[-1], units[:-1]
     largest = max(others, key=lambda u: u.numel, default=None)
     compute_bytes = 2 if precision == "bf16" else 4
     gathered = (root.numel + 2 * (largest.numel if largest else 0)) * compute_bytes
-    optimizer = OPTIMIZERS[optim].state_bytes(units, world_size, DEFAULT)
+    optimizer = OPTIMIZERS[optim].state_bytes(units, world_size, backend)
     return MemoryEstimate(
         world_size=world_size,
         precision=precision,
         optim=optim,
         master_weights=master_weights,
-        master=sum(shard_numel(u.numel, world_size) for u in units) * master_bytes,
+        master=sum(shard_numel(u.numel, world_size, backend) for u in units) * master_bytes,
         gathered=gathered,
         gathered_units=(root, largest),
         gradients=trainable_shard * master_bytes,
@@ -412,6 +412,7 @@ class _Plan(NamedTuple):
     tokens: int
     tokens_why: str
     loss_chunk_size: int
+    backend: str = DEFAULT
 
 
 def _is_run_config(path: str) -> bool:
@@ -443,11 +444,14 @@ def _resolve(args, parser) -> _Plan:
         freeze = {f: v or getattr(cfg.model, f) for f, v in flag_freeze.items()}
         precision = args.precision or cfg.train.precision
         tokens, why = micro_batch_tokens(cfg)
+        refusals = BACKENDS[cfg.fsdp.backend].config_refusals(cfg)
+        if refusals:
+            raise ConfigError("; ".join(refusals))
         return _Plan(model_path, freeze, args.optim or cfg.train.optim,
                      "bf16" if precision == "auto" else precision,
                      args.master_weights or cfg.train.master_weights,
                      cfg.fsdp.activation_checkpointing and not args.no_activation_checkpointing,
-                     tokens, why, cfg.train.loss_chunk_size)
+                     tokens, why, cfg.train.loss_chunk_size, cfg.fsdp.backend)
     if args.overrides:
         parser.error(f"section.key=value overrides need a run config (YAML), got {args.overrides}")
     path = Path(args.config)
@@ -464,7 +468,7 @@ def _resolve(args, parser) -> _Plan:
 def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_patches) -> list[str]:
     """What would make a plan that does not fit, fit: more ranks, freezing, fewer tokens."""
     def total(world_size: int, units_=units, tokens=plan.tokens, patches=vision_patches) -> int:
-        est = estimate_memory(units_, world_size, plan.optim, plan.precision, plan.master_weights)
+        est = estimate_memory(units_, world_size, plan.optim, plan.precision, plan.master_weights, plan.backend)
         act = estimate_activations(model.config, units_, tokens, plan.precision, plan.checkpointing,
                                    plan.loss_chunk_size, patches)
         return plan_total(est, act)
@@ -476,14 +480,14 @@ def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_p
     elif total(world * 2**7) > gpu_bytes:
         out.append("more ranks alone do not help (activations and gathered units do not shrink)")
     if plan.optim != "adafactor":
-        est = estimate_memory(units, world, "adafactor", plan.precision, plan.master_weights)
+        est = estimate_memory(units, world, "adafactor", plan.precision, plan.master_weights, plan.backend)
         act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
                                    plan.loss_chunk_size, vision_patches)
         if plan_total(est, act) <= gpu_bytes:
             out.append("train.optim=adafactor")
     if plan.master_weights == "fp32":
         optim = "adafactor" if plan.optim == "hf_adafactor" else plan.optim
-        est = estimate_memory(units, world, optim, plan.precision, "bf16")
+        est = estimate_memory(units, world, optim, plan.precision, "bf16", plan.backend)
         act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
                                    plan.loss_chunk_size, vision_patches)
         if plan_total(est, act) <= gpu_bytes:
@@ -496,7 +500,7 @@ def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_p
                 out.append("model.freeze_vision_tower=true")
             apply_freezing(model, argparse.Namespace(**plan.freeze))
     if not plan.checkpointing:
-        est = estimate_memory(units, world, plan.optim, plan.precision, plan.master_weights)
+        est = estimate_memory(units, world, plan.optim, plan.precision, plan.master_weights, plan.backend)
         act = estimate_activations(model.config, units, plan.tokens, plan.precision, True,
                                    plan.loss_chunk_size, vision_patches)
         if plan_total(est, act) <= gpu_bytes:
@@ -575,15 +579,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     apply_freezing(model, argparse.Namespace(**plan.freeze))  # the freeze_* attributes of a ModelConfig
     units = plan_units(model)
-    est = estimate_memory(units, args.world_size, plan.optim, plan.precision, plan.master_weights)
-    act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
-                               plan.loss_chunk_size, args.vision_patches)
     if plan.master_weights == "bf16" and plan.optim == "hf_adafactor":
         print("error: train.master_weights=bf16 with train.optim=hf_adafactor is refused (HF's Adafactor "
               "rounds its updates to nearest); use adafactor or adamw", file=sys.stderr)
         sys.exit(2)
+    est = estimate_memory(units, args.world_size, plan.optim, plan.precision, plan.master_weights, plan.backend)
+    act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
+                               plan.loss_chunk_size, args.vision_patches)
     print(format_plan(units, args.world_size, root_names=root_members(model, units),
                       param_bytes=MASTER_DTYPES[plan.master_weights].itemsize))
+    print(f"Sharding backend: {plan.backend} (fsdp.backend)")
     print(format_memory(est, act))
     gpu_bytes = int(args.gpu_memory_gib * 2**30)
     total = plan_total(est, act)

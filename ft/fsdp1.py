@@ -1,7 +1,7 @@
 """Everything ft knows about FSDP1 (`torch.distributed.fsdp.FullyShardedDataParallel`),
 in one place. No other module reads FSDP1's private fields or unwraps its modules: they
-ask this one (through `ft.backends.backend_of(model)`). A second backend (FSDP2's
-`fully_shard`) is a module beside this one with the same functions.
+ask this one (through `ft.backends.backend_of(model)`). The second backend, FSDP2
+(`ft.fsdp2`), is a module beside this one with the same functions.
 
 What is FSDP1-specific, and lives here:
 
@@ -111,6 +111,22 @@ def original_params(model: nn.Module) -> list[tuple[str, nn.Parameter, list[tupl
 # =====================================================================================
 # Wrapping
 # =====================================================================================
+def config_refusals(cfg) -> list[str]:
+    """Every config runs on FSDP1 (its knobs are FSDP1's own)."""
+    return []
+
+
+def describe(fsdp_cfg, precision: str, master: str = "fp32") -> str:
+    """One log line: the backend and its knobs, passed to FSDP as they are."""
+    knobs = ", ".join(f"{k}={getattr(fsdp_cfg, k)}" for k in (
+        "sharding_strategy", "backward_prefetch", "forward_prefetch", "limit_all_gathers",
+        "sync_module_states", "use_orig_params", "cpu_offload"))
+    mp = ("no mixed precision" if precision == master == "fp32"
+          else f"MixedPrecision(param {precision}, reduce {fsdp_cfg.reduce_dtype if precision == 'bf16' else 'fp32'}; "
+               f"{master} shards)")
+    return f"sharding backend fsdp1 (FullyShardedDataParallel, {knobs}; {mp})"
+
+
 def shard_numel(numel: int, world_size: int) -> int:
     """Elements of one unit's flat parameter held by each rank: FSDP1 pads the flat
     parameter to a multiple of the world size, then gives each rank an equal slice."""

@@ -14,10 +14,11 @@
    cannot silently leave the whole model in one giant unit. Checkpointing is skipped
    where no backward pass reaches (`ft.parts.backward_reaches`: a frozen vision tower).
    `python -m ft.dryrun` prints it for any config.json without loading weights.
-3. `wrap_model`: hands the plan to the sharding backend (`ft.fsdp1`), which wraps and
-   applies checkpointing in its own order. An FSDP1 unit is one flat tensor with one
-   `requires_grad`, so a unit that mixes frozen and trainable weights is refused first,
-   naming it (`check_uniform_requires_grad`).
+3. `wrap_model`: hands the plan to the sharding backend (`fsdp.backend`: `ft.fsdp1` or
+   `ft.fsdp2`), which wraps and applies checkpointing in its own order. An FSDP1 unit is
+   one flat tensor with one `requires_grad`, so under FSDP1 a unit that mixes frozen and
+   trainable weights is refused first, naming it (`check_uniform_requires_grad`); FSDP2
+   keeps one `requires_grad` per parameter and takes such units.
 
 The loop calls `load_model`, `ft.parts.apply_freezing`, `plan_units`, `wrap_model`, then
 `ft.parts.param_groups` (into the optimizer).
@@ -36,7 +37,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLVisionBlock,
 )
 
-from ft.backends import BACKENDS, DEFAULT
+from ft.backends import BACKENDS
 from ft.dist import DistInfo
 from ft.parts import PART_NAMES, WrapPlanError, backward_reaches, few, module_parts, parameters_by_part
 
@@ -215,12 +216,13 @@ def root_members(model: nn.Module, units: list[Unit]) -> list[str]:
 # Wrapping
 # =====================================================================================
 def wrap_model(model: nn.Module, units: list[Unit], fsdp_cfg, precision: str, info: DistInfo,
-               backend: str = DEFAULT, master: str = "fp32") -> nn.Module:
-    """Shard `model` into the planned units (root last) and, when
-    `fsdp_cfg.activation_checkpointing`, recompute the planned modules; return the root.
-    `precision` is the compute dtype, `master` that of the sharded weights (the model's
-    own: `ft.model.load_model`). A collective (rank 0's weights are broadcast)."""
-    impl = BACKENDS[backend]
+               master: str = "fp32") -> nn.Module:
+    """Shard `model` into the planned units (root last) with the backend
+    `fsdp_cfg.backend` and, when `fsdp_cfg.activation_checkpointing`, recompute the
+    planned modules; return the root. `precision` is the compute dtype, `master` that of
+    the sharded weights (the model's own: `ft.model.load_model`). A collective (rank 0's
+    weights are broadcast)."""
+    impl = BACKENDS[fsdp_cfg.backend]
     if impl.flattens_units(fsdp_cfg):
         # Before any collective, so every rank raises the same readable error.
         check_uniform_requires_grad(units)

@@ -41,6 +41,7 @@ from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
 from ft import ckpt, dist, faults, watchdog
+from ft.backends import BACKENDS
 from ft.ckpt import CheckpointMismatch, ResumeError
 from ft.config import ConfigError, builds_tiny_model, config_to_dict, load_config, model_path_refusal, save_config
 from ft.data import IMAGE, MEDIA, VIDEO, Batch, Collator, DataError, build_datasets, validate
@@ -62,6 +63,11 @@ USAGE = "usage: python -m ft.loop [CONFIG.yaml] [section.key=value ...]"
 # _get_pg_default_device); users can do nothing about them and they bury the log.
 for _pattern in (".*ShardedTensor.*", ".*_get_pg_default_device.*", ".*Multiple backends are registered.*"):
     warnings.filterwarnings("ignore", message=_pattern)
+# FSDP2 warns that a unit returned a view that an in-place op could detach from its
+# pre-backward hook: the patch embedding's `.view` output and the root's empty logits
+# slice, neither of which is modified in place (the equivalence tests would see it).
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPQwen2_5_VisionPatchEmbed|"
+                                          r"FSDPQwen2_5_VLForConditionalGeneration)\) returned a view tensor")
 
 
 # =====================================================================================
@@ -281,6 +287,9 @@ def setup(cfg) -> Run:
     earlier = dist.earlier_refusal()
     if earlier:  # torchrun restarted the group after a refusal: a restart cannot fix it
         raise Refused(earlier)
+    refusals = BACKENDS[cfg.fsdp.backend].config_refusals(cfg)  # before anything is read or written
+    if refusals:
+        raise ConfigError("; ".join(refusals))
     hf_logging.disable_progress_bar()  # per-rank "Loading weights" bars: noise under torchrun
     run = Run(cfg, info, resolve_precision(cfg.train.precision, info), None)
 
@@ -449,6 +458,7 @@ def build_model(run: Run) -> torch.nn.Module:
     run.flops_of = functools.partial(train_flops, model.config, frozen=frozen)
     model = wrap_model(model, units, cfg.fsdp, run.precision, info,
                        master=cfg.train.master_weights)  # SYNC (weights broadcast)
+    log(info, BACKENDS[cfg.fsdp.backend].describe(cfg.fsdp, run.precision, cfg.train.master_weights))
     if cfg.fsdp.activation_checkpointing:
         ck = checkpoint_summary(units)
         log(info, f"activation checkpointing (non-reentrant) on {ck.wrapped} modules"

@@ -24,14 +24,17 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.adam import adam
 
 from ft.adafactor import Adafactor, adafactor_state_bytes
 from transformers.optimization import Adafactor as HFAdafactor
 
 from ft.backends import BACKENDS, backend_of
-from ft.config import field_choices
+from ft.config import ConfigError, field_choices
+from ft.fsdp2 import HF_ADAFACTOR_CRASH
 from ft.rounding import WriteBack
+from ft.shards import local
 
 
 # =====================================================================================
@@ -127,16 +130,18 @@ class MasterAdamW(torch.optim.AdamW):
                 if p.grad is None:
                     continue
                 st = self.state[p]
-                if not st:
+                if not st:  # shaped like p (a DTensor under FSDP2, so DCP can reshard it)
                     st["step"] = torch.tensor(0.0)
                     st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                w32 = p.detach().float()
+                w = local(p.detach())  # the elements this rank holds (FSDP2: the DTensor's shard)
+                w32 = w.float()
                 adam(
-                    [w32], [p.grad.float()], [st["exp_avg"]], [st["exp_avg_sq"]], [], [st["step"]],
-                    foreach=False, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
-                    lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-                step, dst, src = int(st["step"]), p.detach().view(-1), w32.view(-1)
+                    [w32], [local(p.grad).float()], [local(st["exp_avg"])], [local(st["exp_avg_sq"])], [],
+                    [st["step"]], foreach=False, decoupled_weight_decay=True, amsgrad=False, beta1=beta1,
+                    beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                    maximize=False)
+                step, dst, src = int(st["step"]), w.view(-1), w32.view(-1)
                 for sl in self._slices[id(p)]:
                     if sl.numel:
                         at = slice(sl.offset, sl.offset + sl.numel)
@@ -183,7 +188,9 @@ def _build_hf_adafactor(groups, train_cfg, model):
     # Exactly as the HF Trainer recipe builds it (optim="adafactor"). Under FSDP1 it sees
     # each rank's 1-D flat shard: it cannot factor its second moment and clips per shard,
     # so training depends on the world size (2 ranks vs 1: loss differs by 4.5e-2 after
-    # 3 steps on the tiny model).
+    # 3 steps on the tiny model). Under FSDP2 it crashes on the DTensor parameters.
+    if any(isinstance(p, DTensor) for g in groups for p in g["params"]):
+        raise ConfigError(f"train.optim=hf_adafactor: {HF_ADAFACTOR_CRASH}")
     return HFAdafactor(groups, lr=train_cfg.learning_rate, scale_parameter=False, relative_step=False,
                        warmup_init=False, weight_decay=train_cfg.weight_decay)
 

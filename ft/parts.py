@@ -69,7 +69,8 @@ def backward_reaches(part: str, trainable_parts: Collection[str]) -> bool:
 def module_parts(model: nn.Module) -> dict[int, str]:
     """The part of every module of `model`, by `id`: that of its nearest ancestor (itself
     included) whose class a `Part` names. Wrapper modules match no part, so this works
-    the same on the wrapped model."""
+    the same on the wrapped model (FSDP1's and the checkpoint wrappers, FSDP2's
+    in-place subclasses)."""
     by_cls = {p.cls: p.name for p in PARTS if p.cls is not None}
     rest = next(p.name for p in PARTS if p.cls is None)
     parts: dict[int, str] = {}
@@ -77,9 +78,11 @@ def module_parts(model: nn.Module) -> dict[int, str]:
     stack = [(model, rest)]
     while stack:
         mod, part = stack.pop()
-        if type(mod) in by_cls:
-            found.add(type(mod))
-            part = by_cls[type(mod)]
+        # By class, or by the class FSDP2 subclassed in place when sharding it (FSDP<name>).
+        cls = next((c for c in type(mod).__mro__ if c in by_cls), None)
+        if cls is not None:
+            found.add(cls)
+            part = by_cls[cls]
         parts[id(mod)] = part
         stack += [(child, part) for child in mod.children()]
     missing = [cls.__name__ for cls in by_cls if cls not in found]

@@ -1,9 +1,10 @@
 """Which elements of which original parameter a local tensor holds.
 
-A sharding backend (`ft.fsdp1`) hands the optimizer local tensors: under FSDP1 one
-1-D flat shard per unit, holding runs of several original parameters, possibly
-starting or ending in the middle of a matrix row, possibly holding nothing of some
-parameter. The backend describes each tensor as a list of `ParamSlice`s, one per
+A sharding backend (`ft.fsdp1`, `ft.fsdp2`) hands the optimizer local tensors: under
+FSDP1 one 1-D flat shard per unit, holding runs of several original parameters,
+possibly starting or ending in the middle of a matrix row, possibly holding nothing of
+some parameter; under FSDP2 one DTensor per parameter whose local shard (`local`) is a
+dim-0 chunk, i.e. one run of whole rows, possibly empty. The backend describes each tensor as a list of `ParamSlice`s, one per
 original parameter, and gives a `ShardLayout`: those lists and the process group over
 which per-parameter sums must be reduced. This module is backend-neutral: it reads no
 FSDP internals, and ft's Adafactor (`ft.adafactor`) needs nothing else.
@@ -16,6 +17,7 @@ from functools import cached_property
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,12 @@ class ParamSlice:
             return col.expand(r1 - r0, -1)
         return col[torch.arange(r0, r1, device=col.device) // self.n_rows]
 
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this rank holds: a DTensor's local shard (FSDP2), else `t`. Under
+    no_grad it shares `t`'s storage, so writing it updates `t`."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """ft's Adafactor: HF Adafactor's update for every original parameter, whatever the
 sharding. On plain tensors it is HF bit for bit; under FSDP1 on 2 and 3 gloo ranks (flat
-shards cutting matrices mid-row) it matches single-process HF to float rounding, where
-HF's own Adafactor does not; its state is the factored size; its world-size independent
+shards cutting matrices mid-row) and under FSDP2 (DTensor dim-0 shards, uneven) it
+matches single-process HF to float rounding, where HF's own Adafactor does not; its state is the factored size; its world-size independent
 state dict resumes runs, also at another world size."""
 
 import os
@@ -160,9 +160,35 @@ def _wrap(model, group, mixed_precision=None):
 
 def _full_weights(model):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.tensor import DTensor
 
+    if any(isinstance(p, DTensor) for p in model.parameters()):  # FSDP2
+        return {_clean(n): p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     with FSDP.summon_full_params(model):
         return {_clean(n): p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _wrap2(model, group):
+    """FSDP2 on the toy: each block a unit, the root (embedding tied to the head) last."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = DeviceMesh.from_group(group, "cpu") if group is not None else init_device_mesh("cpu", (3,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _toy_fsdp2_phase(group):
+    """ft's Adafactor on FSDP2's DTensor shards (dim-0 chunks, uneven: 13 rows on 2 or 3
+    ranks): the single-process HF run, state as planned by `ft.fsdp2.planned_slices`."""
+    from ft.shards import local
+
+    model = _wrap2(_toy(), group)
+    opt = _ft(model)
+    losses, weights = _run(model, opt, STEPS)
+    return {"losses": losses, "weights": weights, "state_bytes": state_bytes(opt),
+            "rows": {_clean(n): local(p).shape[0] for n, p in model.named_parameters() if p.dim()}}
 
 
 def _run(model, opt, steps):
@@ -221,17 +247,20 @@ def _toy_phase(group, world, out_dir):
     return out
 
 
-def _qwen_step(model, opt, batch):
+def _qwen_step(model, opt, batch, norms=None):
     from ft.model import loss_sum
+    from ft.optim import clip_grad_norm
 
     s, n = loss_sum(model, batch)
     (s / n).backward()
+    if norms is not None:
+        norms.append(clip_grad_norm(model, 0.0))  # the global norm, nothing clipped
     opt.step()
     opt.zero_grad(set_to_none=True)
     return (s / n).item()
 
 
-def _qwen_phase(rank, model_dir, out_dir):
+def _qwen_phase(rank, model_dir, out_dir, backend="fsdp1", optim="adafactor"):
     """ft's own wrapping (units, checkpoint wrappers, tied embeddings in the root, the 5-D
     Conv3d patch embedding) and optimizer construction, as the loop does it."""
     from ft.config import FSDPConfig, TrainConfig
@@ -243,14 +272,18 @@ def _qwen_phase(rank, model_dir, out_dir):
     info = DistInfo(rank=rank, world_size=3, local_rank=rank, device=CPU)
     model = load_model(model_dir, info)
     units = plan_units(model)
-    planned = adafactor_state_bytes(units, 3, rank)  # before wrapping frees the originals
-    wrapped = wrap_model(model, units, FSDPConfig(), "fp32", info)
-    cfg = TrainConfig(optim="adafactor", learning_rate=QWEN_LR, weight_decay=WD)
+    planned = adafactor_state_bytes(units, 3, rank, backend)  # before wrapping frees the originals
+    wrapped = wrap_model(model, units, FSDPConfig(backend=backend), "fp32", info)
+    cfg = TrainConfig(optim=optim, learning_rate=QWEN_LR, weight_decay=WD)
     opt = build_optimizer(wrapped.parameters(), cfg, model=wrapped)
     batch = torch.load(os.path.join(out_dir, "batch.pt"))
-    losses = [_qwen_step(wrapped, opt, batch) for _ in range(QWEN_STEPS)]
-    return {"losses": losses, "weights": _full_weights(wrapped), "keys": sorted(opt.fqn_state_dict()),
-            "state_bytes": state_bytes(opt), "planned": planned}
+    norms = []
+    losses = [_qwen_step(wrapped, opt, batch, norms) for _ in range(QWEN_STEPS)]
+    out = {"losses": losses, "norms": norms, "weights": _full_weights(wrapped), "state_bytes": state_bytes(opt),
+           "planned": planned}
+    if optim == "adafactor":
+        out["keys"] = sorted(opt.fqn_state_dict())
+    return out
 
 
 def _worker(rank, port, model_dir, out_dir):
@@ -262,9 +295,13 @@ def _worker(rank, port, model_dir, out_dir):
     out = {}
     if rank < 2:
         out[2] = _toy_phase(pair, 2, out_dir)
+        out["fsdp2", 2] = _toy_fsdp2_phase(pair)
     dist.barrier()  # the 2-rank snapshot is on disk
     out[3] = _toy_phase(None, 3, out_dir)
+    out["fsdp2", 3] = _toy_fsdp2_phase(None)
     out["qwen"] = _qwen_phase(rank, model_dir, out_dir)
+    out["qwen", "fsdp2"] = _qwen_phase(rank, model_dir, out_dir, "fsdp2")
+    out["qwen", "fsdp2", "adamw"] = _qwen_phase(rank, model_dir, out_dir, "fsdp2", "adamw")
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -376,22 +413,53 @@ def test_resume_from_fqn_state_dict(ranks):
     assert _max_diff(weights, ref_weights) < 1e-5
 
 
-def test_tiny_qwen_on_3_ranks_matches_single_process_hf(ranks, tiny_model_dir):
+def _qwen_reference(model_dir, batch, optim):
+    """One process, the unwrapped model: HF's Adafactor, or torch's AdamW as ft builds it."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    ranks, batch = ranks
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.train()
-    opt = _hf_adafactor(model.parameters(), QWEN_LR)
-    ref_losses = [_qwen_step(model, opt, batch) for _ in range(QWEN_STEPS)]
-    ref_weights = {n: p.detach() for n, p in model.named_parameters()}
+    from ft.config import TrainConfig
+    from ft.optim import build_optimizer
 
-    results = [r["qwen"] for r in ranks]
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    opt = (_hf_adafactor(model.parameters(), QWEN_LR) if optim == "adafactor" else
+           build_optimizer(model.parameters(), TrainConfig(optim=optim, learning_rate=QWEN_LR, weight_decay=WD)))
+    norms = []
+    losses = [_qwen_step(model, opt, batch, norms) for _ in range(QWEN_STEPS)]
+    return losses, norms, {n: p.detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend,optim", [("fsdp1", "adafactor"), ("fsdp2", "adafactor"), ("fsdp2", "adamw")])
+def test_tiny_qwen_on_3_ranks_matches_single_process_hf(ranks, tiny_model_dir, backend, optim):
+    ranks, batch = ranks
+    ref_losses, ref_norms, ref_weights = _qwen_reference(tiny_model_dir, batch, optim)
+
+    key = "qwen" if backend == "fsdp1" else ("qwen", backend) if optim == "adafactor" else ("qwen", backend, optim)
+    results = [r[key] for r in ranks]
     assert results[0]["losses"] == pytest.approx(ref_losses, abs=1e-5)
+    assert all(r["norms"] == results[0]["norms"] for r in results)  # a float, the same on every rank
+    assert results[0]["norms"] == pytest.approx(ref_norms, rel=1e-4)
     assert _max_diff(results[0]["weights"], ref_weights) < 1e-5
-    # State keys are the HF parameter names (tied lm_head under embed_tokens' name).
-    assert all(r["keys"] == results[0]["keys"] for r in results)
-    assert {k.rsplit(".", 1)[0] for k in results[0]["keys"]} == set(ref_weights)
-    assert "model.language_model.embed_tokens.weight.exp_avg_sq_row" in results[0]["keys"]
     for r in results:
-        assert r["state_bytes"] == r["planned"]
+        assert r["state_bytes"] == r["planned"] if optim == "adafactor" else r["state_bytes"] > 0
+    if optim == "adafactor":
+        # State keys are the HF parameter names (tied lm_head under embed_tokens' name).
+        assert all(r["keys"] == results[0]["keys"] for r in results)
+        assert {k.rsplit(".", 1)[0] for k in results[0]["keys"]} == set(ref_weights)
+        assert "model.language_model.embed_tokens.weight.exp_avg_sq_row" in results[0]["keys"]
+
+
+def test_fsdp2_dim0_shards_match_single_process_hf(ranks):
+    """FSDP2 gives each rank whole rows (Shard(0)), unevenly when the rows do not divide:
+    ft's Adafactor is still the single-process HF run, with the factored state."""
+    ranks, _ = ranks
+    ref_losses, ref_weights, _, _ = _reference()
+    units = _toy_plan()
+    for world in (2, 3):
+        results = [r["fsdp2", world] for r in ranks[:world]]
+        rows = [r["rows"]["blocks.0.up.weight"] for r in results]  # 23 rows
+        assert rows == ([12, 11] if world == 2 else [8, 8, 7])
+        assert results[0]["losses"] == pytest.approx(ref_losses, abs=1e-5)
+        assert _max_diff(results[0]["weights"], ref_weights) < 1e-5
+        for rank, r in enumerate(results):
+            assert r["state_bytes"] == adafactor_state_bytes(units, world, rank, "fsdp2")

@@ -104,6 +104,18 @@ def test_compare_ratios_are_medians_of_rounds():
     assert compare.table(runs).count("\n") == len(runs) + 1
 
 
+def test_backend_ratios_are_medians_of_rounds_per_optimizer():
+    backends = load("backends")
+    runs = []
+    for round_, (one, two) in enumerate([(1.0, 1.1), (1.0, 1.3), (2.0, 1.8)], 1):
+        for optim, scale in (("adafactor", 1.0), ("adamw", 2.0)):
+            runs += [{"round": round_, "backend": "fsdp1", "optim": optim, "step_time_s": one, "optim_s": 0.1},
+                     {"round": round_, "backend": "fsdp2", "optim": optim, "step_time_s": two * scale,
+                      "optim_s": 0.2}]
+    assert backends.ratios(runs, "adafactor") == {"step_time_s": pytest.approx(1.1), "optim_s": pytest.approx(2.0)}
+    assert backends.ratios(runs, "adamw")["step_time_s"] == pytest.approx(2.2)
+
+
 def test_shaped_config_keeps_layer_shapes():
     build_model = load("build_model")
     config = build_model.shaped_config(Path(__file__).resolve().parent.parent / "configs/qwen2_5_vl_3b/config.json",

@@ -128,13 +128,17 @@ CASES = [
     ("llm", {"freeze_llm": True}, {"vision_lr": 5e-3}, {"llm"}),
     ("vision+merger", {"freeze_vision_tower": True, "freeze_merger": True}, {}, {"vision_tower", "merger"}),
 ]
+# FSDP2 only (FSDP1 refuses them): units that mix frozen and trainable weights, with
+# (modules frozen by hand, plan). A decoder layer whose mlp is frozen, and the frozen
+# merger left in the root next to the trained embeddings (WRAP_PLAN without its rule).
+FSDP2_CASES = [
+    ("mlp of layer 1", {}, {}, set(), (["model.language_model.layers.1.mlp"], WRAP_PLAN)),
+    ("merger in the root", {"freeze_merger": True}, {}, {"merger"},
+     ([], [r for r in WRAP_PLAN if r.cls is not Qwen2_5_VLPatchMerger])),
+]
 
 
-def _clean(name: str) -> str:
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
-def _worker(rank, world, port, model_dir, data_file, out_dir):
+def _worker(rank, world, port, model_dir, data_file, out_dir, backend):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch.distributed.checkpoint as dcp
@@ -144,9 +148,8 @@ def _worker(rank, world, port, model_dir, data_file, out_dir):
         get_state_dict,
         set_state_dict,
     )
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
     from ft import dist
+    from ft.backends import BACKENDS
     from ft.data import Collator, ConversationDataset, load_rows
     from ft.parts import param_groups
     from ft.model import load_model, loss_sum
@@ -160,40 +163,45 @@ def _worker(rank, world, port, model_dir, data_file, out_dir):
     batch = Collator(processor)([ds[0], ds[1]] if rank == 0 else [ds[2]]).inputs
     assert rank == 0 or batch["image_grid_thw"].shape[0] == 1
 
-    def build(freeze, rules=WRAP_PLAN):
+    def build(freeze, rules=WRAP_PLAN, hand_frozen=()):
         model = load_model(model_dir, info)
         apply_freezing(model, ModelConfig(**freeze))
+        for name in hand_frozen:
+            model.get_submodule(name).requires_grad_(False)
         units = plan_units(model, rules)
-        wrapped = wrap_model(model, units, FSDPConfig(), "fp32", info)
+        wrapped = wrap_model(model, units, FSDPConfig(backend=backend), "fp32", info)
         return wrapped, format_plan(units, world), checkpoint_summary(units)
 
     def full_state(model):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
     results = {}
-    for name, freeze, lrs, _ in CASES:
+    cases = CASES + (FSDP2_CASES if backend == "fsdp2" else [])
+    for name, freeze, lrs, _, *mixed in cases:
+        hand_frozen, rules = mixed[0] if mixed else ((), WRAP_PLAN)
         train_cfg = TrainConfig(learning_rate=LR, **lrs)
-        model, plan_text, checkpointed = build(freeze)
+        model, plan_text, checkpointed = build(freeze, rules, hand_frozen)
         groups = param_groups(model, train_cfg)
         opt = torch.optim.AdamW(groups, weight_decay=0.0)
-        flats = {id(m._flat_param): (_clean(n), m._flat_param)
-                 for n, m in model.named_modules() if isinstance(m, FSDP) and m._flat_param is not None}
+        # The tensors the optimizer may see, and the original weights each holds: FSDP1's
+        # flat parameters (a unit each), FSDP2's DTensors (one weight each).
+        tensors = {id(p): (p, [fqn for _, fqn in held])
+                   for _, p, held in BACKENDS[backend].original_params(model)}
         grads_ok, losses = [], []
         for _ in range(STEPS):
             s, n = loss_sum(model, batch)
             (s / n).backward()
-            # Frozen flat parameters get no gradient at all (not a zero one).
-            grads_ok.append(all((f.grad is None) != f.requires_grad for _, f in flats.values()))
+            # Frozen tensors get no gradient at all (not a zero one).
+            grads_ok.append(all((p.grad is None) != p.requires_grad for p, _ in tensors.values()))
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(s.item() / n)
-        trainable = {i for i, (_, f) in flats.items() if f.requires_grad}
+        trainable = {i for i, (p, _) in tensors.items() if p.requires_grad}
         result = {
             "plan": plan_text,
             "checkpointed": tuple(checkpointed),
-            "groups": [(g["name"], g["lr"], sorted(
-                (flats[id(p)][0] + "." if flats[id(p)][0] else "") + fqn
-                for p in g["params"] for fqn in p._fqns)) for g in opt.param_groups],
+            "groups": [(g["name"], g["lr"], sorted(fqn for p in g["params"] for fqn in tensors[id(p)][1]))
+                       for g in opt.param_groups],
             "state_only_trainable": {id(p) for p in opt.state} == trainable
             and {id(p) for g in opt.param_groups for p in g["params"]} == trainable,
             "grads_ok": grads_ok,
@@ -221,20 +229,22 @@ def _worker(rank, world, port, model_dir, data_file, out_dir):
                 for p, q in zip(g["params"], h["params"]) for k in ("exp_avg", "exp_avg_sq"))
         results[name] = result
 
-    # An edited plan that puts two parts in one unit cannot have per-part groups.
-    model, _, _ = build({}, [r for r in WRAP_PLAN if r.cls is not Qwen2_5_VLPatchMerger])
-    try:
-        param_groups(model, TrainConfig())
-        results["mixed_parts_error"] = None
-    except WrapPlanError as e:
-        results["mixed_parts_error"] = str(e)
+    if backend == "fsdp1":
+        # An edited plan that puts two parts in one unit cannot have per-part groups.
+        model, _, _ = build({}, [r for r in WRAP_PLAN if r.cls is not Qwen2_5_VLPatchMerger])
+        try:
+            param_groups(model, TrainConfig())
+            results["mixed_parts_error"] = None
+        except WrapPlanError as e:
+            results["mixed_parts_error"] = str(e)
 
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
     dist.cleanup()
 
 
-def test_freezing_on_two_ranks(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["fsdp1", "fsdp2"])
+def test_freezing_on_two_ranks(backend, tiny_model_dir, tmp_path):
     for image, size, seed in (("a.png", (56, 56), 1), ("b.png", (84, 56), 2)):
         write_test_image(tmp_path / image, size=size, seed=seed)
     rows = [
@@ -247,13 +257,15 @@ def test_freezing_on_two_ranks(tiny_model_dir, tmp_path):
     data_file = tmp_path / "rows.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    mp.spawn(_worker, args=(2, free_port(), tiny_model_dir, str(data_file), str(tmp_path)),
+    mp.spawn(_worker, args=(2, free_port(), tiny_model_dir, str(data_file), str(tmp_path), backend),
              nprocs=2, join=True)
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, dtype=torch.float32).state_dict()
 
-    expected_checkpointed = {"vision": (2, 2), "merger": (4, 0), "llm": (4, 0), "vision+merger": (2, 2)}
-    for name, freeze, lrs, unchanged in CASES:
+    expected_checkpointed = {"vision": (2, 2), "merger": (4, 0), "llm": (4, 0), "vision+merger": (2, 2),
+                             "mlp of layer 1": (4, 0), "merger in the root": (4, 0)}
+    for name, freeze, lrs, unchanged, *mixed in CASES + (FSDP2_CASES if backend == "fsdp2" else []):
+        hand_frozen = mixed[0][0] if mixed else ()
         r = results[name]
         frozen = {part for part, switch in zip(PART_NAMES, SWITCHES) if freeze.get(switch)}
         # Frozen vision blocks are not checkpointed; frozen decoder layers are when the
@@ -275,7 +287,7 @@ def test_freezing_on_two_ranks(tiny_model_dir, tmp_path):
         assert set(initial) <= set(full) | {"lm_head.weight"}, name
         for key, before in initial.items():
             after = full.get(key, full.get("model.language_model.embed_tokens.weight"))
-            if part_of(key) in unchanged:
+            if part_of(key) in unchanged or any(key.startswith(m + ".") for m in hand_frozen):
                 assert torch.equal(after, before), (name, key)
             else:
                 assert not torch.equal(after, before), (name, key)
@@ -284,5 +296,8 @@ def test_freezing_on_two_ranks(tiny_model_dir, tmp_path):
     assert "model.visual.patch_embed.proj.weight" in vision["sharded_keys"]
     assert vision["reload_equal"] and vision["optim_reload_equal"]
     assert "model.visual.blocks.{0..1} x2" in vision["plan"] and "frozen" in vision["plan"]
-    assert results["mixed_parts_error"] and "2 parts" in results["mixed_parts_error"]
-    assert "merger: model.visual.merger." in results["mixed_parts_error"]
+    if backend == "fsdp1":
+        assert results["mixed_parts_error"] and "2 parts" in results["mixed_parts_error"]
+        assert "merger: model.visual.merger." in results["mixed_parts_error"]
+    else:  # units mixing frozen and trainable weights train, and are planned as such
+        assert "MIXED" in results["mlp of layer 1"]["plan"] and "MIXED" in results["merger in the root"]["plan"]

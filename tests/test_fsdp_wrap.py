@@ -155,85 +155,124 @@ def _worker(rank, world, port, model_dir, out_dir):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from ft import ckpt, dist
-    from ft.config import FSDPConfig
+    from ft.config import FSDPConfig, TrainConfig
     from ft.fsdp_wrap import wrap_model
     from ft.model import load_model, loss_sum
+    from ft.optim import build_optimizer
+    from ft.shards import local
 
     info = dist.init_distributed()
-
-    def build():
-        model = load_model(model_dir, info)
-        units = plan_units(model)
-        wrapped = wrap_model(model, units, FSDPConfig(), "fp32", info)
-        return wrapped, units
-
-    model, units = build()
-    # FSDP built one unit per planned unit, each rank holding ceil(numel / world).
-    by_module = {id(u.module): u for u in units}
-    sizes = {}
-    for fsdp_module in FSDP.fsdp_modules(model):
-        unit = by_module[id(fsdp_module.module)]
-        flat = fsdp_module._flat_param  # FSDP1 private, stable since torch 2.0
-        sizes[unit.fqn] = [flat.numel(), shard_numel(unit.numel, world)]
-
     batch = _batch(model_dir)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(2):
-        s, n = loss_sum(model, batch)
-        (s / n).backward()
-        opt.step()
-        opt.zero_grad()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    results = {}
+    # FSDP1 with torch's AdamW as built here; FSDP2 with ft's optimizers (the tied model:
+    # ft's Adafactor, whose state DCP saves by name; the untied one: AdamW's DTensor state).
+    fsdp2_optim = "adafactor" if "untied" not in model_dir else "adamw"
+    for backend in ("fsdp1", "fsdp2"):
+        out = os.path.join(out_dir, backend)
 
-    model.eval()
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    ckpt.export_hf(model, os.path.join(out_dir, "best"), model_dir, info, {"step": 2})
-    path = ckpt.save_checkpoint(model, opt, {"train_state": {"step": 2}}, out_dir, info)
+        def build():
+            model = load_model(model_dir, info)
+            units = plan_units(model)
+            wrapped = wrap_model(model, units, FSDPConfig(backend=backend), "fp32", info)
+            if backend == "fsdp1":
+                opt = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
+            else:
+                opt = build_optimizer(wrapped.parameters(), TrainConfig(optim=fsdp2_optim, learning_rate=1e-2),
+                                      model=wrapped)
+            return wrapped, units, opt
 
-    # A fresh model and optimizer, reloaded from the checkpoint, compute the same logits.
-    fresh, _ = build()
-    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
-    state = ckpt.load_checkpoint(fresh, fresh_opt, path, info)["train_state"]
-    fresh.eval()
-    with torch.no_grad():
-        reloaded = fresh(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        def step(model, opt):
+            s, n = loss_sum(model, batch)
+            (s / n).backward()
+            opt.step()
+            opt.zero_grad()
+            return (s / n).item()
+
+        model, units, opt = build()
+        # Each rank holds what the plan says: FSDP1 ceil(numel / world) of each unit's
+        # flat parameter; FSDP2 each parameter's dim-0 chunk (planned_slices).
+        by_module = {id(u.module): u for u in units}
+        sizes = {}
+        if backend == "fsdp1":
+            for fsdp_module in FSDP.fsdp_modules(model):
+                unit = by_module[id(fsdp_module.module)]
+                flat = fsdp_module._flat_param  # FSDP1 private, stable since torch 2.0
+                sizes[unit.fqn] = [flat.numel(), shard_numel(unit.numel, world)]
+        else:
+            from ft.fsdp2 import clean_name, planned_slices
+
+            held = {clean_name(n): local(p).numel() for n, p in model.named_parameters()}
+            for unit in units:
+                sizes[unit.fqn] = [sum(held[n] for n in unit.params),
+                                   sum(sl.numel for sl in planned_slices(unit.params, world, rank))]
+
+        for _ in range(2):
+            step(model, opt)
+        model.eval()
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        ckpt.export_hf(model, os.path.join(out, "best"), model_dir, info, {"step": 2})
+        path = ckpt.save_checkpoint(model, opt, {"train_state": {"step": 2}}, out, info)
+
+        # A fresh model and optimizer, reloaded from the checkpoint, compute the same
+        # logits, and the next training step is the uninterrupted run's, bit for bit.
+        fresh, _, fresh_opt = build()
+        state = ckpt.load_checkpoint(fresh, fresh_opt, path, info)["train_state"]
+        fresh.eval()
+        with torch.no_grad():
+            reloaded = fresh(**inputs).logits
+        opt_steps = ([s["step"].item() for s in fresh_opt.state.values()] if backend == "fsdp1" or
+                     fsdp2_optim == "adamw" else [v.item() for k, v in fresh_opt.fqn_state_dict().items()
+                                                 if k.endswith(".step")])
+        model.train()
+        fresh.train()
+        continued = [step(model, opt), step(fresh, fresh_opt)]
+        same_weights = all(torch.equal(local(a), local(b)) for a, b in zip(model.parameters(), fresh.parameters()))
+        results[backend] = {"logits": logits, "reloaded": reloaded, "sizes": sizes, "state": state,
+                            "opt_steps": opt_steps, "continued": continued, "same_weights": same_weights}
+        del model, fresh, opt, fresh_opt
     if rank == 0:
-        torch.save({"logits": logits, "reloaded": reloaded, "sizes": sizes, "state": state,
-                    "opt_steps": [s["step"].item() for s in fresh_opt.state.values()]},
-                   os.path.join(out_dir, "result.pt"))
+        torch.save(results, os.path.join(out_dir, "result.pt"))
     dist.cleanup()
 
 
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_model_dir_untied"])
 def test_two_ranks_units_export_and_checkpoint(fixture, request, tmp_path):
+    """On each backend: the units hold the planned shards; the export round-trips through
+    from_pretrained; a checkpoint reloads into a fresh model and optimizer and resumes
+    exactly (FSDP1: torch's AdamW; FSDP2: ft's Adafactor tied, AdamW untied)."""
     model_dir = request.getfixturevalue(fixture)
     mp.spawn(_worker, args=(2, free_port(), model_dir, str(tmp_path)), nprocs=2, join=True)
-    result = torch.load(tmp_path / "result.pt")
-
-    for fqn, (held, expected) in result["sizes"].items():
-        assert held == expected, f"unit {fqn or '<root>'}: rank holds {held} elements, plan says {expected}"
-    assert len(result["sizes"]) == 7
-
-    # The export loads with from_pretrained and gives the trained model's logits.
-    best = tmp_path / "best"
-    assert json.loads((best / "ft_export.json").read_text()) == {"step": 2}
-    umask = os.umask(0)
-    os.umask(umask)
-    assert (best / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(best, dtype=torch.float32).eval()
-    batch = _batch(str(best))
-    with torch.no_grad():
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    assert (logits - result["logits"]).abs().max().item() <= 1e-5
-    # ... and they are not the untrained model's logits.
+    results = torch.load(tmp_path / "result.pt")
+    batch = _batch(model_dir)
     untrained = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         before = untrained(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    assert (before - result["logits"]).abs().max().item() > 1e-3
-    tied = json.loads((best / "config.json").read_text()).get("tie_word_embeddings", True)
-    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr() or not tied
 
-    # The sharded checkpoint reloads model and optimizer state exactly.
-    assert torch.equal(result["reloaded"], result["logits"])
-    assert result["state"] == {"step": 2}
-    assert result["opt_steps"] and all(s == 2 for s in result["opt_steps"])
+    for backend, result in results.items():
+        for fqn, (held, expected) in result["sizes"].items():
+            assert held == expected, f"{backend} unit {fqn or '<root>'}: rank holds {held} elements, plan says {expected}"
+        assert len(result["sizes"]) == 7
+
+        # The export loads with from_pretrained and gives the trained model's logits.
+        best = tmp_path / backend / "best"
+        assert json.loads((best / "ft_export.json").read_text()) == {"step": 2}
+        umask = os.umask(0)
+        os.umask(umask)
+        assert (best / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(best, dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        assert (logits - result["logits"]).abs().max().item() <= 1e-5, backend
+        # ... and they are not the untrained model's logits.
+        assert (before - result["logits"]).abs().max().item() > 1e-3, backend
+        tied = json.loads((best / "config.json").read_text()).get("tie_word_embeddings", True)
+        assert tied == (fixture == "tiny_model_dir")
+        assert (model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()) == tied
+
+        # The sharded checkpoint reloads model and optimizer state exactly.
+        assert torch.equal(result["reloaded"], result["logits"]), backend
+        assert result["state"] == {"step": 2}
+        assert result["opt_steps"] and all(s == 2 for s in result["opt_steps"]), backend
+        assert result["continued"][0] == result["continued"][1] and result["same_weights"], backend

@@ -1,10 +1,11 @@
-"""The seams the rest of ft builds on: one module reads FSDP1's internals, optimizers are
+"""The seams the rest of ft builds on: one module per FSDP backend reads its internals, optimizers are
 registered once, unit and checkpointing are separate decisions of the wrap plan, test
 faults stay out of the way unless asked for."""
 
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -39,12 +40,18 @@ def _tracked_files() -> list[str]:
     return subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
 
 
-def test_fsdp1_internals_are_read_in_one_module():
-    private = re.compile(r"_shard_param_infos|\._fqns|_param_infos|_flat_param|FlatParameter|FullyShardedDataParallel"
-                         r"|_fsdp_wrapped_module|state_dict_type|get_optimizer_state_dict|get_model_state_dict")
-    readers = sorted(f for f in _tracked_files() if f.startswith("ft/") and f.endswith(".py")
-                     and private.search(open(os.path.join(REPO, f)).read()))
-    assert readers == ["ft/fsdp1.py"]
+def _readers(pattern: str) -> list[str]:
+    regex = re.compile(pattern)
+    return sorted(f for f in _tracked_files() if f.startswith("ft/") and f.endswith(".py")
+                  and regex.search(open(os.path.join(REPO, f)).read()))
+
+
+def test_fsdp_internals_are_read_in_the_backend_modules():
+    assert _readers(r"_shard_param_infos|\._fqns|_param_infos|_flat_param|FlatParameter|FullyShardedDataParallel"
+                    r"|_fsdp_wrapped_module|state_dict_type") == ["ft/fsdp1.py"]
+    assert _readers(r"fully_shard|FSDPModule|MixedPrecisionPolicy|set_modules_to_") == ["ft/fsdp2.py"]
+    # State dicts go through the backend (and ft's Adafactor's own fqn_state_dict).
+    assert _readers(r"get_optimizer_state_dict|get_model_state_dict") == ["ft/fsdp1.py", "ft/fsdp2.py"]
 
 
 def test_no_file_cites_a_document_the_repository_lacks():
@@ -65,6 +72,37 @@ def test_optimizers_are_registered_once(tiny_model_dir):
     figures = {name: estimate_memory(units, 4, name, "bf16").optimizer for name in OPTIMIZERS}
     assert figures == {name: spec.state_bytes(units, 4, "fsdp1") for name, spec in OPTIMIZERS.items()}
     assert len(set(figures.values())) == len(figures)
+
+
+def test_backends_are_registered_once_and_fsdp2_maps_or_refuses_each_knob():
+    from ft import fsdp2
+    from ft.backends import BACKENDS
+    from ft.config import FSDPConfig, load_config
+
+    assert tuple(BACKENDS) == field_choices("fsdp.backend") and FSDPConfig().backend == "fsdp1"
+    assert BACKENDS["fsdp2"].config_refusals(load_config(None, ["fsdp.backend=fsdp2"])) == []
+    # Every FSDP1 knob, every value: mapped (and logged) or refused, naming the key.
+    for key, values in fsdp2.KNOBS.items():
+        for value, what in values.items():
+            cfg = load_config(None, ["fsdp.backend=fsdp2", f"fsdp.{key}={str(value).lower()}"
+                                     if isinstance(value, bool) else f"fsdp.{key}={value}"])
+            refusals = fsdp2.config_refusals(cfg)
+            if isinstance(what, fsdp2.Refused):
+                assert refusals == [f"fsdp.{key}={value} with fsdp.backend=fsdp2: {what.why}"]
+            else:
+                assert refusals == [] and f"{key}={value} -> {what.to}" in fsdp2.describe(cfg.fsdp, "bf16")
+    (refusal,) = fsdp2.config_refusals(load_config(None, ["fsdp.backend=fsdp2", "train.optim=hf_adafactor"]))
+    assert "train.optim=hf_adafactor" in refusal and "got mixed torch.Tensor and DTensor" in refusal
+
+
+def test_fsdp2_refusal_stops_the_loop_before_it_starts(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "ft.loop", os.path.join(REPO, "configs/demo.yaml"), "fsdp.backend=fsdp2",
+         "fsdp.cpu_offload=true", f"train.output_dir={tmp_path / 'out'}"],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ft: config error: fsdp.cpu_offload=True with fsdp.backend=fsdp2: FSDP2's CPUOffloadPolicy" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_unit_and_checkpointing_are_separate_decisions(tiny_model_dir):

@@ -3,10 +3,10 @@ single-process reference.
 
 The reference is deliberately not ft code: a plain (unwrapped) HF model, HF's own
 token-mean loss over the whole global batch collated into one batch, torch AdamW, HF's
-constant_with_warmup schedule and torch's clip_grad_norm_. Three ft runs with the same
-global batch of 2 — (2 ranks x batch 1), (1 rank x batch 1 x 2 accumulation steps),
-(1 rank x batch 2) — must each reproduce its per-step losses, gradient norms and final
-weights. That proves sharded == unsharded and that the loss is token-weighted over the
+constant_with_warmup schedule and torch's clip_grad_norm_. Four ft runs with the same
+global batch of 2 — (2 ranks x batch 1) on FSDP1 and on FSDP2, (1 rank x batch 1 x 2
+accumulation steps), (1 rank x batch 2) — must each reproduce its per-step losses,
+gradient norms and final weights (and the two backends each other's). That proves sharded == unsharded and that the loss is token-weighted over the
 whole optimizer step, whatever the split.
 """
 
@@ -185,6 +185,9 @@ def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, r
         "1 rank x batch 2": launch(
             tmp_path, tiny_model_dir, dataset, 1, "train.per_device_train_batch_size=2",
             "fsdp.activation_checkpointing=false"),
+        "fsdp2, 2 ranks x batch 1 (activation checkpointing)": launch(
+            tmp_path, tiny_model_dir, dataset, 2, "train.per_device_train_batch_size=1",
+            "fsdp.activation_checkpointing=true", "fsdp.backend=fsdp2"),
     }
     for name, out in runs.items():
         train, evals = read_metrics(out)
@@ -201,6 +204,12 @@ def test_sharded_equals_unsharded_and_token_weighting(tiny_model_dir, dataset, r
         worst = max((got[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
         assert worst <= 1e-5, f"{name}: weights differ from the reference by {worst:.2e}"
         assert exported, name
+    # FSDP2 and FSDP1 on the same 2-rank run: the same losses and the same best/ export.
+    fsdp1, fsdp2 = (runs[f"{b}2 ranks x batch 1 (activation checkpointing)"] for b in ("", "fsdp2, "))
+    assert [r["loss"] for r in read_metrics(fsdp2)[0]] == pytest.approx(
+        [r["loss"] for r in read_metrics(fsdp1)[0]], abs=1e-6)
+    one, two = (load_file(str(out / "best" / "model.safetensors")) for out in (fsdp1, fsdp2))
+    assert set(one) == set(two) and max((one[k] - two[k]).abs().max().item() for k in one) <= 1e-6
     # The weights moved at all (otherwise equality above would be vacuous).
     initial = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).state_dict()
     assert max((initial[k] - ref_weights[k]).abs().max().item() for k in ref_weights) > 1e-3
