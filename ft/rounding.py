@@ -18,8 +18,10 @@ whole and rounding it in any split give the same bits (tested).
 
 The hash: (seed, step, name) -> a 32-bit key (BLAKE2b, in Python, once per parameter and
 step); per element, a 32-bit integer hash of the index XOR the key (`_hash32`). All
-integer work stays inside int64 without overflow, so CPU and GPU give the same bits. Rounding itself: fp32 and bf16 share sign and exponent layout, bf16
-being fp32's upper 16 bits; adding 16 random bits below the cut and then dropping the
+integer work stays inside int64 without overflow, so CPU and GPU give the same bits.
+
+Rounding itself: fp32 and bf16 share sign and exponent layout, bf16 being fp32's upper
+16 bits; adding 16 random bits below the cut and then dropping the
 lower 16 bits rounds the magnitude up exactly with probability frac / 2^16, where frac is
 the dropped part, i.e. with probability proportional to the distance from the lower
 neighbour (for negative values "up" is away from zero, which is the same rule). Exact bf16
@@ -39,8 +41,8 @@ MASTER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}
 """Elements rounded per pass, per device type (others take the cuda figure). The
 integer temporaries (a few int64 values per element) of a CPU chunk stay in cache: at
-2^16, 9.8 ns per element on one core against 57 ns at 2^22 (2^24 elements). On a GPU a
-larger chunk amortises the ~15 kernel launches per pass, and 2^22 bounds its
+2^16, 6.5 ns per element on one core against 57 ns at 2^22 (2^24 elements). On a GPU a
+larger chunk amortises the ~20 kernel launches per chunk, and 2^22 bounds its
 temporaries to ~100 MiB however large the shard."""
 
 _M32 = 0xFFFFFFFF
