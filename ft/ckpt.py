@@ -358,6 +358,16 @@ def _cast_floating(state_dict: dict, dtype: torch.dtype) -> None:
         del tensor
 
 
+def _ties_embeddings(config) -> bool:
+    """Whether the model's lm_head is its input embedding. Released Qwen2.5-VL configs
+    (3B: true, 7B: false) say it at the top level only; their text config has no such
+    attribute. Configs that say it in the text config too are read the same way."""
+    tied = getattr(config, "tie_word_embeddings", None)
+    if tied is None:
+        tied = getattr(config.get_text_config(), "tie_word_embeddings", False)
+    return bool(tied)
+
+
 def export_hf(
     model: torch.nn.Module,
     path: str,
@@ -383,7 +393,7 @@ def export_hf(
         _cast_floating(state_dict, EXPORT_DTYPES[dtype_name])
         hf_model = backend.unwrap(model)
         config = hf_model.config
-        if config.get_text_config().tie_word_embeddings and "lm_head.weight" in state_dict:
+        if _ties_embeddings(config) and "lm_head.weight" in state_dict:
             # The gathered state dict holds the tied lm_head as a tensor of its own, so
             # save_pretrained would write the embedding twice (0.6 GB more in bf16 on
             # the 3B). from_pretrained ties it back from the config.

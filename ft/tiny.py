@@ -332,7 +332,6 @@ def tiny_config(
         "bos_token_id": bos,
         "eos_token_id": eos,
         "pad_token_id": pad,
-        "tie_word_embeddings": tie_word_embeddings,
     }
     vision_config = {
         "depth": vision_depth,
