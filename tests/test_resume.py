@@ -160,15 +160,17 @@ def test_exact_resume_with_packing(tiny_model_dir, data, tmp_path):
     assert_same_weights(weights(resumed), weights(tmp_path / "straight"))
 
 
-def test_resume_on_another_number_of_ranks(tiny_model_dir, data, tmp_path):
+@pytest.mark.parametrize("backend, optim", [("fsdp1", "adafactor"), ("fsdp2", "adamw")])
+def test_resume_on_another_number_of_ranks(backend, optim, tiny_model_dir, data, tmp_path):
     """2 ranks x accumulation 3 stop at step 3 (mid-epoch) and continue on 3 ranks x
-    accumulation 2; its step-4 checkpoint (an epoch's end) continues on 1 rank x
+    accumulation 2; (fsdp1) its step-4 checkpoint (an epoch's end) continues on 1 rank x
     accumulation 6. The global batch stays 6, so every step trains on the same samples
     (the same token count per step), and the losses and final weights are the
     uninterrupted run's up to float rounding. The optimizer state reshards: ft's
-    Adafactor (full tensors by name); AdamW's (FSDP's sharded optimizer state) is
-    tested below."""
-    args = ("train.max_steps=6", "train.save_steps=3", "train.gradient_accumulation_steps=3")
+    Adafactor (full tensors by name) on fsdp1, AdamW's DTensor state on fsdp2 (and FSDP1's
+    sharded AdamW state in `test_exact_resume_with_other_optimizers`)."""
+    args = ("train.max_steps=6", "train.save_steps=3", "train.gradient_accumulation_steps=3",
+            f"fsdp.backend={backend}", f"train.optim={optim}")
     straight, three, one = tmp_path / "straight", tmp_path / "three", tmp_path / "one"
     run(straight, tiny_model_dir, data, *args)
     log = run(three, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=2", "train.save_steps=1",
@@ -177,12 +179,15 @@ def test_resume_on_another_number_of_ranks(tiny_model_dir, data, tmp_path):
             "6 (3 ranks x 1 per device x 2 accumulation); the same samples per step; each rank's RNG state "
             "derived from (seed 3, step 3, rank), not restored") in log
     assert train_state(three / "checkpoints" / "step-4")["epoch_steps"] == 2  # the end of epoch 1
-    log = run(one, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=6",
-              f"train.resume={three / 'checkpoints' / 'step-4'}", nproc=1)
-    assert "resumed on 1 rank a run of 3" in log
+    continued = [(three, [4, 5, 6])]
+    if backend == "fsdp1":
+        log = run(one, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=6",
+                  f"train.resume={three / 'checkpoints' / 'step-4'}", nproc=1)
+        assert "resumed on 1 rank a run of 3" in log
+        continued.append((one, [5, 6]))
     want, end = losses(straight), train_state(straight / "checkpoints" / "step-6")
     assert end["samples_seen"] == 36
-    for out, steps in ((three, [4, 5, 6]), (one, [5, 6])):
+    for out, steps in continued:
         got = losses(out)
         assert sorted(got) == steps
         for step in steps:
