@@ -62,7 +62,7 @@ from torch.distributed.fsdp._flat_param import FlatParameter
 from torch.distributed.fsdp.wrap import CustomPolicy
 
 from ft.dist import DistInfo, broadcast_module_state
-from ft.shards import ParamSlice, ShardLayout
+from ft.shards import ParamSlice, ShardLayout, clip_fp32
 
 NAME = "fsdp1"
 
@@ -299,24 +299,18 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     over the whole model on all ranks (a collective: every rank must call it).
 
     Sharded units: FSDP's own `clip_grad_norm_` (fp32 norms of the local shards, summed
-    over the shard group, each gradient scaled by the coefficient cast to its dtype; it
-    returns the norm in the gradients' dtype, so bf16 gradients log a bf16 norm). When
-    nothing is sharded (world size 1, or a plain model) with bf16 gradients, FSDP hands
-    over to torch's `clip_grad_norm_`, which takes the norm in bf16 (0.4 % off): the
-    same fp32 computation as the sharded path is done here instead, so that a bf16 run
-    clips alike at every world size."""
+    over the shard group; it returns the norm in the gradients' dtype, so bf16 gradients
+    log a bf16 norm). When nothing is sharded (world size 1, or a plain model) FSDP hands
+    over to torch's `clip_grad_norm_`: right for fp32 gradients, but it takes bf16
+    gradients' norm in bf16, so those go through `ft.shards.clip_fp32`, the sharded
+    path's computation."""
     limit = max_norm if max_norm > 0 else float("inf")
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    sharded = isinstance(model, FSDP) and any(h.uses_sharded_strategy for h in model._all_handles)
-    if sharded:
+    if isinstance(model, FSDP) and any(h.uses_sharded_strategy for h in model._all_handles):
         return float(model.clip_grad_norm_(limit))
     if all(g.dtype == torch.float32 for g in grads):
         return float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]))
-    coef = torch.clamp(limit / (norm + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.dtype))
-    return float(norm)
+    return clip_fp32(grads, max_norm)
 
 
 def model_state_dict(model: nn.Module) -> dict:

@@ -65,7 +65,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from ft.config import ConfigError, field_choices
 from ft.dist import DistInfo
-from ft.shards import ParamSlice, ShardLayout, local
+from ft.shards import ParamSlice, ShardLayout, clip_fp32, local
 
 NAME = "fsdp2"
 
@@ -384,20 +384,10 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return float(total)
-    # bf16 gradients (train.master_weights=bf16): torch takes their norms in bf16 (0.4 %
-    # off); take fp32 norms of the local shards, sum their squares over the shards, and
-    # scale each gradient by the coefficient cast to its dtype, as FSDP1 does.
-    grads = [local(p.grad) for p in params]
-    sq = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]).square().sum()
+    # bf16 gradients (train.master_weights=bf16): torch takes their norms in bf16.
     sharded = [p.grad for p in params if isinstance(p.grad, DTensor)]
-    if sharded and dist.is_initialized():
-        dist.all_reduce(sq, group=sharded[0].device_mesh.get_group())  # SYNC
-    total = sq.sqrt()
-    if max_norm > 0:
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
-    return float(total)
+    group = sharded[0].device_mesh.get_group() if sharded and dist.is_initialized() else None
+    return clip_fp32([local(p.grad) for p in params], max_norm, group)  # SYNC when sharded
 
 
 def model_state_dict(model: nn.Module) -> dict:

@@ -123,6 +123,27 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def clip_fp32(grads: list[torch.Tensor], max_norm: float, group=None) -> float:
+    """Clip local gradient tensors (plain tensors or DTensors' local shards) to `max_norm`
+    (0: no clipping) by their global 2-norm, taken in fp32 whatever their dtype, and
+    return it: each tensor's fp32 norm, the local norm of those, its square summed over
+    `group` when the tensors are shards of it (a collective then), and each gradient
+    scaled by the coefficient cast to its dtype. That is FSDP1's sharded computation;
+    torch's `clip_grad_norm_` would take bf16 gradients' norms in bf16 (0.4 % off), so
+    bf16 gradients would clip differently at world size 1 than under sharding."""
+    local_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32)
+                                                       for g in grads]))
+    sq = local_norm ** 2
+    if group is not None:
+        dist.all_reduce(sq, group=group)  # SYNC
+    total = sq ** 0.5
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+    return float(total)
+
+
 @dataclass
 class ShardLayout:
     """Every optimized tensor's `ParamSlice`s (by `id(tensor)`), and where sums over
