@@ -115,16 +115,20 @@ def test_exact_resume_from_a_checkpoint(straight, tiny_model_dir, data, tmp_path
     assert_same_weights(weights(out), weights(straight))
 
 
-@pytest.mark.parametrize("optim, master", [("hf_adafactor", "fp32"), ("adamw", "fp32"), ("adafactor", "bf16")])
-def test_exact_resume_with_other_optimizers(optim, master, tiny_model_dir, data, tmp_path):
+@pytest.mark.parametrize("optim, master, backend", [("hf_adafactor", "fp32", "fsdp1"), ("adamw", "fp32", "fsdp1"),
+                                                     ("adamw", "bf16", "fsdp2")])
+def test_exact_resume_with_other_optimizers(optim, master, backend, tiny_model_dir, data, tmp_path):
     """The recipe's HF Adafactor and AdamW checkpoint through FSDP's optimizer state dict
     (ft's Adafactor, above, through its own): both resume to the same weights. AdamW's
     state reshards too: the 2-rank checkpoint continues on 1 rank x accumulation 4 to
     the same weights up to float rounding (HF Adafactor's updates depend on the world
     size: it is not compared there). bf16 master weights with stochastic rounding
     resume bit for bit (the rounding's bits are a function of the step, not a
-    generator's state); `test_refusals_before_any_step` has the dtype refusal."""
-    args = (f"train.optim={optim}", "train.max_steps=4", "train.save_steps=2", f"train.master_weights={master}")
+    generator's state), here on fsdp2 with AdamW's fp32 moments as DTensors (fsdp1 with
+    bf16 weights: `tests/test_bf16_weights.py`); `test_refusals_before_any_step` has the
+    dtype refusal."""
+    args = (f"train.optim={optim}", "train.max_steps=4", "train.save_steps=2", f"train.master_weights={master}",
+            f"fsdp.backend={backend}")
     run(tmp_path / "straight", tiny_model_dir, data, *args)
     step2 = tmp_path / "straight" / "checkpoints" / "step-2"
     run(tmp_path / "resumed", tiny_model_dir, data, *args, f"train.resume={step2}")
@@ -132,7 +136,7 @@ def test_exact_resume_with_other_optimizers(optim, master, tiny_model_dir, data,
                         tol=0.0 if master == "bf16" else 1e-6)
     if master == "bf16":  # export_dtype auto: the source's (the tiny model is saved fp32)
         assert json.loads((tmp_path / "straight" / "best" / "config.json").read_text())["dtype"] == "float32"
-    if optim == "adamw":
+    if optim == "adamw" and master == "fp32":
         one = tmp_path / "one-rank"
         run(one, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=4", f"train.resume={step2}", nproc=1)
         got, want = losses(one), losses(tmp_path / "straight")
