@@ -54,8 +54,9 @@ def _samples(model_dir, split: str, sizes: list[int]) -> list[list[dict]]:
 
 
 def _build(model_dir, group, master, stochastic, lr, optim="adafactor"):
-    """ft's model, wrap plan and optimizer, as the loop builds them, sharded over `group`
-    (every rank reads the weights: no broadcast needed), fp32 compute."""
+    """ft's model (in the master dtype), its planned units and FSDP1 policy as
+    `ft.fsdp1.wrap` builds them but over `group` and without checkpointing (every rank
+    reads the weights: no broadcast needed), fp32 compute, and the loop's optimizer."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import CustomPolicy
 
