@@ -305,9 +305,9 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     gradients' norm in bf16, so those go through `ft.shards.clip_fp32`, the sharded
     path's computation."""
     limit = max_norm if max_norm > 0 else float("inf")
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
     if isinstance(model, FSDP) and any(h.uses_sharded_strategy for h in model._all_handles):
         return float(model.clip_grad_norm_(limit))
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
     if all(g.dtype == torch.float32 for g in grads):
         return float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
     return clip_fp32(grads, max_norm)
