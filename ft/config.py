@@ -1,7 +1,7 @@
 """The job config: typed sections loaded from a YAML file plus command-line overrides.
 
-(Long because every field carries its documentation, from which the README's reference
-and the CLI are generated: one schema, kept in one file.)
+(Long because every field carries its documentation, from which the reference in
+docs/config.md and the CLI are generated: one schema, kept in one file.)
 
 A config is a :class:`Config` made of five sections (``model``, ``data``, ``train``,
 ``fsdp``, ``wandb``). Each field is documented by the string literal that follows it
@@ -134,7 +134,7 @@ class DataConfig:
     """Training and evaluation data, and how samples are sized."""
 
     train_file: str = "data/demo/train.jsonl"
-    """Training conversations (formats: see the README): a JSONL file, one sample per
+    """Training conversations (formats: docs/data.md): a JSONL file, one sample per
     line; a folder written by `datasets.Dataset.save_to_disk`; or local Parquet or Arrow
     files, one path or a glob (`data/train-*.parquet`). Datasets are read lazily from
     memory-mapped Arrow. A relative path resolves against the working directory."""
@@ -435,7 +435,7 @@ class FSDPConfig:
     the HF Trainer recipe's) or `fsdp2` (torch's per-parameter FSDP: each parameter a
     DTensor sharded on dim 0, so a unit may mix frozen and trainable weights). Both use the same wrap
     plan and give the same training; the FSDP1 knobs below are mapped onto fsdp2 or
-    refused with the reason (the README's table), and `train.optim=hf_adafactor` is
+    refused with the reason (docs/sharding.md), and `train.optim=hf_adafactor` is
     refused on fsdp2."""
 
     sharding_strategy: Literal[
