@@ -71,7 +71,7 @@ NAME = "fsdp2"
 
 
 # =====================================================================================
-# The FSDP1 knobs under FSDP2: one entry per value, `Mapped` or `Refused` (the README table)
+# The FSDP1 knobs under FSDP2: one entry per value, `Mapped` or `Refused` (docs/sharding.md)
 # =====================================================================================
 @dataclass(frozen=True)
 class Mapped:
