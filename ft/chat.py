@@ -36,7 +36,8 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from ft.processor import MissingDependency, require, saved_video_sampling
+from ft.deps import MissingDependency, require
+from ft.processor import saved_video_sampling
 from ft.video import VideoError, VideoSampling, processor_kwargs
 
 DEFAULT_VIDEO = VideoSampling()  # fps 2.0, at most 32 frames: ft's data.video_* defaults

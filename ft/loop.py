@@ -52,7 +52,8 @@ from ft.model import load_model, loss_sum, loss_sum_and_correct
 from ft.optim import build_optimizer, clip_grad_norm, lr_scale, set_lr
 from ft.parts import PARTS, WrapPlanError, apply_freezing, param_groups
 from ft.packing import PackedBatchSampler, PackedRows, RopeIndex, eval_batches, truncates_video_seconds, varlen_refusal
-from ft.processor import MissingDependency, load_processor_for, training_settings
+from ft.deps import MissingDependency
+from ft.processor import load_processor_for, training_settings
 from ft.rounding import MASTER_DTYPES
 from ft.sampler import ShardedBatchSampler
 from ft.track import Tracker

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from ft import dist
 from ft.data import ConversationDataset, DataError, load_rows, vision_inputs
-from ft.processor import MissingDependency, load_processor, saved_video_sampling
+from ft.deps import MissingDependency
+from ft.processor import load_processor, saved_video_sampling
 
 USAGE_EXIT = 2
 

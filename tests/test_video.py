@@ -16,7 +16,8 @@ from ft.data import IGNORE_INDEX, IMAGE, VIDEO, Collator, ConversationDataset, D
 from ft.metrics import forward_flops
 from ft.model import loss_sum
 from ft.packing import RopeIndex, truncates_video_seconds
-from ft.processor import MissingDependency, load_processor
+from ft.deps import MissingDependency
+from ft.processor import load_processor
 from ft.video import VideoError, VideoSampling, probe, read
 from transformers.video_utils import VideoMetadata
 
