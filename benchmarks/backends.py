@@ -59,7 +59,9 @@ def _step_worker(rank, world, port, model_dir, reps, out):
     torch.set_num_threads(1)
     from ft import dist
     from ft.config import FSDPConfig, TrainConfig
-    from ft.data import Collator, ConversationDataset, load_rows
+    from ft.collate import Collator
+    from ft.dataset import ConversationDataset
+    from ft.rows import load_rows
     from ft.fsdp_wrap import plan_units, wrap_model
     from ft.model import load_model, loss_sum
     from ft.optim import build_optimizer, clip_grad_norm

@@ -20,7 +20,7 @@ into data (fetching the step's micro-batches, which the Trainer does before
 `on_step_begin`), forward+backward (up to `on_pre_optimizer_step`, gradient clipping
 included as in ft), and optimizer (to `on_step_end`); the Trainer's logging after a
 step is left out, as ft leaves its own out. Tokens are the collator's
-`ft.data.BatchStats.tokens` (no padding, no dummy image) of all ranks, FLOPs are ft.metrics'
+`ft.collate.BatchStats.tokens` (no padding, no dummy image) of all ranks, FLOPs are ft.metrics'
 count of the same batches, memory is ft.metrics.memory_stats, highest over ranks.
 """
 
@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ft.config import DataConfig
-    from ft.data import Collator, build_datasets, validate
+    from ft.collate import Collator
+    from ft.datacheck import check_data
+    from ft.dataset import build_datasets
     from ft.metrics import memory_stats, peak_flops
     from ft.processor import load_processor_for
 
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                           min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     processor = load_processor_for(args.model, data_cfg)
     # Every rank checks every row: the same kinds of vision input on all, for the dummies.
-    dataset, _, _ = validate(build_datasets(data_cfg, processor)[0], "error")
+    dataset, _, _ = check_data(build_datasets(data_cfg, processor)[0], "error")
     collator = MeasuredCollator(Collator(processor, media=dataset.media), model.config)
 
     timer = make_step_timer()

@@ -39,7 +39,9 @@ from bench import add_common_args, add_nproc_arg, run_ft  # noqa: E402
 from cpu_peak import measure_matmul_peak  # noqa: E402
 from longtail_data import generate  # noqa: E402
 
-from ft.data import ConversationDataset, load_rows, validate  # noqa: E402
+from ft.datacheck import check_data  # noqa: E402
+from ft.dataset import ConversationDataset  # noqa: E402
+from ft.rows import load_rows  # noqa: E402
 from ft.packing import PackedBatchSampler  # noqa: E402
 from ft.processor import load_processor  # noqa: E402
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     generate(workdir, args.data_rows, seed=0)
     args.data = os.path.join(workdir, "train.jsonl")
     processor = load_processor(args.model, args.min_pixels, args.max_pixels)
-    _, lengths, _ = validate(ConversationDataset(load_rows(args.data), processor, args.max_length), "error")
+    _, lengths, _ = check_data(ConversationDataset(load_rows(args.data), processor, args.max_length), "error")
     args.max_length = -(-max(lengths) // 64) * 64
     threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
     cpu_peak = measure_matmul_peak(threads)

@@ -3,8 +3,8 @@
     python benchmarks/padding.py [--config configs/demo.yaml] [--epochs 20]
 
 Row lengths (text plus image tokens, as the collator sees them) come from the
-validation pass (``ft.data.validate``) with the demo processor, whose pixel bounds and
-max_length are the config's; batches come from ``ft.sampler.ShardedBatchSampler`` as
+data check (``ft.datacheck.check_data``) with the demo processor, whose pixel bounds
+and max_length are the config's; batches come from ``ft.sampler.ShardedBatchSampler`` as
 the training loop draws them, averaged over several epochs. Two figures per setting:
 
 * padding: pad tokens / all tokens of every rank's padded micro-batches (each padded to
@@ -23,7 +23,8 @@ import dataclasses
 import time
 
 from ft.config import load_config
-from ft.data import build_datasets, validate
+from ft.datacheck import check_data
+from ft.dataset import build_datasets
 from ft.processor import load_processor_for
 from ft.sampler import ShardedBatchSampler
 from ft.tiny import save_tiny
@@ -53,7 +54,7 @@ def main() -> None:
     processor = load_processor_for(cfg.model.path, cfg.data)
     dataset, _ = build_datasets(dataclasses.replace(cfg.data, eval_file=""), processor)
     start = time.perf_counter()
-    _, lengths, _ = validate(dataset, "error")
+    _, lengths, _ = check_data(dataset, "error")
     seconds = time.perf_counter() - start
     print(f"{cfg.data.train_file}: {len(lengths)} rows, {len(lengths) / seconds:.0f} rows/s validated; "
           f"tokens per row min {min(lengths)}, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)} "

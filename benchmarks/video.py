@@ -29,7 +29,11 @@ import time
 import torch
 
 from ft.config import load_config
-from ft.data import IMAGE, VIDEO, Collator, build_datasets, load_rows, validate
+from ft.collate import Collator
+from ft.datacheck import check_data
+from ft.dataset import build_datasets
+from ft.messages import IMAGE, VIDEO
+from ft.rows import load_rows
 from ft.metrics import forward_flops
 from ft.model import loss_sum
 from ft.processor import load_processor_for
@@ -99,7 +103,7 @@ def main() -> None:
         with open(data_file, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
         dataset, _ = build_datasets(dataclasses.replace(d, train_file=data_file, eval_file=""), processor)
-        dataset, lengths, _ = validate(dataset, "error")
+        dataset, lengths, _ = check_data(dataset, "error")
         kinds = [frozenset(dataset.layout(i)["mm_token_type_ids"].unique().tolist()) - {0}
                  for i in range(len(dataset))]
         videos = [i for i, k in enumerate(kinds) if VIDEO in k]

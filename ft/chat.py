@@ -6,7 +6,7 @@ Hugging Face Qwen2.5-VL folder): one question, or a multi-turn session in the te
 Everything here is plain transformers: ``Qwen2_5_VLForConditionalGeneration`` and
 ``AutoProcessor`` loaded from the folder, the conversation rendered by the processor's
 chat template, ``model.generate``. What ft adds is what makes the answers comparable
-with training: pictures laid on white when transparent (as ``ft.data`` does), and a
+with training: pictures laid on white when transparent (as ``ft.dataset`` does), and a
 video's frames chosen by ``ft.video`` at the frame rate and frame cap the export
 records (``fps`` and ``max_frames`` in its ``video_preprocessor_config.json``), with
 the processor told not to sample again and not to apply its whole-video pixel budget,
@@ -36,7 +36,8 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
-from ft.processor import MissingDependency, require, saved_video_sampling
+from ft.deps import MissingDependency, require
+from ft.processor import saved_video_sampling
 from ft.video import VideoError, VideoSampling, processor_kwargs
 
 DEFAULT_VIDEO = VideoSampling()  # fps 2.0, at most 32 frames: ft's data.video_* defaults
@@ -73,10 +74,10 @@ def video_sampling(model_dir: str | os.PathLike, fps: float | None = None,
 
 
 def load_image(path: str | os.PathLike):
-    """The image file `path` as ``ft.data.open_image`` gives it (RGB, transparent pixels
+    """The image file `path` as ``ft.dataset.open_image`` gives it (RGB, transparent pixels
     laid on white, as in training); ChatInputError naming the file when it is missing or
     cannot be decoded."""
-    from ft.data import open_image
+    from ft.dataset import open_image
 
     if not os.path.isfile(path):
         raise ChatInputError(f"image not found: {path}")
@@ -181,7 +182,7 @@ class Chat:
         conversation's `images` and `videos` in order, with the assistant prompt added."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         # Frames are chosen already (ft.video): the processor only resizes them, within
-        # the video pixel bounds, as ft.data has it do in training.
+        # the video pixel bounds, as ft.dataset has it do in training.
         out = self.processor(text=[text], images=list(images) or None,
                              videos=[frames for frames, _ in videos] or None, return_tensors="pt",
                              videos_kwargs=processor_kwargs(list(videos)))

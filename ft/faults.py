@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from ft.data import DataError
+from ft.rows import DataError
 
 KINDS = ("crash", "kill_in_save", "nan", "bad_sample", "bad_eval", "skip_collective", "stall", "freeze")
 _fired: set[str] = set()

@@ -44,16 +44,21 @@ from ft import ckpt, dist, faults, watchdog
 from ft.backends import BACKENDS
 from ft.ckpt import CheckpointMismatch, ResumeError
 from ft.config import ConfigError, builds_tiny_model, config_to_dict, load_config, model_path_refusal, save_config
-from ft.data import IMAGE, MEDIA, VIDEO, Batch, Collator, DataError, build_datasets, validate
+from ft.collate import Batch, Collator
+from ft.datacheck import check_data
+from ft.dataset import build_datasets
+from ft.deps import MissingDependency
 from ft.fsdp_wrap import checkpoint_summary, plan_units, root_members, wrap_model
 from ft.dryrun import format_plan
+from ft.messages import IMAGE, MEDIA, VIDEO
 from ft.metrics import memory_stats, mfu, peak_flops, train_flops
 from ft.model import load_model, loss_sum, loss_sum_and_correct
 from ft.optim import build_optimizer, clip_grad_norm, lr_scale, set_lr
 from ft.parts import PARTS, WrapPlanError, apply_freezing, param_groups
 from ft.packing import PackedBatchSampler, PackedRows, RopeIndex, eval_batches, truncates_video_seconds, varlen_refusal
-from ft.processor import MissingDependency, load_processor_for, training_settings
+from ft.processor import load_processor_for, training_settings
 from ft.rounding import MASTER_DTYPES
+from ft.rows import DataError
 from ft.sampler import ShardedBatchSampler
 from ft.track import Tracker
 
@@ -351,14 +356,14 @@ def build_data(run: Run, processor) -> None:
         raise ConfigError(refusal)
     train_ds, eval_ds = build_datasets(cfg.data, processor, cfg.train.seed)
     t0 = time.perf_counter()
-    train_ds, train_lengths, note = validate(  # SYNC (all-gather)
+    train_ds, train_lengths, note = check_data(  # SYNC (all-gather)
         train_ds, cfg.data.on_bad_sample, info.rank, world, dist.all_gather_object,
         num_workers=cfg.train.dataloader_num_workers)
     if note:
         log(info, note)
     eval_lengths = None
     if eval_ds is not None:
-        eval_ds, eval_lengths, note = validate(  # SYNC (all-gather)
+        eval_ds, eval_lengths, note = check_data(  # SYNC (all-gather)
             eval_ds, cfg.data.on_bad_sample, info.rank, world, dist.all_gather_object,
             num_workers=cfg.train.dataloader_num_workers)
         if note:

@@ -4,7 +4,7 @@ accelerator (hence MFU), and peak memory.
 All of it is plain arithmetic on the model config and on a batch's CPU tensors, cheap
 enough to run every micro-batch before the host-to-device copy:
 
-    inputs, stats = collator(samples)                 # ft.data.Batch: stats counted there
+    inputs, stats = collator(samples)                 # ft.collate.Batch: stats counted there
     step_flops += train_flops(hf_config, stats, frozen)  # over the step's micro-batches
     ...
     mfu(step_flops, step_seconds, peak_flops(device))   # this device's; None on CPU
@@ -24,9 +24,9 @@ FLOP conventions (those of PaLM's MFU, Chowdhery et al. 2022, appendix B):
   temporal patch, attention within each temporal patch, and each video token in the
   language model.
 * Only work on real data counts: padding tokens, and the dummy image or video the
-  collator adds to a batch without one (`ft.data.Collator._dummies`; it exists only to
+  collator adds to a batch without one (`ft.collate.Collator._dummies`; it exists only to
   keep FSDP's collectives in step across ranks), are overhead, like padding: the
-  collator's `ft.data.BatchStats` leaves both out.
+  collator's `ft.collate.BatchStats` leaves both out.
 * Attention: QKᵀ and AV, 2 FLOPs per multiply-add each, over the (query, key) pairs
   the model needs: every pair within a sequence (vision windows, full-attention
   blocks), and for the causal language model only the pairs with key ≤ query, the
@@ -48,7 +48,7 @@ from typing import Any, Collection
 
 import torch
 
-from ft.data import BatchStats
+from ft.collate import BatchStats
 from ft.parts import PART_NAMES, backward_reaches
 
 __all__ = [

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 from ft.backends import backend_of
-from ft.data import IGNORE_INDEX
 from ft.dist import DistInfo
+from ft.messages import IGNORE_INDEX
 from ft.rounding import MASTER_DTYPES
 
 

@@ -24,7 +24,7 @@ compute exactly what the same samples compute one per row:
 
 A row shorter than the batch's longest is filled with one pad segment whose positions
 restart at 0: a block of its own, with no labels. The dummy image of a batch without
-images (see `ft.data.Collator`) is a segment of its own too.
+images (see `ft.collate.Collator`) is a segment of its own too.
 
 Which samples share a row is planned here (:func:`pack`, :class:`PackedBatchSampler`,
 :func:`eval_batches`) as a pure function of the row lengths, the seed and the epoch,

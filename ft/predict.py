@@ -33,8 +33,11 @@ import torch
 from tqdm import tqdm
 
 from ft import dist
-from ft.data import ConversationDataset, DataError, load_rows, vision_inputs
-from ft.processor import MissingDependency, load_processor, saved_video_sampling
+from ft.collate import vision_inputs
+from ft.dataset import ConversationDataset
+from ft.deps import MissingDependency
+from ft.processor import load_processor, saved_video_sampling
+from ft.rows import DataError, load_rows
 
 USAGE_EXIT = 2
 

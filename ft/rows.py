@@ -2,7 +2,7 @@
 
 A :class:`Rows` is a sequence of raw rows that knows, for each, where it is (for error
 messages) and which folder its relative paths resolve against. Nothing here parses a
-conversation: :mod:`ft.data` does, the same way for every source.
+conversation: :mod:`ft.messages` does, the same way for every source.
 
 * **JSONL** (``*.jsonl``, ``*.json``): each non-blank line, unparsed (:class:`JsonlRows`);
   errors read ``file:line: field: reason``.

@@ -45,7 +45,7 @@ class ShardedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     Args:
         rows: the number of rows, or each row's length in tokens (from
-            ``ft.data.validate``) when `group_by_length` is true.
+            ``ft.datacheck.check_data``) when `group_by_length` is true.
         batch_size: rows per micro-batch on each rank.
         num_replicas, rank: the world size and this process's rank.
         seed: with the epoch, the only source of randomness; use the same on every rank.

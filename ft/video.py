@@ -84,7 +84,7 @@ def processor_kwargs(clips: list[tuple[torch.Tensor, float]], size: dict | None 
 
 
 def _av():
-    from ft.processor import require
+    from ft.deps import require
 
     require("av", "reading video files")
     import av

@@ -118,7 +118,8 @@ def as_dataset(jsonl_path):
     both forms to the same messages, so the samples must come out identical."""
     import datasets
 
-    from ft.data import load_rows, parse
+    from ft.messages import parse
+    from ft.rows import load_rows
 
     rows = load_rows(jsonl_path)
     records = []

@@ -307,7 +307,9 @@ def _worker(rank, port, model_dir, out_dir):
 
 
 def _qwen_batch(model_dir):
-    from ft.data import Collator, ConversationDataset, load_rows
+    from ft.collate import Collator
+    from ft.dataset import ConversationDataset
+    from ft.rows import load_rows
     from ft.processor import load_processor
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -42,7 +42,8 @@ VARIANTS = [("fp32", True), ("bf16", True), ("bf16", False)]  # (master weights,
 def _samples(model_dir, split: str, sizes: list[int]) -> list[list[dict]]:
     """Per step, processed samples of the demo's `split` rows (text and image rows; the
     rows cycle when the steps need more)."""
-    from ft.data import ConversationDataset, load_rows
+    from ft.dataset import ConversationDataset
+    from ft.rows import load_rows
     from ft.processor import load_processor
 
     processor = load_processor(model_dir, min_pixels=56 * 56, max_pixels=112 * 112)
@@ -112,7 +113,7 @@ def _worker(rank, port, model_dir, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=3)
-    from ft.data import Collator
+    from ft.collate import Collator
     from ft.model import loss_sum
     from ft.processor import load_processor
 

@@ -1,4 +1,5 @@
-"""Tests of ft.data: row formats, chat rendering, labels, truncation, errors, collation."""
+"""Tests of ft.messages, ft.dataset, ft.datacheck and ft.collate: row formats, chat
+rendering, labels, truncation, errors, collation."""
 
 from __future__ import annotations
 
@@ -11,20 +12,11 @@ import torch
 from PIL import Image
 
 from ft.config import DataConfig
-from ft.data import (
-    IGNORE_INDEX,
-    IMAGE,
-    VIDEO,
-    Collator,
-    ConversationDataset,
-    DataError,
-    RowCheck,
-    build_datasets,
-    check_rows,
-    load_rows,
-    parse_row,
-    validate,
-)
+from ft.collate import Collator
+from ft.datacheck import RowCheck, check_data, check_rows
+from ft.dataset import ConversationDataset, build_datasets
+from ft.messages import IGNORE_INDEX, IMAGE, VIDEO, parse_row
+from ft.rows import DataError, load_rows
 from ft.processor import load_processor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -394,7 +386,7 @@ def test_build_datasets_accepts_every_demo_row(tiny_model_dir):
     train, evaluation = build_datasets(cfg, processor)
     assert len(train) == 74 and len(evaluation) == 18
     for ds in (train, evaluation):
-        checked, lengths, note = validate(ds, "error")
+        checked, lengths, note = check_data(ds, "error")
         assert checked.rows is ds.rows and note is None
         assert checked.media == {IMAGE, VIDEO}  # the demo trains and evaluates on both
         for i in range(len(ds)):
@@ -420,7 +412,7 @@ def test_layout_matches_samples_real_vocab(data_dir, processor_real):
     ]
     path = write_jsonl(data_dir / "train.jsonl", rows)
     ds = dataset(path, processor_real, max_length=100)  # the text row is truncated
-    _, lengths, _ = validate(ds, "error")
+    _, lengths, _ = check_data(ds, "error")
     assert lengths[1] == 100
     for i in range(len(ds)):
         sample, layout = ds[i], ds.layout(i)
@@ -479,7 +471,7 @@ def test_validate_error_lists_every_bad_row(bad_data, processor):
     path, good, bad, max_length = bad_data
     ds = dataset(path, processor, max_length)
     with pytest.raises(DataError) as error:
-        validate(ds, "error", listed=100)
+        check_data(ds, "error", listed=100)
     lines = str(error.value).splitlines()
     assert lines[0] == (f"{path}: {len(bad)} of {len(good) + len(bad)} rows cannot be used "
                         f"(data.on_bad_sample=skip leaves them out):")
@@ -489,7 +481,7 @@ def test_validate_error_lists_every_bad_row(bad_data, processor):
         assert reason in text, text
 
     with pytest.raises(DataError) as error:
-        validate(ds, "error", listed=3)
+        check_data(ds, "error", listed=3)
     lines = str(error.value).splitlines()
     assert len(lines) == 1 + 3 + 1 and lines[-1] == f"  and {len(bad) - 3} more"
 
@@ -497,7 +489,7 @@ def test_validate_error_lists_every_bad_row(bad_data, processor):
 def test_validate_skip_keeps_exactly_the_good_rows(bad_data, processor):
     path, good, bad, max_length = bad_data
     ds = dataset(path, processor, max_length)
-    kept, lengths, note = validate(ds, "skip", listed=2)
+    kept, lengths, note = check_data(ds, "skip", listed=2)
     assert kept.rows.lines == good
     assert lengths == [len(kept[i]["input_ids"]) for i in range(len(kept))]
     assert lengths[-1] == max_length  # the long answer is cut, not dropped
@@ -510,7 +502,7 @@ def test_validate_skip_keeps_exactly_the_good_rows(bad_data, processor):
     # A file with no usable row is an error even when skipping.
     only_bad = dataset(write_jsonl(path.parent / "bad.jsonl", ["{", {"text": "x"}]), processor)
     with pytest.raises(DataError, match="2 of 2 rows cannot be used \\(no row is usable\\)"):
-        validate(only_bad, "skip")
+        check_data(only_bad, "skip")
 
 
 def test_validation_shards_over_ranks_and_workers(bad_data, processor):
@@ -523,9 +515,9 @@ def test_validation_shards_over_ranks_and_workers(bad_data, processor):
     world = 3
     parts = [check_rows(ds, range(rank, len(ds), world)) for rank in range(world)]
     assert RowCheck.merge(parts) == whole
-    single = validate(ds, "skip")
+    single = check_data(ds, "skip")
     for rank in range(world):
-        kept, lengths, note = validate(ds, "skip", rank, world, gather=lambda mine, rank=rank: (
+        kept, lengths, note = check_data(ds, "skip", rank, world, gather=lambda mine, rank=rank: (
             parts[:rank] + [mine] + parts[rank + 1:]))
         assert (kept.rows.lines, lengths, note) == (single[0].rows.lines, single[1], single[2])
 
@@ -539,7 +531,7 @@ def test_rows_broken_after_validation_raise_data_error(data_dir, processor, make
         {"image": "images/photo.jpg", "conversations": [{"from": "human", "value": "<image>"},
                                                          {"from": "gpt", "value": "A photo."}]},
     ])
-    ds, _, _ = validate(dataset(path, processor), "error")
+    ds, _, _ = check_data(dataset(path, processor), "error")
     (data_dir / "images" / "red.png").unlink()
     jpeg = data_dir / "images" / "photo.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[:2000])

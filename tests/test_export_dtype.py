@@ -85,7 +85,9 @@ EXPORTS = [  # (export folder, source config that export_hf reads, setting, expe
 
 
 def _batch(model_dir):
-    from ft.data import Collator, ConversationDataset, load_rows
+    from ft.collate import Collator
+    from ft.dataset import ConversationDataset
+    from ft.rows import load_rows
     from ft.processor import load_processor
 
     processor = load_processor(model_dir)

@@ -150,7 +150,9 @@ def _worker(rank, world, port, model_dir, data_file, out_dir, backend):
     )
     from ft import dist
     from ft.backends import BACKENDS
-    from ft.data import Collator, ConversationDataset, load_rows
+    from ft.collate import Collator
+    from ft.dataset import ConversationDataset
+    from ft.rows import load_rows
     from ft.parts import param_groups
     from ft.model import load_model, loss_sum
     from ft.processor import load_processor

@@ -141,7 +141,9 @@ def test_dry_run_cli_on_7b(capsys):
 # On 2 gloo ranks
 # -------------------------------------------------------------------------------------
 def _batch(model_dir):
-    from ft.data import Collator, ConversationDataset, load_rows
+    from ft.collate import Collator
+    from ft.dataset import ConversationDataset
+    from ft.rows import load_rows
     from ft.processor import load_processor
 
     processor = load_processor(model_dir)

@@ -14,7 +14,9 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import free_port, write_test_image
 from ft.config import TrainConfig
-from ft.data import Collator, ConversationDataset, load_rows
+from ft.collate import Collator
+from ft.dataset import ConversationDataset
+from ft.rows import load_rows
 from ft.model import chunked_cross_entropy_sum, loss_sum
 from ft.processor import load_processor
 

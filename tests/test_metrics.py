@@ -10,7 +10,9 @@ from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.vision_utils import get_vision_window_index
 
 from conftest import write_test_image
-from ft.data import BatchStats, Collator, ConversationDataset, load_rows
+from ft.collate import BatchStats, Collator
+from ft.dataset import ConversationDataset
+from ft.rows import load_rows
 from ft.metrics import (
     _vision_attention_pairs,
     forward_flops,

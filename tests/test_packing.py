@@ -12,7 +12,10 @@ import torch.multiprocessing as mp
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 from conftest import free_port, write_test_image
-from ft.data import IGNORE_INDEX, IMAGE, Collator, ConversationDataset, load_rows
+from ft.collate import Collator
+from ft.dataset import ConversationDataset
+from ft.messages import IGNORE_INDEX, IMAGE
+from ft.rows import load_rows
 from ft.model import loss_sum
 from ft.packing import PackedBatchSampler, RopeIndex, eval_batches, pack, varlen_kwargs, varlen_refusal
 from ft.processor import load_processor

@@ -12,7 +12,9 @@ import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import free_port
-from ft.data import ConversationDataset, load_rows, parse
+from ft.dataset import ConversationDataset
+from ft.messages import parse
+from ft.rows import load_rows
 from ft.predict import build_batches, collate
 from ft.processor import load_processor, saved_video_sampling
 

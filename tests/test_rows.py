@@ -9,8 +9,10 @@ import torch
 
 from conftest import as_dataset, write_test_image, write_test_video
 from ft.config import ConfigError, load_config
-from ft.data import (IGNORE_INDEX, ConversationDataset, DataError, build_datasets, hold_out, load_rows,
-                     validate)
+from ft.datacheck import check_data
+from ft.dataset import ConversationDataset, build_datasets, hold_out
+from ft.messages import IGNORE_INDEX
+from ft.rows import DataError, load_rows
 from ft.config import DataConfig
 from ft.processor import load_processor_for
 from ft.rows import DatasetRows, JsonlRows
@@ -56,7 +58,7 @@ def data(tmp_path_factory):
 
 def _samples(path, processor):
     ds = ConversationDataset(load_rows(path), processor, 4096)
-    return [ds[i] for i in range(len(ds))], validate(ds, "error")[1]
+    return [ds[i] for i in range(len(ds))], check_data(ds, "error")[1]
 
 
 @pytest.mark.parametrize("form", ["saved", "rows.parquet", "shards/part-*.parquet", "arrow"])
@@ -97,13 +99,13 @@ def test_bad_dataset_rows_are_named_by_dataset_and_row(data, processor, tmp_path
     name = str(tmp_path / "bad")
     ds = ConversationDataset(load_rows(name), processor, 4096)
     with pytest.raises(DataError) as error:
-        validate(ds, "error")
+        check_data(ds, "error")
     message = str(error.value)
     assert f"{name}: 3 of 4 rows cannot be used" in message
     assert f"{name}:row 1: image: cannot read image <embedded image, 12 bytes>" in message
     assert f"{name}:row 2: images: 3 image(s) but 2 {{\"type\": \"image\"}} placeholder(s)" in message
     assert f"{name}:row 3: messages: no assistant turn" in message
-    kept, lengths, note = validate(ds, "skip")
+    kept, lengths, note = check_data(ds, "skip")
     assert len(kept) == 1 and "3 of 4 rows" in note
     with pytest.raises(DataError, match=rf"^{name}:row 1: image: cannot read image"):
         ds[1]

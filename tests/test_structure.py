@@ -125,7 +125,9 @@ def _wrap_worker(rank, world, port, model_dir, out):
 
     from ft import dist
     from ft.config import FSDPConfig
-    from ft.data import Collator, ConversationDataset, load_rows
+    from ft.collate import Collator
+    from ft.dataset import ConversationDataset
+    from ft.rows import load_rows
     from ft.fsdp_wrap import WRAP_PLAN, wrap_model
     from ft.model import load_model, loss_sum
     from ft.processor import load_processor

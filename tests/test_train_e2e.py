@@ -25,7 +25,9 @@ from torch.utils.data import DistributedSampler
 from transformers import Qwen2_5_VLForConditionalGeneration, get_constant_schedule_with_warmup
 
 from ft.config import DataConfig
-from ft.data import Collator, ConversationDataset, load_rows
+from ft.collate import Collator
+from ft.dataset import ConversationDataset
+from ft.rows import load_rows
 from ft.processor import load_processor
 from conftest import as_dataset, free_port, write_test_image, write_test_video
 

@@ -12,11 +12,16 @@ from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
 from conftest import write_test_image, write_test_video
 from ft.config import DataConfig
-from ft.data import IGNORE_INDEX, IMAGE, VIDEO, Collator, ConversationDataset, DataError, load_rows, validate
+from ft.collate import Collator
+from ft.datacheck import check_data
+from ft.dataset import ConversationDataset
+from ft.messages import IGNORE_INDEX, IMAGE, VIDEO
+from ft.rows import DataError, load_rows
 from ft.metrics import forward_flops
 from ft.model import loss_sum
 from ft.packing import RopeIndex, truncates_video_seconds
-from ft.processor import MissingDependency, load_processor
+from ft.deps import MissingDependency
+from ft.processor import load_processor
 from ft.video import VideoError, VideoSampling, probe, read
 from transformers.video_utils import VideoMetadata
 
@@ -345,17 +350,17 @@ def test_a_video_too_long_for_max_length_is_refused_with_the_numbers_or_skipped(
     assert video_end > len(ds[4]["input_ids"])
     short = ConversationDataset(load_rows(path), processor, video_end)
     with pytest.raises(DataError) as error:
-        validate(short, "error")
+        check_data(short, "error")
     message = str(error.value)
     assert "4 of 5 rows cannot be used" in message
     assert f"{path}:1: max_length: " in message and f"video {bad_dir / 'clip.mp4'}: {tokens} tokens" in message
     assert "at video_min_pixels" in message and f"{path}:2: video: cannot read video" in message
     assert f"{path}:3: messages[0].content[0].video: video file not found" in message
     assert f"{path}:4: video: " in message and "before its first frame" in message
-    kept, lengths, note = validate(short, "skip")
+    kept, lengths, note = check_data(short, "skip")
     assert len(kept) == 1 and kept.media == frozenset() and "4 of 5 rows cannot be used" in note
     assert torch.equal(kept[0]["input_ids"], ds[4]["input_ids"])
-    kept, lengths, note = validate(ds.select([0, 4]), "error")
+    kept, lengths, note = check_data(ds.select([0, 4]), "error")
     assert kept.media == {VIDEO} and note is None
 
 
