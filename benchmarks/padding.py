@@ -26,7 +26,7 @@ from ft.config import load_config
 from ft.data import build_datasets, validate
 from ft.processor import load_processor_for
 from ft.sampler import ShardedBatchSampler
-from ft.tiny import save_tiny
+from ft.tinymodel import save_tiny
 
 
 def fractions(lengths: list[int], batch_size: int, world: int, group: bool, seed: int, epochs: int):

@@ -33,7 +33,7 @@ from ft.data import IMAGE, VIDEO, Collator, build_datasets, load_rows, validate
 from ft.metrics import forward_flops
 from ft.model import loss_sum
 from ft.processor import load_processor_for
-from ft.tiny import save_tiny
+from ft.tinymodel import save_tiny
 from ft.video import probe
 
 

@@ -329,7 +329,7 @@ def prepare_processor(run: Run):
     # Only at the demo model's default place: a typo in model.path is refused above.
     if builds_tiny_model(cfg.model) and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         if info.local_rank == 0:  # one builder per node: the folder may not be shared
-            from ft.tiny import save_tiny
+            from ft.tinymodel import save_tiny
 
             log(info, f"building the tiny demo model at {cfg.model.path} ({cfg.model.tiny_vocab} vocab)")
             save_tiny(cfg.model.path, vocab=cfg.model.tiny_vocab, if_missing=True)
