@@ -44,7 +44,7 @@ frozen, or dead."""
 
 
 @dataclass
-class Where:
+class RankPosition:
     """One rank's position: the step it is on, the last label it entered, whether it is
     still inside, and since when (wall clock, seconds since the epoch)."""
 
@@ -57,7 +57,7 @@ class Where:
     entered: int = 0  # labels entered so far (the recording's cost per step: see benchmarks)
 
 
-HERE = Where()
+HERE = RankPosition()
 """This process's record; `at` writes it, the watchdog thread reads it."""
 
 
