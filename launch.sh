@@ -3,6 +3,11 @@
 #
 #   ./launch.sh                               # the demo: configs/demo.yaml
 #   ./launch.sh CONFIG.yaml [section.key=value ...]
+#   ./launch.sh [section.key=value ...]       # the demo config, overridden
+#   ./launch.sh --help                        # this text
+#
+# CONFIG.yaml is a config file (configs/demo.yaml when none is given); each
+# section.key=value overrides one of its keys (train.max_steps=10, model.path=...).
 #
 # The topology comes from the environment, so the same script serves every node of a
 # multi-node job (run it once per node, with that node's NODE_RANK):
@@ -16,12 +21,20 @@
 #   MAX_RESTARTS    times torchrun restarts the whole group after a rank dies (default 3);
 #                   each restart resumes from the newest complete checkpoint
 #   PYTHON          interpreter with ft installed (default: .venv/bin/python if present)
+#   HF_HUB_OFFLINE, TOKENIZERS_PARALLELISM, OMP_NUM_THREADS
+#                   passed to the workers; defaults 1, false and 1 (one thread per process)
+#   TMPDIR          where the refusal file of this run goes (default /tmp)
 #
 # SIGTERM, SIGUSR1 (SLURM's pre-preemption signal) and Ctrl-C are passed to the training
 # processes, not to torchrun: they finish the current step, write a checkpoint and exit
 # 0, and so does this script. A second Ctrl-C stops everything at once. torchrun ignores
 # SIGUSR1, so SLURM may send it to every process of the job (examples/slurm.sbatch).
 set -euo pipefail
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  # The usage is the comment above: from line 2 to the first line that is not a comment.
+  awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"
+  exit 0
+fi
 cd "$(dirname "$0")"
 
 if [[ -n "${PYTHON:-}" ]]; then

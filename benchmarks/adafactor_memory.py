@@ -125,7 +125,7 @@ def step_times(steps: int) -> str:
 
     import torch.multiprocessing as mp
 
-    from ft.tiny import save_tiny
+    from ft.tinymodel import save_tiny
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_tiny(Path(tmp) / "tiny", vocab="small", seed=0)["path"]
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        from ft.tiny import save_tiny
+        from ft.tinymodel import save_tiny
 
         tiny = save_tiny(Path(tmp) / "tiny", vocab="small", seed=0)["path"]
         print("Optimizer state per rank (fp32; worst rank), all parameters trainable:")

@@ -13,10 +13,10 @@ positions that still exist (every 8th block: 7, 15, ...); a tower shorter than t
 first of them gets its last block as the full-attention one. Throughput per token and
 the memory of each layer are those of the real model; totals scale with the layer count.
 
-The folder is a normal Hugging Face checkpoint, as ft.tiny writes for the tiny model:
+The folder is a normal Hugging Face checkpoint, as ft.tinymodel writes for the tiny model:
 config.json, model.safetensors (in `--dtype`, bf16 like the released weights; ft and
 the HF baseline load it as fp32 master weights), generation_config.json, the real Qwen2
-tokenizer rebuilt offline (needs the `dashscope` wheel, see ft.tiny) with the chat
+tokenizer rebuilt offline (needs the `dashscope` wheel, see ft.tinymodel) with the chat
 template, and the processor files. Build on a GPU (`--device cuda`) where there is one:
 random initialisation of billions of parameters is slow on a CPU.
 """
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-# ft.tiny writes the tokenizer and processor files exactly as the tiny model has them,
+# ft.tinymodel writes the tokenizer and processor files exactly as the tiny model has them,
 # which ft's loader and the tests already check.
-from ft.tiny import (
+from ft.tinymodel import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
     build_tokenizer,

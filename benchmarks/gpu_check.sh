@@ -59,7 +59,7 @@ MAX_PIXELS=${MAX_PIXELS:-401408}
 PRECISION=${PRECISION:-bf16}
 mkdir -p "$OUT"
 
-# datasets (ft.rows) and dashscope (the real tokenizer's vocabulary, ft.tiny), without
+# datasets (ft.rows) and dashscope (the real tokenizer's vocabulary, ft.tinymodel), without
 # their dependencies: the image has the rest.
 wheels=()
 if compgen -G "$WHEELS/*.whl" >/dev/null; then wheels+=("$WHEELS"/*.whl); fi

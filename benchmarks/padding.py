@@ -27,7 +27,7 @@ from ft.datacheck import check_data
 from ft.dataset import build_datasets
 from ft.processor import load_processor_for
 from ft.sampler import ShardedBatchSampler
-from ft.tiny import save_tiny
+from ft.tinymodel import save_tiny
 
 
 def fractions(lengths: list[int], batch_size: int, world: int, group: bool, seed: int, epochs: int):

@@ -37,7 +37,7 @@ from ft.rows import load_rows
 from ft.metrics import forward_flops
 from ft.model import loss_sum
 from ft.processor import load_processor_for
-from ft.tiny import save_tiny
+from ft.tinymodel import save_tiny
 from ft.video import probe
 
 

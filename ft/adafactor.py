@@ -218,10 +218,29 @@ class Adafactor(torch.optim.Optimizer):
         if not self._all:
             return loss
         device = self._all[0][0].device
+        mats, vecs = self._with_grads()
+        # 1. Row and column sums of grad² + eps of every matrix: one all-reduce.
+        sq = self._map.all_reduce(self._sq_sums(mats, device))
+        # 2. Moments, then each parameter's squared update norm: the second all-reduce.
+        norms = torch.zeros(len(self._all), device=device)
+        factors = self._matrix_moments(mats, sq, norms)
+        vec_updates = self._vector_moments(vecs, norms)
+        sumsq = self._map.all_reduce(norms ** 2)
+        # 3. Apply: clip by the RMS of the update over the whole parameter, scale, decay
+        # (HF's weight decay), apply; fp16/bf16 parameters are updated in fp32 and written
+        # back (HF: round-to-nearest; here `self._write`, stochastic rounding for bf16
+        # master weights).
+        divisors = self._clip_divisors(sumsq)
+        self._apply_matrices(mats, factors, divisors)
+        del factors
+        self._apply_vectors(vec_updates, divisors)
+        return loss
 
-        # What has a grad this step: (group, param, held slice, its grad piece, its state).
-        # The grad piece stays in the grad's dtype (`.float()` at each use: no copy for fp32
-        # grads, and no fp32 copy of a bf16 grad held across the step).
+    def _with_grads(self) -> tuple[list, list]:
+        """What has a grad this step: (group, param, held slice, its grad piece, its
+        state), matrices (factored) and vectors apart. The grad piece stays in the grad's
+        dtype (`.float()` at each use: no copy for fp32 grads, and no fp32 copy of a bf16
+        grad held across the step)."""
         mats, vecs = [], []
         for group, plan in zip(self.param_groups, self._plan):
             for p, held in plan:
@@ -231,17 +250,22 @@ class Adafactor(torch.optim.Optimizer):
                 grad, states, w = local(p.grad).reshape(-1), self.state[p], local(p)
                 for e in held:
                     (mats if e.factored else vecs).append((group, w, e, grad[e.lo:e.hi], states[e.fqn]))
+        return mats, vecs
 
-        # 1. Row and column sums of grad² + eps of every matrix: one all-reduce.
+    def _sq_sums(self, mats: list, device) -> torch.Tensor:
+        """Step 1's reduce buffer: every held matrix's partial row and column sums."""
         sq = torch.zeros(self._sq_numel, device=device)
         for group, _, e, g, _ in mats:
             _sq_sums_into(sq, e, g.float(), group["eps"])
-        sq = self._map.all_reduce(sq)
+        return sq
 
-        # 2. Moments, then each parameter's squared update norm: the second all-reduce.
-        # Moments are updated in batches of one beta2t (steps are per slice, but usually
-        # equal): each element still sees HF's `mul_(beta2t).add_(mean, alpha=1 - beta2t)`.
-        norms = torch.zeros(len(self._all), device=device)
+    @staticmethod
+    def _matrix_moments(mats: list, sq: torch.Tensor, norms: torch.Tensor) -> list:
+        """Step 2 for the matrices: their moments from the reduced sums, and each one's
+        unclipped update norm into `norms`. Returns their factors, kept for step 3.
+
+        Moments are updated in batches of one beta2t (steps are per slice, but usually
+        equal): each element still sees HF's `mul_(beta2t).add_(mean, alpha=1 - beta2t)`."""
         moments: dict[float, tuple[list, list]] = {}
         for group, _, e, _, st in mats:
             st["step"] += 1
@@ -265,8 +289,13 @@ class Adafactor(torch.optim.Optimizer):
             # vector_norm, squared below, not a sum of squares: for a whole parameter sqrt()
             # of it gives back HF's update.norm(2) exactly.
             torch.linalg.vector_norm(_factored_direction(e, r_factor, c_factor, g.float()), out=norms[e.slot])
-        # 1-D (and 0-D) parameters, batched per (group, beta2t); their updates (the size of
-        # their second moments: biases and norms) are kept for step 3.
+        return factors
+
+    @staticmethod
+    def _vector_moments(vecs: list, norms: torch.Tensor) -> list:
+        """Step 2 for the 1-D (and 0-D) parameters, batched per (group, beta2t): moments,
+        updates and their norms into `norms`. Their updates (the size of their second
+        moments: biases and norms) are returned for step 3."""
         vec_batches: dict[tuple[int, float], tuple[dict, list, list, list, list]] = {}
         for group, p, e, g, st in vecs:
             st["step"] += 1
@@ -289,13 +318,11 @@ class Adafactor(torch.optim.Optimizer):
             for e, u in zip(es, updates):
                 torch.linalg.vector_norm(u, out=norms[e.slot])
             vec_updates.append((group, es, ps, steps, updates))
-        sumsq = self._map.all_reduce(norms ** 2)
+        return vec_updates
 
-        # 3. Apply: clip by the RMS of the update over the whole parameter, scale, decay
-        # (HF's weight decay), apply; fp16/bf16 parameters are updated in fp32 and written
-        # back (HF: round-to-nearest; here `self._write`, stochastic rounding for bf16
-        # master weights).
-        divisors = self._clip_divisors(sumsq)
+    def _apply_matrices(self, mats: list, factors: list, divisors: torch.Tensor) -> None:
+        """Step 3 for the matrices: the update recomputed from its factors, clipped,
+        scaled, decayed, applied and written back."""
         for (group, p, e, g, st), (r_factor, c_factor) in zip(mats, factors):
             update = _factored_direction(e, r_factor, c_factor, g.float())
             update.div_(divisors[e.slot]).mul_(group["lr"])
@@ -305,7 +332,9 @@ class Adafactor(torch.optim.Optimizer):
                 w32.add_(w32, alpha=-group["weight_decay"] * group["lr"])
             w32.sub_(update)  # == add_(-update): round(w - u) either way
             self._write(w, w32, st["step"], e.fqn, e.sl.start)
-        del factors
+
+    def _apply_vectors(self, vec_updates: list, divisors: torch.Tensor) -> None:
+        """Step 3 for the 1-D parameters, batched as in step 2."""
         for group, es, ps, steps, updates in vec_updates:
             torch._foreach_div_(updates, [divisors[e.slot] for e in es])
             torch._foreach_mul_(updates, group["lr"])
@@ -316,7 +345,6 @@ class Adafactor(torch.optim.Optimizer):
             torch._foreach_sub_(w32s, updates)
             for w, w32, e, step in zip(ws, w32s, es, steps):
                 self._write(w, w32, step, e.fqn, e.sl.start)
-        return loss
 
     # ---------------------------------------------------------------------------------
     # World-size independent state

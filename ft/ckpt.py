@@ -24,8 +24,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
-
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -57,6 +56,32 @@ def write_json_atomic(path: str, obj: dict) -> None:
 # =====================================================================================
 # Resumable sharded checkpoints
 # =====================================================================================
+@dataclass
+class TrainState:
+    """Everything that changes as training advances and is not a tensor; checkpointed
+    (`train_state` in train_state.json)."""
+
+    step: int = 0  # optimizer steps taken (skipped steps not counted)
+    epoch: int = 0  # current pass over the training set
+    epoch_steps: int = 0  # steps (global batches) of this epoch consumed, skipped ones included
+    samples_seen: int = 0  # all ranks, skipped ones included
+    tokens_seen: int = 0  # real (non-pad) tokens trained on, all ranks
+    best_metric: float | None = None  # train.metric_for_best's value at best_step
+    best_metric_name: str = "eval_loss"
+    best_step: int | None = None
+    last_eval_step: int | None = None
+    skipped_steps: int = 0  # non-finite loss/gradient, or a bad sample under on_bad_sample=skip
+    skipped_samples: int = 0  # samples dropped in those steps
+    skips_in_a_row: int = 0  # stops the job at train.max_skipped_steps
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, d: dict) -> None:
+        for k, v in d.items():
+            setattr(self, k, v)
+
+
 @dataclass
 class Checkpoint:
     step: int
@@ -468,10 +493,6 @@ def find_resume_checkpoint(train_cfg, out: str, info: DistInfo, log=print) -> st
     return complete[-1].path if complete else None
 
 
-RUN_SHAPE_ADDED = {"pack_length": 0, "eval_fraction": 0.0}
-"""Run-shape keys newer than some checkpoints, with the value such a checkpoint implies
-(it predates packing and eval_fraction, so it did not pack and held out no rows)."""
-
 GLOBAL_BATCH_KEYS = ("world_size", "per_device_train_batch_size", "gradient_accumulation_steps")
 """The run-shape keys whose product is the global batch: each may change on resume, as
 long as the product does not."""
@@ -489,7 +510,6 @@ def check_run_shape(path: str, saved: dict, now: dict) -> None:
     the same global batch, seed and data: the data order is a function of them alone
     (`ft.sampler`, `ft.packing`). How the global batch is split (world size, batch per
     device, accumulation) may change: another world size continues the same order."""
-    saved = {**RUN_SHAPE_ADDED, **saved}
     changed = [f"{k}: {saved.get(k)} -> {v}" for k, v in now.items()
                if k not in GLOBAL_BATCH_KEYS and saved.get(k) != v]
     before, after = global_batch(saved), global_batch(now)

@@ -232,8 +232,8 @@ def flattens_units(fsdp_cfg) -> bool:
 _RESHARD = {"FULL_SHARD": True, "SHARD_GRAD_OP": False}
 
 
-def mixed_precision(precision: str, reduce_dtype: str = "fp32", root: bool = False,
-                    master: str = "fp32") -> MixedPrecisionPolicy:
+def mixed_precision_policy(precision: str, reduce_dtype: str = "fp32", root: bool = False,
+                           master: str = "fp32") -> MixedPrecisionPolicy:
     """Compute in `precision` over the sharded parameters the optimizer steps, whose
     dtype is `master` (`train.master_weights`): bf16 compute gathers bf16 copies of fp32
     shards (no cast for bf16 shards) and reduces gradients in `reduce_dtype`; fp32
@@ -281,14 +281,14 @@ def wrap(model: nn.Module, unit_modules: list[nn.Module], recompute: list[nn.Mod
     targets = [wrapper_of.get(id(m), m) for m in unit_modules]
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
-    unit_policy = mixed_precision(precision, fsdp_cfg.reduce_dtype, master=master)
+    unit_policy = mixed_precision_policy(precision, fsdp_cfg.reduce_dtype, master=master)
     # Bottom-up: a nested unit must be sharded before the unit holding it, and
     # `unit_modules` are in module order (parents first).
     for target in reversed(targets):
         fully_shard(target, mesh=mesh, reshard_after_forward=_RESHARD[fsdp_cfg.sharding_strategy],
                     mp_policy=unit_policy)
     fully_shard(model, mesh=mesh, reshard_after_forward=False,
-                mp_policy=mixed_precision(precision, fsdp_cfg.reduce_dtype, root=True, master=master))
+                mp_policy=mixed_precision_policy(precision, fsdp_cfg.reduce_dtype, root=True, master=master))
 
     # BACKWARD_PRE: backward runs the units in reverse, so each prefetches its predecessor;
     # the root (lm_head) runs backward first and prefetches the last unit.

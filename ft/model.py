@@ -15,6 +15,11 @@ from ft.messages import IGNORE_INDEX
 from ft.rounding import MASTER_DTYPES
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device` (flash-attention's max_length_q/k are ints)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def load_model(path: str, info: DistInfo, attn_implementation: str = "sdpa",
                master: str = "fp32") -> Qwen2_5_VLForConditionalGeneration:
     """Rank 0 reads the weights from disk (the master copy, on CPU, in `master`'s dtype:

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ft.tiny import save_tiny  # noqa: E402
+from ft.tinymodel import save_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
-"""Starting jobs: two launch.sh jobs on one node without MASTER_PORT, and a model.path
-typo refused before anything is created."""
+"""Starting jobs: launch.sh's usage, two launch.sh jobs on one node without MASTER_PORT,
+and a model.path typo refused before anything is created."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,20 @@ import pytest
 from conftest import write_test_image
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_usage_and_exits_zero(flag):
+    """Fast: no torchrun, no Python. The usage names the config, the overrides and every
+    environment variable the script reads."""
+    proc = subprocess.run([str(REPO / "launch.sh"), flag], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    usage = proc.stdout
+    assert usage.startswith("Launch ft under torchrun") and "./launch.sh CONFIG.yaml [section.key=value ...]" in usage
+    read = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*):-", (REPO / "launch.sh").read_text()))
+    assert {"NPROC_PER_NODE", "NNODES", "MASTER_PORT", "PYTHON", "MAX_RESTARTS"} <= read
+    assert sorted(v for v in read if v not in usage) == []
+    assert "set -euo" not in usage and not any(line.startswith("#") for line in usage.splitlines())
 
 
 @pytest.fixture(scope="module")

@@ -268,7 +268,7 @@ def _worker(rank, world, port, model_dir, rows_file, out_dir):
     from ft import dist
     from ft.config import FSDPConfig
     from ft.fsdp_wrap import plan_units, wrap_model
-    from ft.loop import evaluate
+    from ft.evaluation import evaluate
     from ft.model import load_model
     from ft.packing import PackedRows
 
@@ -316,12 +316,12 @@ def test_fsdp_two_ranks_packed_equals_padded(tiny_model_dir, rows_file, tmp_path
         assert result["eval"]["packed"] == pytest.approx(result["eval"]["padded"], rel=1e-5)
 
 
-def test_resume_refuses_a_change_of_packing_and_reads_older_checkpoints_as_unpacked():
+def test_resume_refuses_a_change_of_packing():
     from ft.ckpt import ResumeError, check_run_shape
 
-    before_packing = {"world_size": 2, "seed": 1}  # a checkpoint written before pack_length existed
-    check_run_shape("ck", before_packing, {"world_size": 2, "seed": 1, "pack_length": 0})
+    unpacked = {"world_size": 2, "seed": 1, "pack_length": 0}
+    check_run_shape("ck", unpacked, {"world_size": 2, "seed": 1, "pack_length": 0})
     with pytest.raises(ResumeError, match="pack_length: 0 -> 2048"):
-        check_run_shape("ck", before_packing, {"world_size": 2, "seed": 1, "pack_length": 2048})
+        check_run_shape("ck", unpacked, {"world_size": 2, "seed": 1, "pack_length": 2048})
     with pytest.raises(ResumeError, match="pack_length: 2048 -> 4096"):
         check_run_shape("ck", {"pack_length": 2048}, {"pack_length": 4096})

@@ -2,6 +2,7 @@
 registered once, unit and checkpointing are separate decisions of the wrap plan, test
 faults stay out of the way unless asked for."""
 
+import ast
 import os
 import re
 import subprocess
@@ -175,3 +176,162 @@ def test_faults_fire_once_and_only_when_asked(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     with pytest.raises(ValueError, match="unknown kind 'typo'"):
         faults.fires("nan", 1, 0)
+
+
+# -------------------------------------------------------------------------------------
+# The shape of the package: one-way imports, one definition per name, small modules
+# -------------------------------------------------------------------------------------
+FT_DIR = os.path.join(REPO, "ft")
+COMMAND_LINE_MODULES = ("ft.chat", "ft.predict", "ft.dryrun", "ft.tiny")
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 600, 60
+
+
+def _ft_sources() -> dict[str, str]:
+    """{"ft.loop": its source, ...} for every module of the package (ft/__init__.py aside)."""
+    return {f"ft.{name[:-3]}": open(os.path.join(FT_DIR, name)).read()
+            for name in sorted(os.listdir(FT_DIR)) if name.endswith(".py") and name != "__init__.py"}
+
+
+def _ft_imports(source: str, modules) -> set[str]:
+    """The ft modules a source imports, anywhere in it (inside functions too)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module in modules:
+                found.add(node.module)
+            elif node.module == "ft":  # from ft import ckpt, dist
+                found.update(f"ft.{a.name}" for a in node.names if f"ft.{a.name}" in modules)
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    sources = _ft_sources()
+    return {name: _ft_imports(src, sources) - {name} for name, src in sources.items()}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One circle per group of modules that import each other (strongly connected)."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = set()
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                group.add(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                groups.append(group)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    circles = []
+    for group in groups:  # the shortest way back to its first module, within the group
+        start = min(group)
+        paths, seen = [[start]], {start}
+        while paths:
+            path = paths.pop(0)
+            nxt = sorted(w for w in graph[path[-1]] if w in group)
+            if start in nxt:
+                circles.append(path + [start])
+                break
+            for w in nxt:
+                if w not in seen:
+                    seen.add(w)
+                    paths.append(path + [w])
+    return circles
+
+
+def test_ft_imports_run_one_way():
+    """No circle in the import graph of ft, counting imports inside functions."""
+    circles = _circles(_import_graph())
+    assert circles == [], "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def test_command_line_modules_are_imported_by_no_ft_module():
+    importers = sorted(f"{name} imports {target}" for name, targets in _import_graph().items()
+                       for target in sorted(targets) if target in COMMAND_LINE_MODULES)
+    assert importers == [], "; ".join(importers)
+
+
+def _top_level_names(source: str) -> set[str]:
+    names = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return {n for n in names if n != "main" and not (n.startswith("__") and n.endswith("__"))}
+
+
+def _backend_members() -> list[str]:
+    """The members of the `Backend` protocol of ft/backends.py (read, not imported)."""
+    tree = ast.parse(open(os.path.join(FT_DIR, "backends.py")).read())
+    protocol = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Backend"), None)
+    return sorted(n.name if isinstance(n, ast.FunctionDef) else n.target.id for n in (protocol.body if protocol else [])
+                  if isinstance(n, ast.FunctionDef) or isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name))
+
+
+def test_no_top_level_name_is_defined_in_two_ft_modules():
+    """The backend interface aside: ft.fsdp1 and ft.fsdp2 each define all of it."""
+    from ft.backends import BACKENDS
+
+    interface = set(_backend_members())
+    backends = {m.__name__ for m in BACKENDS.values()}
+    homes: dict[str, list[str]] = {}
+    for name, source in _ft_sources().items():
+        for top in _top_level_names(source):
+            if not (name in backends and top in interface):
+                homes.setdefault(top, []).append(name)
+    twice = {n: h for n, h in sorted(homes.items()) if len(h) > 1}
+    assert twice == {}, "; ".join(f"{n} in {', '.join(h)}" for n, h in twice.items())
+
+
+def test_no_module_over_600_lines_and_no_function_over_60():
+    too_long = []
+    for name, source in _ft_sources().items():
+        lines = len(source.splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {lines} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}.{node.name}: {length} lines")
+    assert too_long == [], "; ".join(too_long)
+
+
+def test_each_backend_module_satisfies_the_backend_protocol():
+    """Every member of `ft.backends.Backend`, with the protocol's parameter names (the
+    modules' functions take no `self`)."""
+    import inspect
+
+    from ft.backends import BACKENDS, Backend
+
+    members = _backend_members()
+    assert "NAME" in members and "wrap" in members and "describe" in members
+    for key, module in BACKENDS.items():
+        assert module.NAME == key
+        for member in members:
+            assert hasattr(module, member), f"{module.__name__} lacks {member}"
+            if member == "NAME":
+                continue
+            want = list(inspect.signature(getattr(Backend, member)).parameters)[1:]
+            have = list(inspect.signature(getattr(module, member)).parameters)
+            assert have == want, f"{module.__name__}.{member}{tuple(have)}: the protocol has {tuple(want)}"

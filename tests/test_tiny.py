@@ -13,7 +13,8 @@ from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalG
 
 from ft.config import DataConfig
 from ft.processor import export_processor_files, load_processor, training_settings
-from ft.tiny import ADDED_TOKENS, SPECIAL_TOKENS, main, save_tiny
+from ft.tiny import main
+from ft.tinymodel import ADDED_TOKENS, SPECIAL_TOKENS, save_tiny
 
 # Qwen2.5-VL's published ids (tokenizer_config.json / config.json of the 3B and 7B models).
 QWEN_IDS = {
