@@ -123,7 +123,7 @@ def check_data(
     if on_bad_sample not in ("error", "skip"):
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
     if world_size > 1 and gather is None:
-        raise ValueError("validate on several ranks needs `gather` to merge the ranks' checks")
+        raise ValueError("check_data on several ranks needs `gather` to merge the ranks' checks")
     mine = check_rows(dataset, range(rank, len(dataset), world_size), num_workers)
     check = RowCheck.merge(gather(mine)) if world_size > 1 else mine
     if not check.errors:

@@ -467,7 +467,7 @@ def bad_data(data_dir, make_image):
     return path, good, bad, 120
 
 
-def test_validate_error_lists_every_bad_row(bad_data, processor):
+def test_check_data_error_lists_every_bad_row(bad_data, processor):
     path, good, bad, max_length = bad_data
     ds = dataset(path, processor, max_length)
     with pytest.raises(DataError) as error:
@@ -486,7 +486,7 @@ def test_validate_error_lists_every_bad_row(bad_data, processor):
     assert len(lines) == 1 + 3 + 1 and lines[-1] == f"  and {len(bad) - 3} more"
 
 
-def test_validate_skip_keeps_exactly_the_good_rows(bad_data, processor):
+def test_check_data_skip_keeps_exactly_the_good_rows(bad_data, processor):
     path, good, bad, max_length = bad_data
     ds = dataset(path, processor, max_length)
     kept, lengths, note = check_data(ds, "skip", listed=2)
@@ -505,7 +505,7 @@ def test_validate_skip_keeps_exactly_the_good_rows(bad_data, processor):
         check_data(only_bad, "skip")
 
 
-def test_validation_shards_over_ranks_and_workers(bad_data, processor):
+def test_the_data_check_shards_over_ranks_and_workers(bad_data, processor):
     path, good, bad, max_length = bad_data
     ds = dataset(path, processor, max_length)
     whole = check_rows(ds, range(len(ds)))
@@ -540,3 +540,14 @@ def test_rows_broken_after_validation_raise_data_error(data_dir, processor, make
         ds[1]
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:3: image: cannot read image .*truncated"):
         ds[2]
+
+
+def test_row_formats_parse_without_torch():
+    """ft.messages (row formats to normalised messages) imports no torch, so a data tool
+    can read and check rows without it."""
+    import subprocess
+    import sys
+
+    code = "import sys, ft.messages; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
