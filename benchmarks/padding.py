@@ -22,7 +22,7 @@ import argparse
 import dataclasses
 import time
 
-from ft.config import load_config
+from ft.config_load import load_config
 from ft.data import build_datasets, validate
 from ft.processor import load_processor_for
 from ft.sampler import ShardedBatchSampler

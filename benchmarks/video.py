@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from ft.config import load_config
+from ft.config_load import load_config
 from ft.data import IMAGE, VIDEO, Collator, build_datasets, load_rows, validate
 from ft.metrics import forward_flops
 from ft.model import loss_sum

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from ft.backends import BACKENDS, DEFAULT
-from ft.config import Config, ConfigError, DataConfig, TrainConfig, field_choices, load_config
+from ft.config import Config, ConfigError, DataConfig, TrainConfig, field_choices
+from ft.config_load import load_config
 from ft.fsdp_wrap import Unit, plan_units, root_members
 from ft.optim import OPTIMIZERS
 from ft.parts import PART_NAMES, PARTS, apply_freezing

@@ -43,7 +43,8 @@ from transformers.utils import logging as hf_logging
 from ft import ckpt, dist, faults, watchdog
 from ft.backends import BACKENDS
 from ft.ckpt import CheckpointMismatch, ResumeError
-from ft.config import ConfigError, builds_tiny_model, config_to_dict, load_config, model_path_refusal, save_config
+from ft.config import ConfigError
+from ft.config_load import builds_tiny_model, config_to_dict, load_config, model_path_refusal, save_config
 from ft.data import IMAGE, MEDIA, VIDEO, Batch, Collator, DataError, build_datasets, validate
 from ft.fsdp_wrap import checkpoint_summary, plan_units, root_members, wrap_model
 from ft.dryrun import format_plan

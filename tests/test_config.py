@@ -14,10 +14,12 @@ from ft.config import (
     ConfigError,
     TrainConfig,
     choices,
-    config_reference_markdown,
-    config_to_dict,
     field_choices,
     field_docs,
+)
+from ft.config_load import (
+    config_reference_markdown,
+    config_to_dict,
     load_config,
     main,
     save_config,
@@ -461,7 +463,7 @@ def test_cli_reports_errors(capsys):
 
 def test_cli_module_reference():
     result = subprocess.run(
-        [sys.executable, "-m", "ft.config", "--reference"],
+        [sys.executable, "-m", "ft.config_load", "--reference"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )
     assert result.stdout == config_reference_markdown()
@@ -469,7 +471,7 @@ def test_cli_module_reference():
 
 def test_readme_config_reference_is_current():
     """The README's reference is generated; regenerate it when a field or doc changes:
-    paste `python -m ft.config --reference` between the markers."""
+    paste `python -m ft.config_load --reference` between the markers."""
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     start, end = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
     section = readme[readme.index(start) + len(start): readme.index(end)]

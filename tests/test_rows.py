@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import as_dataset, write_test_image, write_test_video
-from ft.config import ConfigError, load_config
+from ft.config import ConfigError
+from ft.config_load import load_config
 from ft.data import (IGNORE_INDEX, ConversationDataset, DataError, build_datasets, hold_out, load_rows,
                      validate)
 from ft.config import DataConfig

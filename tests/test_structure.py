@@ -77,7 +77,8 @@ def test_optimizers_are_registered_once(tiny_model_dir):
 def test_backends_are_registered_once_and_fsdp2_maps_or_refuses_each_knob():
     from ft import fsdp2
     from ft.backends import BACKENDS
-    from ft.config import FSDPConfig, load_config
+    from ft.config import FSDPConfig
+    from ft.config_load import load_config
 
     assert tuple(BACKENDS) == field_choices("fsdp.backend") and FSDPConfig().backend == "fsdp1"
     assert BACKENDS["fsdp2"].config_refusals(load_config(None, ["fsdp.backend=fsdp2"])) == []
