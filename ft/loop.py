@@ -46,8 +46,7 @@ from ft.ckpt import CheckpointMismatch, ResumeError
 from ft.config import ConfigError
 from ft.config_load import builds_tiny_model, config_to_dict, load_config, model_path_refusal, save_config
 from ft.data import IMAGE, MEDIA, VIDEO, Batch, Collator, DataError, build_datasets, validate
-from ft.fsdp_wrap import checkpoint_summary, plan_units, root_members, wrap_model
-from ft.dryrun import format_plan
+from ft.fsdp_wrap import checkpoint_summary, format_plan, plan_units, root_members, wrap_model
 from ft.metrics import memory_stats, mfu, peak_flops, train_flops
 from ft.model import load_model, loss_sum, loss_sum_and_correct
 from ft.optim import build_optimizer, clip_grad_norm, lr_scale, set_lr

@@ -20,8 +20,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from conftest import free_port
 from ft import faults
 from ft.config import TrainConfig, field_choices
-from ft.dryrun import build_on_meta, estimate_memory, format_plan
-from ft.fsdp_wrap import WrapRule, checkpoint_summary, plan_units
+from ft.dryrun import build_on_meta, estimate_memory
+from ft.fsdp_wrap import WrapRule, checkpoint_summary, format_plan, plan_units
 from ft.optim import OPTIMIZERS, build_optimizer, spec_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
