@@ -69,9 +69,13 @@ __all__ = [
 SourceOf = Callable[[str], str]  # `section.key` -> where its value came from (a file, an override, "default")
 
 
+# =====================================================================================
+# Reading values: each coerced to its field's type, naming the key and where it came from
+# =====================================================================================
 def _base_type(typ: Any) -> type:
     """The type a value must have before the choice check: str for a Literal of strings."""
     return str if literal_choices(typ) is not None else typ
+
 
 def _suggest(name: str, candidates: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(candidates), n=1)
@@ -358,6 +362,9 @@ def model_path_refusal(model: ModelConfig) -> str | None:
     return f"model.path: {refusal}{hint}"
 
 
+# =====================================================================================
+# Loading and writing
+# =====================================================================================
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
                 check_model: bool = False) -> Config:
     """Build a Config from defaults, the YAML file at `path` (if any), then `overrides`.
@@ -414,6 +421,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
     )
 
 
+# =====================================================================================
+# The Markdown reference (from the field docstrings of ft.config), and the command line
+# =====================================================================================
 def _markdown_cell(text: str) -> str:
     # A table cell is one line, and `|` would end the cell.
     return " ".join(text.split()).replace("|", "\\|")
