@@ -84,9 +84,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 
-# Fail fast, once: a typo in a key or a bad value is refused here, before torchrun
-# starts any worker (and before any restart could repeat it).
-"$PYTHON" -m ft.config "$CONFIG" "$@" >/dev/null || exit 2
+# Fail fast, once: a typo in a key or a bad value is refused here (ft.config_load, the
+# config's one validation), before torchrun starts any worker (and before any restart
+# could repeat it).
+"$PYTHON" -m ft.config_load "$CONFIG" "$@" >/dev/null || exit 2
 # A refusal found later (bad data, a checkpoint that cannot be resumed, a wrap plan that
 # does not fit) is printed once by rank 0 and written here; the workers then exit 0 so
 # that torchrun neither restarts them nor prints its own traceback, and this script

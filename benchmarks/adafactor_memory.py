@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from ft.dryrun import build_on_meta, shard_numel
-from ft.fsdp_wrap import plan_units
+from ft.dryrun import build_on_meta
+from ft.fsdp_wrap import per_rank_numel, plan_units
 from ft.adafactor import adafactor_state_bytes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ WORLD_SIZES = (1, 8, 64)
 
 
 def hf_state_bytes(units, world_size: int) -> int:
-    return sum(shard_numel(u.numel, world_size) * 4 + 4 for u in units)
+    return sum(per_rank_numel(u.numel, world_size) * 4 + 4 for u in units)
 
 
 def allreduce_payload(units) -> int:

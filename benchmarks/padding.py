@@ -22,7 +22,7 @@ import argparse
 import dataclasses
 import time
 
-from ft.config import load_config
+from ft.config_load import load_config
 from ft.datacheck import check_data
 from ft.dataset import build_datasets
 from ft.processor import load_processor_for

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from ft.config import load_config
+from ft.config_load import load_config
 from ft.collate import Collator
 from ft.datacheck import check_data
 from ft.dataset import build_datasets

@@ -36,6 +36,7 @@ from typing import Any, Sequence, TextIO
 
 import torch
 
+from ft.config_load import model_dir_refusal
 from ft.deps import MissingDependency, require
 from ft.processor import saved_video_sampling
 from ft.video import VideoError, VideoSampling, processor_kwargs
@@ -53,13 +54,12 @@ class ChatInputError(ValueError):
 
 
 def check_model_dir(model_dir: str | os.PathLike) -> Path:
-    """`model_dir` as a Path; ChatInputError when it holds no config.json."""
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        what = "has no config.json" if path.is_dir() else "does not exist"
-        raise ChatInputError(f"{path} {what}: MODEL_DIR must be a Qwen2.5-VL model folder "
-                             f"(an ft export such as runs/NAME/best)")
-    return path
+    """`model_dir` as a Path; ChatInputError naming it when it is not a model folder
+    (``ft.config_load.model_dir_refusal``, the check training and ft.predict make)."""
+    refusal = model_dir_refusal(model_dir)
+    if refusal:
+        raise ChatInputError(f"MODEL_DIR {refusal}")
+    return Path(model_dir)
 
 
 def video_sampling(model_dir: str | os.PathLike, fps: float | None = None,

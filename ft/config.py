@@ -1,87 +1,59 @@
-"""The job config: typed sections loaded from a YAML file plus command-line overrides.
-
-(Long because every field carries its documentation, from which the reference in
-docs/config.md and the CLI are generated: one schema, kept in one file.)
+"""The job config's schema: typed sections whose fields carry their own documentation.
 
 A config is a :class:`Config` made of five sections (``model``, ``data``, ``train``,
 ``fsdp``, ``wandb``). Each field is documented by the string literal that follows it
 (torchtitan's convention); :func:`field_docs` reads those strings back so that the
-Markdown reference (:func:`config_reference_markdown`) and the code cannot drift apart.
+Markdown reference (``ft.config_load.config_reference_markdown``) and the code cannot
+drift apart. What a field accepts is written beside it, in its annotation:
 
-Loading (:func:`load_config`) happens in three steps:
-
-1. the YAML file, whose top level maps section names to mappings of fields; any section
-   or field left out keeps its default;
-2. the overrides, ``section.key=value`` strings applied in order (the last one wins);
-3. validation of choices, numeric ranges and cross-field constraints.
-
-Values are checked against each field's type rather than silently converted:
-
-* ``bool`` fields take YAML booleans only (``true``/``false``, also ``yes``/``no``/``on``/``off``);
-* ``int`` fields take integers (a quoted ``"100"`` too), never floats or booleans;
-* ``float`` fields take ints and floats, and strings such as ``2e-5`` that PyYAML's
-  YAML 1.1 resolver leaves as strings because they lack a decimal point;
-* fields typed ``Literal["a", "b", ...]`` select between alternatives: they load like
-  ``str`` fields, then must be one of the listed strings (:data:`CHOICES`,
+* fields typed ``Literal["a", "b", ...]`` select between alternatives (:data:`CHOICES`,
   :func:`field_choices`);
-* ``str`` fields from the YAML file must be strings: ``mode: off`` loads as the boolean
-  ``false`` and is refused with a hint to quote it. From an override the text after
-  ``=`` is taken verbatim, so ``wandb.mode=offline`` and ``wandb.run_name=2024`` are
-  strings and ``model.path=`` is the empty string.
+* numeric fields annotated ``Annotated[int, Range(...)]`` have a range (:func:`ranges`).
 
-Relative paths (``model.path``, ``data.train_file``, ``data.eval_file``,
-``train.output_dir``) are kept exactly as written and resolve against the working
-directory of the process that reads them; ``launch.sh`` runs from the repository root,
-so paths in ``configs/*.yaml`` are written relative to it.
-
-``python -m ft.config --reference`` prints the Markdown reference;
-``python -m ft.config [CONFIG] [section.key=value ...]`` prints the resolved config.
+Loading a YAML file plus ``section.key=value`` overrides, coercing and validating them,
+is ``ft.config_load`` (``python -m ft.config_load CONFIG [section.key=value ...]``).
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
-import difflib
 import functools
 import inspect
-import math
-import sys
 import textwrap
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal
-
-import yaml
+from typing import Annotated, Any, Callable, Literal
 
 __all__ = [
-    "CHOICES",
-    "SECTIONS",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "FSDPConfig",
-    "ModelConfig",
-    "TrainConfig",
-    "WandbConfig",
-    "builds_tiny_model",
-    "choices",
-    "config_reference_markdown",
-    "config_to_dict",
-    "config_to_yaml",
-    "field_choices",
-    "field_docs",
-    "load_config",
-    "model_path_refusal",
-    "save_config",
-    "validate_config",
+    "CHOICES", "SECTIONS", "Config", "ConfigError", "DataConfig", "FSDPConfig",
+    "ModelConfig", "Range", "TrainConfig", "WandbConfig", "choices", "field_choices", "field_docs",
+    "field_types", "literal_choices", "ranges",
 ]
 
 
 class ConfigError(ValueError):
     """A config file or override that names an unknown key or holds an invalid value."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field allows, written in its annotation:
+    ``max_steps: Annotated[int, AT_LEAST_1] = 60``. `text` completes "VALUE must be ..."."""
+
+    ok: Callable[[Any], bool]
+    text: str
+
+
+def at_least(low: int, note: str = "") -> Range:
+    return Range(lambda v: v >= low, f">= {low}{note}")
+
+
+AT_LEAST_0 = at_least(0)
+AT_LEAST_1 = at_least(1)
+POSITIVE = Range(lambda v: v > 0, "> 0")
+FRACTION = Range(lambda v: 0 <= v < 1, "in [0, 1)")
+PART_LR = Range(lambda v: v >= 0 or v == -1, ">= 0, or -1 for train.learning_rate")
 
 
 @dataclass
@@ -143,47 +115,48 @@ class DataConfig:
     """Evaluation conversations, in any form `train_file` takes. The empty string
     disables evaluation, unless `eval_fraction` carves an eval set out of `train_file`."""
 
-    eval_fraction: float = 0.0
+    eval_fraction: Annotated[float, FRACTION] = 0.0
     """Fraction of `train_file`'s rows held out for evaluation (at least one row), when
     there is no `eval_file`: which rows is decided by `train.seed` alone, the same on
     every rank and on every launch, and they never train. 0 holds out none. Setting it
     together with `eval_file` is refused."""
 
-    max_length: int = 2048
+    max_length: Annotated[int, at_least(16)] = 2048
     """Maximum tokens per sample, image and video tokens included. A longer sample is
     truncated after its last image or video. A sample whose images and videos alone do
     not fit gets smaller video frames (down to `video_min_pixels`), and is refused if
     that is not enough. Lower `max_pixels` (images) or `video_max_frames` (videos) to
     make them take fewer tokens."""
 
-    min_pixels: int = 3136
+    min_pixels: Annotated[int, POSITIVE] = 3136
     """Lower bound on each image's pixel count (height × width) after the image
     processor's resizing; smaller images are upscaled. Qwen2.5-VL turns every 28×28 pixel
     area into one token, so 3136 = 4 × 28 × 28 means at least 4 tokens per image."""
 
-    max_pixels: int = 200704
+    max_pixels: Annotated[int, POSITIVE] = 200704
     """Upper bound on each image's pixel count after resizing; larger images are
     downscaled, keeping their aspect ratio. The default 200704 = 256 × 28 × 28 caps an
     image at about 256 tokens. Must be at least `min_pixels`."""
 
-    video_fps: float = 2.0
+    video_fps: Annotated[float, POSITIVE] = 2.0
     """Frames sampled per second of a video file, spread evenly over the clip (Qwen's
     reference rate). The frame count is rounded down to a multiple of the temporal patch
     size (2: each video token covers two frames) and is at least 2. A video given as a
     list of frames is taken to be sampled at this rate already. The sampled rate also
     sets the time axis of M-RoPE, so positions follow real seconds."""
 
-    video_max_frames: int = 32
+    video_max_frames: Annotated[int, Range(lambda v: v >= 2 and v % 2 == 0,
+                                           "an even number >= 2 (two frames per video token)")] = 32
     """At most this many frames per video, spread evenly over the clip when `video_fps`
     would give more (a one-minute clip at 2 fps would be 120). Must be even. With
     `video_max_pixels` it bounds a video's tokens: 32 frames x 64 tokens per two-frame
     patch / 2 = 1,024 tokens at the defaults, within `max_length` 2048."""
 
-    video_min_pixels: int = 12544
+    video_min_pixels: Annotated[int, POSITIVE] = 12544
     """Lower bound on each video frame's pixel count after resizing (12544 = 16 x 28 x 28:
     at least 16 tokens per two frames); smaller frames are upscaled."""
 
-    video_max_pixels: int = 50176
+    video_max_pixels: Annotated[int, POSITIVE] = 50176
     """Upper bound on each video frame's pixel count after resizing (50176 = 64 x 28 x 28,
     e.g. 224 x 224: at most 64 tokens per two frames); larger frames are downscaled,
     keeping their aspect ratio. A sample that would not fit `max_length` gets the largest
@@ -224,7 +197,7 @@ class DataConfig:
     pack_length² per layer call) and `flash_attention_2` (variable-length kernels, no
     mask: the fast choice for long packs). Excludes `group_by_length`."""
 
-    pack_length: int = 0
+    pack_length: Annotated[int, at_least(0, " (0 means data.max_length)")] = 0
     """Tokens per packed row when `packing` is on; 0 means `max_length`, and any other
     value must be at least `max_length` (a sample is never split across rows)."""
 
@@ -237,7 +210,7 @@ class TrainConfig:
     """Directory for checkpoints, the final model, logs and the resolved config. A
     relative path resolves against the working directory."""
 
-    max_steps: int = 60
+    max_steps: Annotated[int, AT_LEAST_1] = 60
     """Number of optimizer steps to train for. Each step consumes
     `per_device_train_batch_size` × `gradient_accumulation_steps` × world size samples
     (the global batch); the training data is reshuffled and repeated as often as needed.
@@ -245,63 +218,63 @@ class TrainConfig:
     global batch (fewer than one global batch) are left out of it, different ones each
     epoch."""
 
-    per_device_train_batch_size: int = 1
+    per_device_train_batch_size: Annotated[int, AT_LEAST_1] = 1
     """Training samples per micro-batch on each process (GPU, or CPU rank). The global
     batch per optimizer step is `per_device_train_batch_size` ×
     `gradient_accumulation_steps` × world size."""
 
-    per_device_eval_batch_size: int = 1
+    per_device_eval_batch_size: Annotated[int, AT_LEAST_1] = 1
     """Evaluation samples per batch on each process."""
 
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: Annotated[int, AT_LEAST_1] = 1
     """Micro-batches whose gradients are summed before each optimizer step. The loss is
     token-weighted over the whole optimizer step: every target token across all
     micro-batches and ranks counts equally, so accumulating gives the same gradient as
     one larger batch."""
 
-    learning_rate: float = 1e-4
+    learning_rate: Annotated[float, AT_LEAST_0] = 1e-4
     """Peak learning rate, reached after warmup and then held constant. It applies to
     the language model, and to the vision tower and merger unless `vision_lr` or
     `merger_lr` is set."""
 
-    vision_lr: float = -1.0
+    vision_lr: Annotated[float, PART_LR] = -1.0
     """Peak learning rate of the vision tower (patch embedding and ViT blocks), on the
     same warmup schedule. -1 means `learning_rate`; 0 leaves the tower unchanged although
     it is not frozen (it still gets gradients and optimizer state: prefer
     `model.freeze_vision_tower`)."""
 
-    merger_lr: float = -1.0
+    merger_lr: Annotated[float, PART_LR] = -1.0
     """Peak learning rate of the merger (vision-to-language projector), on the same
     warmup schedule. -1 means `learning_rate`."""
 
-    warmup_ratio: float = 0.0
+    warmup_ratio: Annotated[float, FRACTION] = 0.0
     """Fraction of `max_steps` over which the learning rate rises linearly from 0 to
     `learning_rate` (ceil(warmup_ratio × max_steps) steps). This is Hugging Face's
     `constant_with_warmup` schedule; note that Hugging Face's plain `constant` schedule
     ignores warmup_ratio, while ft always honours it."""
 
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, AT_LEAST_0] = 1.0
     """Clip the global gradient L2 norm (over all parameters and ranks) to this value
     before each optimizer step. 0 disables clipping; the norm is logged either way."""
 
-    weight_decay: float = 0.0
+    weight_decay: Annotated[float, AT_LEAST_0] = 0.0
     """Weight decay coefficient passed to the optimizer. Applied to every parameter,
     norms and biases included: with FSDP1 flat parameters (`use_orig_params=false`)
     one flat shard mixes them, so HF's no-decay group for norms and biases cannot be
     formed."""
 
-    logging_steps: int = 1
+    logging_steps: Annotated[int, AT_LEAST_1] = 1
     """Log training metrics every this many optimizer steps: loss, lr, grad norm,
     tokens/s (all ranks and per device; real text, image and video tokens, no padding), the
     step split into data wait / forward+backward / optimizer, MFU (GPU only) and the
     highest peak memory over the ranks."""
 
-    metrics_warmup_steps: int = 2
+    metrics_warmup_steps: Annotated[int, AT_LEAST_0] = 2
     """Steps left out of the end-of-run throughput averages (the `summary` record of
     metrics.jsonl): the first steps of a process pay for allocator warm-up and lazy
     initialisation. Counted from the start of each launch, resumed or not."""
 
-    eval_steps: int = 20
+    eval_steps: Annotated[int, AT_LEAST_0] = 20
     """Evaluate on `eval_file` every this many optimizer steps, and at the end of
     training. 0 evaluates only at the end. Ignored when `eval_file` is empty."""
 
@@ -323,14 +296,14 @@ class TrainConfig:
     checkpoints keep the master weights' dtype (`master_weights`). A bf16 export is half
     the size of an fp32 one."""
 
-    save_steps: int = 20
+    save_steps: Annotated[int, AT_LEAST_0] = 20
     """Write a resumable checkpoint to `output_dir/checkpoints/step-N/` every this many
     optimizer steps (0: none, except on SIGTERM/SIGUSR1). Sharded with
     torch.distributed.checkpoint: every rank writes its own model and optimizer shards
     and RNG state; the folder counts as complete only once `train_state.json` is written
     after all ranks finished."""
 
-    keep_last_n: int = 3
+    keep_last_n: Annotated[int, Range(lambda v: v == 0 or v >= 2, "0 (keep all) or >= 2")] = 3
     """Keep this many newest complete checkpoints; older ones are deleted only after a
     newer one is complete. 0 keeps all; otherwise at least 2, so a crash during a save
     never leaves you without one. The best export (`best/`) is never deleted."""
@@ -349,7 +322,7 @@ class TrainConfig:
     """With `resume=none`: delete the previous run's checkpoints, export and logs in
     `output_dir` and start over."""
 
-    max_skipped_steps: int = 5
+    max_skipped_steps: Annotated[int, AT_LEAST_1] = 5
     """A step whose loss or gradient norm is NaN or infinite on any rank is skipped on
     all ranks (no update; weights, optimizer state and checkpoints stay finite). After
     this many skipped steps in a row the job stops with an error; its last checkpoint is
@@ -398,7 +371,7 @@ class TrainConfig:
     depend on the world size or sharding, and a resumed run continues bit for bit.
     `false` rounds to nearest, kept for comparison. Ignored with fp32 master weights."""
 
-    loss_chunk_size: int = 1024
+    loss_chunk_size: Annotated[int, AT_LEAST_0] = 1024
     """Compute the cross-entropy from the final hidden states of the label tokens only,
     this many tokens at a time, recomputing each chunk's logits in the backward pass:
     the vocabulary-sized logits (151,936 columns on Qwen2.5-VL) then exist for one chunk
@@ -409,11 +382,11 @@ class TrainConfig:
     `benchmarks/loss_memory.py`). 0 uses the plain path (the model's full logits), e.g.
     to compare."""
 
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: Annotated[int, AT_LEAST_0] = 0
     """Worker processes per rank for loading and preprocessing samples (image decoding
     and resizing). 0 loads in the training process."""
 
-    hang_timeout_s: float = 900.0
+    hang_timeout_s: Annotated[float, at_least(0, " (0 turns the watchdog off)")] = 900.0
     """Seconds a rank may wait in one collective of the training loop (a step's
     all-reduce, a forward's all-gathers, eval, a checkpoint) before ft calls it a hang:
     every rank that can still run then prints where each rank is (step and the label of
@@ -531,12 +504,24 @@ class Config:
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
-def _field_types(cls: type) -> dict[str, Any]:
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """Each field's type, its `Annotated` range left out (see :func:`ranges`)."""
     # `from __future__ import annotations` leaves field.type as a string; resolve it.
     return typing.get_type_hints(cls)
 
 
-def _literal_choices(typ: Any) -> tuple[str, ...] | None:
+@functools.cache
+def ranges(cls: type) -> dict[str, Range]:
+    """The :class:`Range` of each field of `cls` that has one, from its annotation."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        if typing.get_origin(hint) is Annotated:
+            out.update({name: extra for extra in hint.__metadata__ if isinstance(extra, Range)})
+    return out
+
+
+def literal_choices(typ: Any) -> tuple[str, ...] | None:
     """The allowed values of a ``Literal[...]`` field type, or None for any other type."""
     if typing.get_origin(typ) is not Literal:
         return None
@@ -544,11 +529,6 @@ def _literal_choices(typ: Any) -> tuple[str, ...] | None:
     if not args or not all(isinstance(arg, str) for arg in args):
         raise TypeError(f"config fields support Literal types of strings only, got {typ}")
     return args
-
-
-def _base_type(typ: Any) -> type:
-    """The type a value must have before the choice check: str for a Literal of strings."""
-    return str if _literal_choices(typ) is not None else typ
 
 
 def choices(cls_or_section: type | str, name: str) -> tuple[str, ...] | None:
@@ -559,16 +539,16 @@ def choices(cls_or_section: type | str, name: str) -> tuple[str, ...] | None:
     KeyError for an unknown section or field.
     """
     cls = SECTIONS[cls_or_section] if isinstance(cls_or_section, str) else cls_or_section
-    types = _field_types(cls)
+    types = field_types(cls)
     if name not in types:
         raise KeyError(f"{cls.__name__} has no field {name!r}")
-    return _literal_choices(types[name])
+    return literal_choices(types[name])
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
     f"{section}.{name}": allowed
     for section, cls in SECTIONS.items()
-    for name in _field_types(cls)
+    for name in field_types(cls)
     if (allowed := choices(cls, name)) is not None
 }
 """Allowed values of the string fields that select between alternatives, keyed by
@@ -588,38 +568,6 @@ def field_choices(key: str) -> tuple[str, ...]:
     if allowed is None:
         raise KeyError(f"config key {key!r} has no fixed choices")
     return allowed
-
-
-_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.max_length": (lambda v: v >= 16, ">= 16"),
-    "data.min_pixels": (lambda v: v > 0, "> 0"),
-    "data.max_pixels": (lambda v: v > 0, "> 0"),
-    "data.eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "data.video_fps": (lambda v: v > 0, "> 0"),
-    "data.video_max_frames": (lambda v: v >= 2 and v % 2 == 0, "an even number >= 2 (two frames per video token)"),
-    "data.video_min_pixels": (lambda v: v > 0, "> 0"),
-    "data.video_max_pixels": (lambda v: v > 0, "> 0"),
-    "data.pack_length": (lambda v: v >= 0, ">= 0 (0 means data.max_length)"),
-    "train.max_steps": (lambda v: v >= 1, ">= 1"),
-    "train.per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
-    "train.per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
-    "train.gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
-    "train.learning_rate": (lambda v: v >= 0, ">= 0"),
-    "train.vision_lr": (lambda v: v >= 0 or v == -1, ">= 0, or -1 for train.learning_rate"),
-    "train.merger_lr": (lambda v: v >= 0 or v == -1, ">= 0, or -1 for train.learning_rate"),
-    "train.warmup_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train.max_grad_norm": (lambda v: v >= 0, ">= 0"),
-    "train.weight_decay": (lambda v: v >= 0, ">= 0"),
-    "train.logging_steps": (lambda v: v >= 1, ">= 1"),
-    "train.metrics_warmup_steps": (lambda v: v >= 0, ">= 0"),
-    "train.eval_steps": (lambda v: v >= 0, ">= 0"),
-    "train.save_steps": (lambda v: v >= 0, ">= 0"),
-    "train.keep_last_n": (lambda v: v == 0 or v >= 2, "0 (keep all) or >= 2"),
-    "train.max_skipped_steps": (lambda v: v >= 1, ">= 1"),
-    "train.loss_chunk_size": (lambda v: v >= 0, ">= 0"),
-    "train.dataloader_num_workers": (lambda v: v >= 0, ">= 0"),
-    "train.hang_timeout_s": (lambda v: v >= 0, ">= 0 (0 turns the watchdog off)"),
-}
 
 
 @functools.cache
@@ -643,364 +591,3 @@ def field_docs(cls: type) -> dict[str, str]:
             docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
 
-
-def _suggest(name: str, candidates: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(candidates), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _type_name(typ: Any) -> str:
-    return _base_type(typ).__name__
-
-
-def _has_type(value: Any, typ: Any) -> bool:
-    # A Literal field only needs the right type here; _validate checks the choice.
-    typ = _base_type(typ)
-    if typ is float:  # an int is a valid float, as in Python's numeric tower
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if typ is int:  # bool subclasses int, but `true` is not a step count
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, typ)
-
-
-def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
-    """Return `value` as an instance of `typ`, or raise ConfigError naming key and source.
-
-    A Literal field is coerced as its base type (str); whether the value is one of the
-    choices is checked later, by _validate, once every override has been applied.
-    """
-    typ = _base_type(typ)
-
-    def refuse(hint: str = "") -> typing.NoReturn:
-        raise ConfigError(
-            f"{where}: {key}: expected {typ.__name__}, got "
-            f"{type(value).__name__} {value!r}{hint}"
-        )
-
-    if _has_type(value, typ):
-        result = value
-    elif typ in (int, float) and isinstance(value, str):
-        # PyYAML reads '2e-5' (no decimal point) as a string; a quoted "100" is one too.
-        try:
-            result = typ(value.strip())
-        except ValueError:
-            refuse()
-    elif typ is bool:
-        refuse(" (use true or false)")
-    elif typ is str and value is None:
-        refuse(" (write '' for an empty string)")
-    elif typ is str:
-        # YAML 1.1 reads unquoted off/no/yes/on as booleans and digits as numbers.
-        refuse(" (quote the value in YAML)")
-    else:
-        refuse()
-    if typ is float:
-        result = float(result)
-        if not math.isfinite(result):
-            refuse(" (must be finite)")
-    return result
-
-
-def _set_field(section_obj: Any, section: str, name: str, value: Any, where: str) -> None:
-    types = _field_types(type(section_obj))
-    key = f"{section}.{name}"
-    if name not in types:
-        # Match on the bare name: the shared "section." prefix would make any key look close.
-        close = difflib.get_close_matches(name, list(types), n=1)
-        hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
-        raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-    setattr(section_obj, name, _coerce(value, types[name], key, where))
-
-
-def _unknown_section(section: str, where: str) -> ConfigError:
-    return ConfigError(
-        f"{where}: unknown section {section!r} (sections: {', '.join(SECTIONS)})"
-        + _suggest(section, SECTIONS)
-    )
-
-
-def _apply_mapping(cfg: Config, data: Any, where: str, sources: dict[str, str]) -> None:
-    if data is None:  # an empty file
-        return
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{where}: the top level must be a mapping of sections "
-            f"({', '.join(SECTIONS)}), got {type(data).__name__}"
-        )
-    for section, values in data.items():
-        if section not in SECTIONS:
-            raise _unknown_section(str(section), where)
-        if values is None:  # `train:` with nothing under it
-            continue
-        if not isinstance(values, dict):
-            raise ConfigError(
-                f"{where}: section {section!r} must be a mapping of keys to values, "
-                f"got {type(values).__name__} {values!r}"
-            )
-        for name, value in values.items():
-            _set_field(getattr(cfg, section), section, str(name), value, where)
-            sources[f"{section}.{name}"] = where
-
-
-def _apply_override(cfg: Config, override: str, sources: dict[str, str]) -> None:
-    where = f"override {override!r}"
-    key, eq, text = override.partition("=")
-    key = key.strip()
-    if not eq:
-        raise ConfigError(f"{where}: expected section.key=value (no '=' found)")
-    section, dot, name = key.partition(".")
-    if not dot or not section or not name or "." in name:
-        raise ConfigError(
-            f"{where}: expected section.key=value with exactly one dot in the key, "
-            f"e.g. train.learning_rate=2e-5"
-        )
-    if section not in SECTIONS:
-        raise _unknown_section(section, where)
-    section_obj = getattr(cfg, section)
-    field_type = _field_types(type(section_obj)).get(name)
-    # String fields take the text verbatim: YAML would turn `mode=off` into False and
-    # `run_name=2024` into an int, and `path=` into None.
-    if field_type is not None and _base_type(field_type) is str:
-        value: Any = text
-    else:
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text  # left for _coerce to refuse with the expected type
-    _set_field(section_obj, section, name, value, where)
-    sources[key] = where
-
-
-def _validate(cfg: Config, sources: dict[str, str]) -> None:
-    def value_of(key: str) -> Any:
-        section, name = key.split(".")
-        return getattr(getattr(cfg, section), name)
-
-    def where(key: str) -> str:
-        return sources.get(key, "default")
-
-    for section, cls in SECTIONS.items():
-        section_obj = getattr(cfg, section)
-        if not isinstance(section_obj, cls):
-            raise ConfigError(f"section {section!r} must be a {cls.__name__}")
-        for name, typ in _field_types(cls).items():
-            key = f"{section}.{name}"
-            # Catches dataclasses built in code; loaded values were coerced already.
-            value = getattr(section_obj, name)
-            if not _has_type(value, typ):
-                raise ConfigError(
-                    f"{where(key)}: {key}: expected {_type_name(typ)}, got "
-                    f"{type(value).__name__} {value!r}"
-                )
-    for key, allowed in CHOICES.items():
-        value = value_of(key)
-        if value not in allowed:
-            raise ConfigError(
-                f"{where(key)}: {key}: {value!r} is not one of {', '.join(allowed)}"
-                + _suggest(value, allowed)
-            )
-    for key, (ok, description) in _RANGES.items():
-        value = value_of(key)
-        if not ok(value):
-            raise ConfigError(f"{where(key)}: {key}: {value!r} must be {description}")
-    if cfg.data.eval_fraction and cfg.data.eval_file:
-        raise ConfigError(f"data.eval_fraction ({cfg.data.eval_fraction}, from {where('data.eval_fraction')}) "
-                          f"carves an eval set out of train_file, but data.eval_file is set too "
-                          f"({cfg.data.eval_file!r}, from {where('data.eval_file')}): set data.eval_file= (empty) "
-                          "or data.eval_fraction=0")
-    for low, high in (("data.min_pixels", "data.max_pixels"), ("data.video_min_pixels", "data.video_max_pixels")):
-        if value_of(low) > value_of(high):
-            raise ConfigError(f"{low} ({value_of(low)}, from {where(low)}) must be <= "
-                              f"{high} ({value_of(high)}, from {where(high)})")
-    if cfg.data.pack_length and cfg.data.pack_length < cfg.data.max_length:
-        raise ConfigError(
-            f"data.pack_length ({cfg.data.pack_length}, from {where('data.pack_length')}) must be "
-            f"0 or at least data.max_length ({cfg.data.max_length}, from {where('data.max_length')}): "
-            "a sample is never split across packed rows"
-        )
-    if cfg.data.packing and cfg.data.group_by_length:
-        raise ConfigError(
-            f"data.packing (from {where('data.packing')}) and data.group_by_length (from "
-            f"{where('data.group_by_length')}) are both true: packing already plans rows by "
-            "length; set data.group_by_length=false"
-        )
-    if cfg.train.master_weights == "bf16" and cfg.train.optim == "hf_adafactor":
-        raise ConfigError(
-            f"train.master_weights=bf16 (from {where('train.master_weights')}) with train.optim=hf_adafactor "
-            f"(from {where('train.optim')}): HF's Adafactor writes its fp32 result back to bf16 weights "
-            "with round-to-nearest, which drops every update smaller than half the bf16 spacing, so "
-            "fine-tuning at a small learning rate stops moving weights; use train.optim=adafactor (the "
-            "same update, with stochastic rounding) or adamw")
-    freeze_keys = ("model.freeze_vision_tower", "model.freeze_merger", "model.freeze_llm")
-    if all(value_of(key) for key in freeze_keys):
-        raise ConfigError(
-            "model.freeze_vision_tower, model.freeze_merger and model.freeze_llm are all "
-            f"true (from {', '.join(where(key) for key in freeze_keys)}): nothing would be "
-            "trained; set at least one of them to false"
-        )
-
-
-def validate_config(cfg: Config) -> None:
-    """Check types, choices and ranges of a Config built in code; raise ConfigError."""
-    _validate(cfg, {})
-
-
-def builds_tiny_model(model: ModelConfig) -> bool:
-    """Whether `model.path` is where `build_tiny_if_missing` may build the demo model:
-    the field's default place (relative to the working directory), and only there."""
-    return model.build_tiny_if_missing and Path(model.path).resolve() == Path(ModelConfig.path).resolve()
-
-
-def model_path_refusal(model: ModelConfig) -> str | None:
-    """Why `model.path` cannot be trained from (a folder that does not exist, is not a
-    folder or has no config.json), or None. Reads the file system; creates nothing."""
-    path = Path(model.path)
-    if builds_tiny_model(model):
-        return None  # the demo model is built there if missing (ft.loop)
-    if not path.exists():
-        problem = "does not exist"
-    elif not path.is_dir():
-        problem = "is not a folder"
-    elif not (path / "config.json").is_file():
-        problem = "has no config.json"
-    else:
-        return None
-    hint = (f"; model.build_tiny_if_missing builds the tiny demo model only at its default place, "
-            f"{ModelConfig.path}" if model.build_tiny_if_missing else "")
-    return (f"model.path: {model.path!r} {problem}: expected a folder with a Qwen2.5-VL "
-            f"checkpoint (config.json and weights){hint}")
-
-
-def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
-                check_model: bool = False) -> Config:
-    """Build a Config from defaults, the YAML file at `path` (if any), then `overrides`.
-
-    Each override is a ``section.key=value`` string; later overrides win. Raises
-    ConfigError for a missing or malformed file, an unknown section or key, a value of
-    the wrong type, or a value outside its allowed choices or range. With `check_model`
-    (what a training run needs, not printing a config for another machine) also for a
-    `model.path` that is not a checkpoint folder (:func:`model_path_refusal`).
-    """
-    cfg = Config()
-    sources: dict[str, str] = {}
-    if path is not None:
-        where = str(path)
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"{where}: cannot read config file: {e.strerror or e}") from e
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: invalid YAML: {e}") from e
-        _apply_mapping(cfg, data, where, sources)
-    for override in overrides:
-        _apply_override(cfg, override, sources)
-    _validate(cfg, sources)
-    refusal = check_model and model_path_refusal(cfg.model)
-    if refusal:
-        raise ConfigError(f"{sources.get('model.path', 'default')}: {refusal}")
-    return cfg
-
-
-def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    """The config as ``{section: {field: value}}`` in declaration order."""
-    return {
-        section: {f.name: getattr(getattr(cfg, section), f.name)
-                  for f in dataclasses.fields(cls)}
-        for section, cls in SECTIONS.items()
-    }
-
-
-def config_to_yaml(cfg: Config) -> str:
-    """The config as YAML text that :func:`load_config` reads back to an equal Config."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config (every field, defaults included) as YAML."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "# Resolved ft config: every field, defaults included.\n" + config_to_yaml(cfg),
-        encoding="utf-8",
-    )
-
-
-def _markdown_cell(text: str) -> str:
-    # A table cell is one line, and `|` would end the cell.
-    return " ".join(text.split()).replace("|", "\\|")
-
-
-def _yaml_scalar(value: Any) -> str:
-    if isinstance(value, str):
-        return f'"{value}"'
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-def config_reference_markdown() -> str:
-    """A Markdown reference of every section and field: name, type, default and doc."""
-    lines = [
-        "Every field can be set in the YAML config file under its section, or on the "
-        "command line as `section.key=value` (e.g. `train.learning_rate=2e-5`); command-"
-        "line overrides win. Relative paths resolve against the working directory.",
-    ]
-    for section, cls in SECTIONS.items():
-        docs = field_docs(cls)
-        types = _field_types(cls)
-        default = cls()
-        lines += [
-            "",
-            f"### `{section}`",
-            "",
-            inspect.cleandoc(cls.__doc__ or ""),
-            "",
-            "| Key | Type | Default | Description |",
-            "| --- | --- | --- | --- |",
-        ]
-        for f in dataclasses.fields(cls):
-            key = f"{section}.{f.name}"
-            doc = docs[f.name]
-            allowed = _literal_choices(types[f.name])
-            if allowed is not None:
-                doc += " One of: " + ", ".join(f"`{value}`" for value in allowed) + "."
-            lines.append(
-                f"| `{key}` | {_type_name(types[f.name])} | "
-                f"`{_yaml_scalar(getattr(default, f.name))}` | {_markdown_cell(doc)} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: typing.Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ft.config",
-        description="Print the resolved config (YAML) or the config reference (Markdown). "
-        "Arguments containing '=' are section.key=value overrides; the one argument "
-        "without '=' (optional) is the YAML config file.",
-    )
-    parser.add_argument("--reference", action="store_true",
-                        help="print the Markdown reference of every config field")
-    parser.add_argument("args", nargs="*", metavar="CONFIG | section.key=value")
-    ns = parser.parse_args(argv)
-    if ns.reference:
-        if ns.args:
-            parser.error("--reference takes no other arguments")
-        sys.stdout.write(config_reference_markdown())
-        return 0
-    paths = [a for a in ns.args if "=" not in a]
-    overrides = [a for a in ns.args if "=" in a]
-    if len(paths) > 1:
-        parser.error(f"expected at most one config file, got {paths}")
-    try:
-        cfg = load_config(paths[0] if paths else None, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    sys.stdout.write(config_to_yaml(cfg))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

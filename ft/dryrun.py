@@ -1,23 +1,27 @@
 """The dry run: print the wrap plan and a per-rank memory estimate for any Qwen2.5-VL
 config.json, without loading weights (the model is built on the meta device) and
-without a GPU. The loop prints the same plan at start-up (`format_plan`).
+without a GPU. The plan's table is `ft.fsdp_wrap.format_plan`, which the loop prints at
+start-up too.
 
     python -m ft.dryrun /models/Qwen2.5-VL-7B-Instruct --world-size 16 [--freeze-vision-tower] [--optim adamw]
 
 It is also the fit check of a run config: given the YAML file a run would use (plus
-`section.key=value` overrides, as train.py takes them), it reads model.path, the
-freeze_* switches, train.optim, train.precision, fsdp.activation_checkpointing,
-train.loss_chunk_size and the micro-batch's tokens from it, adds an activation estimate
-(`estimate_activations`) to the memory table and says whether a rank fits in
-`--gpu-memory-gib` (80 by default):
+`section.key=value` overrides, as `./launch.sh` and `python -m ft.loop` take them), it
+reads model.path, the freeze_* switches, train.optim, train.precision,
+fsdp.activation_checkpointing, train.loss_chunk_size and the micro-batch's tokens from
+it, adds an activation estimate (`estimate_activations`) to the memory table and says
+whether a rank fits in `--gpu-memory-gib` (80 by default):
 
     python -m ft.dryrun configs/example_qwen2_5_vl_7b.yaml --world-size 8 train.optim=adamw
+
+The Config is built by `ft.config_load.load_config` either way (a model folder becomes
+`model.path`, the flags that set a field become overrides), so its validation is the
+only gate.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -26,112 +30,12 @@ import torch
 from torch import nn
 
 from ft.backends import BACKENDS, DEFAULT
-from ft.config import Config, ConfigError, DataConfig, TrainConfig, field_choices, load_config
-from ft.fsdp_wrap import Unit, plan_units, root_members
+from ft.config import Config, ConfigError, TrainConfig, field_choices
+from ft.config_load import load_config
+from ft.fsdp_wrap import Unit, fmt_bytes, fmt_count, format_plan, per_rank_numel, plan_units, root_members
 from ft.optim import OPTIMIZERS
-from ft.parts import PART_NAMES, PARTS, apply_freezing
+from ft.parts import PARTS, apply_freezing
 from ft.rounding import MASTER_DTYPES
-
-
-def shard_numel(numel: int, world_size: int, backend: str = DEFAULT) -> int:
-    """Elements of a unit of `numel` parameters that each rank holds."""
-    return BACKENDS[backend].shard_numel(numel, world_size)
-
-
-def _fmt_count(n: float) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(int(n))
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def _checkpoint_label(u: Unit) -> str:
-    """`yes`: the unit's module is recomputed in backward; `N`: that many modules inside
-    it are; `skip`: a checkpointed class that backward never reaches (frozen); `-`: none."""
-    if u.recompute:
-        return "yes" if list(u.recompute) == [u.fqn] else str(len(u.recompute))
-    return "skip" if u.recompute_skipped else "-"
-
-
-def format_plan(
-    units: list[Unit],
-    world_size: int,
-    param_bytes: int = 4,
-    root_names: list[str] | None = None,
-) -> str:
-    """A table of the plan; runs of identical layers are folded into one line. Frozen
-    units are marked; `skip` in the ckpt column is a checkpointed class that
-    `apply_checkpointing` leaves alone because backward never reaches it.
-
-    `param_bytes` is the size of the sharded (master) parameter: 4 for fp32.
-    """
-    def status(u: Unit) -> str:
-        if u.trainable_numel == u.numel:
-            return "train"
-        return "frozen" if u.trainable_numel == 0 else "MIXED"
-
-    groups: list[tuple[str, Unit, int]] = []  # (label, first unit, count)
-    for u in units:
-        base = re.sub(r"\.(\d+)$", "", u.fqn)
-        last = groups[-1] if groups else None
-        if (
-            last
-            and last[1].cls_name == u.cls_name
-            and last[1].numel == u.numel
-            and status(last[1]) == status(u)
-            and re.sub(r"\.(\d+)$", "", last[1].fqn) == base
-            and base != u.fqn
-        ):
-            groups[-1] = (last[0], last[1], last[2] + 1)
-        else:
-            groups.append((u.fqn or "<root>", u, 1))
-
-    lines = [
-        f"FSDP units (world size {world_size}; per rank = ceil(params / {world_size}) "
-        f"x {param_bytes} B master weights):",
-        f"  {'unit':<44} {'class':<34} {'part':<12} {'params':>9} {'per rank':>10}  ckpt  status",
-    ]
-    for label, u, count in groups:
-        if count > 1:
-            i0 = int(u.fqn.rsplit(".", 1)[1])
-            label = f"{u.fqn.rsplit('.', 1)[0]}.{{{i0}..{i0 + count - 1}}} x{count}"
-        per_rank = shard_numel(u.numel, world_size) * param_bytes
-        lines.append(
-            f"  {label:<44} {u.cls_name:<34} {'+'.join(u.parts):<12} {_fmt_count(u.numel):>9} "
-            f"{_fmt_bytes(per_rank):>10}  {_checkpoint_label(u):<4}  {status(u)}"
-        )
-    if root_names:
-        shown = ", ".join(root_names[:6]) + (" ..." if len(root_names) > 6 else "")
-        lines.append(f"  root holds: {shown}")
-    total = sum(u.numel for u in units)
-    per_rank_total = sum(shard_numel(u.numel, world_size) for u in units) * param_bytes
-    biggest = max(units, key=lambda u: u.numel)
-    lines.append(
-        f"  total {_fmt_count(total)} params in {len(units)} units; "
-        f"{_fmt_bytes(per_rank_total)} of master weights per rank; "
-        f"largest unit {biggest.fqn or '<root>'} ({_fmt_count(biggest.numel)} params, "
-        "the biggest all-gather)"
-    )
-    per_part = []
-    for name in PART_NAMES:
-        in_part = [p for u in units for n, p in u.params.items() if u.part_of[n] == name]
-        size = sum(p.numel() for p in in_part)
-        trainable = sum(p.numel() for p in in_part if p.requires_grad)
-        state = {0: "frozen", size: "trainable"}.get(trainable, f"{_fmt_count(trainable)} trainable")
-        per_part.append(f"{name} {_fmt_count(size)} {state}")
-    trainable_total = sum(u.trainable_numel for u in units)
-    lines.append(f"  trainable {_fmt_count(trainable_total)} of {_fmt_count(total)} params: "
-                 + ", ".join(per_part))
-    return "\n".join(lines)
-
-
 
 
 # =====================================================================================
@@ -175,10 +79,8 @@ def estimate_memory(units: list[Unit], world_size: int, optim: str, precision: s
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     if master_weights not in MASTER_DTYPES:
         raise ValueError(f"master_weights must be one of {', '.join(MASTER_DTYPES)}, got {master_weights!r}")
-    if master_weights == "bf16" and optim == "hf_adafactor":
-        raise ValueError("hf_adafactor cannot train bf16 master weights (round-to-nearest write-back)")
     master_bytes = MASTER_DTYPES[master_weights].itemsize
-    trainable_shard = sum(shard_numel(u.numel, world_size, backend) for u in units if u.trainable_numel)
+    trainable_shard = sum(per_rank_numel(u.numel, world_size, backend) for u in units if u.trainable_numel)
     root, others = units[-1], units[:-1]
     largest = max(others, key=lambda u: u.numel, default=None)
     compute_bytes = 2 if precision == "bf16" else 4
@@ -189,7 +91,7 @@ def estimate_memory(units: list[Unit], world_size: int, optim: str, precision: s
         precision=precision,
         optim=optim,
         master_weights=master_weights,
-        master=sum(shard_numel(u.numel, world_size, backend) for u in units) * master_bytes,
+        master=sum(per_rank_numel(u.numel, world_size, backend) for u in units) * master_bytes,
         gathered=gathered,
         gathered_units=(root, largest),
         gradients=trainable_shard * master_bytes,
@@ -202,16 +104,16 @@ def format_memory(est: MemoryEstimate, act: "ActivationEstimate | None" = None) 
     root, largest = est.gathered_units
     biggest = max((u for u in est.gathered_units if u), key=lambda u: u.numel)
     dtype = est.precision
-    gathered_why = f"<root> {_fmt_count(root.numel)}"
+    gathered_why = f"<root> {fmt_count(root.numel)}"
     if largest:
-        gathered_why += f" + 2 x {largest.fqn} {_fmt_count(largest.numel)} (running + prefetched)"
+        gathered_why += f" + 2 x {largest.fqn} {fmt_count(largest.numel)} (running + prefetched)"
     optim_why = OPTIMIZERS[est.optim].memory_note
     total = est.master + est.gathered + est.gradients + est.optimizer
     rows = [
         ("parameters", est.master, f"{est.master_weights} master shards"),
         ("", est.gathered, f"{dtype} gathered during compute: {gathered_why}"),
         ("gradients", est.gradients, f"{est.master_weights} shards, trainable units only "
-                                     f"({_fmt_count(est.trainable)} params)"),
+                                     f"({fmt_count(est.trainable)} params)"),
         ("optimizer", est.optimizer, f"{est.optim}: {optim_why}"),
     ]
     if act is None:
@@ -219,13 +121,13 @@ def format_memory(est: MemoryEstimate, act: "ActivationEstimate | None" = None) 
     lines = [
         f"Per-rank memory estimate (world size {est.world_size}, {dtype} compute, {est.master_weights} "
         f"master weights, {est.optim}); "
-        f"largest all-gather: {biggest.fqn or '<root>'}, {_fmt_count(biggest.numel)} params = "
-        f"{_fmt_bytes(biggest.numel * (2 if dtype == 'bf16' else 4))} in {dtype}",
+        f"largest all-gather: {biggest.fqn or '<root>'}, {fmt_count(biggest.numel)} params = "
+        f"{fmt_bytes(biggest.numel * (2 if dtype == 'bf16' else 4))} in {dtype}",
     ]
-    lines += [f"  {name:<11} {_fmt_bytes(n):>10}  {why}" for name, n, why in rows]
+    lines += [f"  {name:<11} {fmt_bytes(n):>10}  {why}" for name, n, why in rows]
     if act is not None:
         lines.append(format_activations(act))
-        lines.append(f"  {'total':<11} {_fmt_bytes(total + act.total):>10}  "
+        lines.append(f"  {'total':<11} {fmt_bytes(total + act.total):>10}  "
                      "+ CUDA context, NCCL buffers, allocator fragmentation (a few GiB)")
     return "\n".join(lines)
 
@@ -285,6 +187,19 @@ def _vision_block_bytes(vision, patches: int, cb: int) -> int:
     return patches * ((h + 3 * h + 2 * h + h) * cb + 2 * h * 4 + (h + 6 * i) * cb)
 
 
+def _vision_trains(units: list[Unit]) -> bool:
+    """Whether backward runs through the vision tower: it trains or recomputes blocks."""
+    return any(u.recompute or u.trainable_numel for u in units if "vision_tower" in u.parts)
+
+
+def _grad_buffers(units: list[Unit], cb: int) -> int:
+    """The unsharded compute-dtype gradients FSDP1 holds until reduce-scatter: the
+    root's (for the whole backward) and the largest other trainable unit's."""
+    root, others = units[-1], units[:-1]
+    largest = max((u.numel for u in others if u.trainable_numel), default=0)
+    return ((root.numel if root.trainable_numel else 0) + largest) * cb
+
+
 def estimate_activations(
     config,
     units: list[Unit],
@@ -304,12 +219,10 @@ def estimate_activations(
     the step, the chunked loss's live chunk (its logits in the compute dtype, their fp32
     copy and one fp32 temporary: rows x vocab x (bytes + 8), the forward's peak; see
     ft.model._ChunkedCrossEntropySum), whichever is larger; the embeddings, final norm
-    and label rows; and the unsharded compute-dtype gradient
-    buffers FSDP1 holds until reduce-scatter: the root's for the whole backward, and
-    one other unit's. Vision patches: `vision_patches`, else assumed to be every token
-    an image token, each merged from spatial_merge_size**2 (4) patches (an upper bound
-    for an image-heavy batch). A frozen vision tower that backward never reaches keeps
-    nothing.
+    and label rows; and the unsharded gradient buffers (`_grad_buffers`). Vision
+    patches: `vision_patches`, else assumed to be every token an image token, each
+    merged from spatial_merge_size**2 (4) patches (an upper bound for an image-heavy
+    batch). A frozen vision tower that backward never reaches keeps nothing.
     """
     cb = 2 if precision == "bf16" else 4
     text = getattr(config, "text_config", config)
@@ -317,8 +230,8 @@ def estimate_activations(
     assumed = vision_patches is None
     if assumed:
         vision_patches = tokens * vision.spatial_merge_size**2
-    vision_trains = any(u.recompute for u in units if "vision_tower" in u.parts) or any(
-        u.trainable_numel for u in units if "vision_tower" in u.parts)
+    vision_trains = _vision_trains(units)
+    vision_depth = vision.depth if vision_trains else 0
     hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
     decoder_layer = _decoder_layer_bytes(text, tokens, cb)
     vision_block = _vision_block_bytes(vision, vision_patches, cb) if vision_trains else 0
@@ -331,26 +244,13 @@ def estimate_activations(
     # inputs_embeds and its image-filled copy; the final norm's fp32 upcast and output;
     # the label rows handed to the loss and their gradient.
     other = tokens * hidden * (4 * cb + 4)
-    root, others = units[-1], units[:-1]
-    largest = max((u.numel for u in others if u.trainable_numel), default=0)
-    grad_buffers = ((root.numel if root.trainable_numel else 0) + largest) * cb
-    vision_depth = vision.depth if vision_trains else 0
-    without = (layers * decoder_layer + vision_depth * vision_block
-               + loss + other + grad_buffers)
+    grad_buffers = _grad_buffers(units, cb)
+    without = layers * decoder_layer + vision_depth * vision_block + loss + other + grad_buffers
     return ActivationEstimate(
-        tokens=tokens,
-        vision_patches=vision_patches,
-        patches_assumed=assumed,
-        precision=precision,
-        checkpointing=checkpointing,
-        decoder_inputs=layers * tokens * hidden * cb,
-        vision_inputs=vision_depth * vision_patches * vision.hidden_size * cb,
-        recompute=recompute,
-        recompute_of=recompute_of,
-        loss=loss,
-        loss_rows=rows,
-        other=other,
-        grad_buffers=grad_buffers,
+        tokens=tokens, vision_patches=vision_patches, patches_assumed=assumed, precision=precision,
+        checkpointing=checkpointing, decoder_inputs=layers * tokens * hidden * cb,
+        vision_inputs=vision_depth * vision_patches * vision.hidden_size * cb, recompute=recompute,
+        recompute_of=recompute_of, loss=loss, loss_rows=rows, other=other, grad_buffers=grad_buffers,
         without_checkpointing=without,
     )
 
@@ -360,27 +260,27 @@ def format_activations(act: ActivationEstimate) -> str:
     if act.patches_assumed:
         patches += " (assumed: every token an image token x 4 patches; --vision-patches to set)"
     if not act.checkpointing:
-        return (f"  {'activations':<11} {_fmt_bytes(act.total):>10}  {act.tokens} tokens, {patches}; "
+        return (f"  {'activations':<11} {fmt_bytes(act.total):>10}  {act.tokens} tokens, {patches}; "
                 "no activation checkpointing: every layer's intermediates kept")
     parts = [
-        f"inputs of every decoder layer {_fmt_bytes(act.decoder_inputs)}",
-        f"of every vision block {_fmt_bytes(act.vision_inputs)}" if act.vision_inputs
+        f"inputs of every decoder layer {fmt_bytes(act.decoder_inputs)}",
+        f"of every vision block {fmt_bytes(act.vision_inputs)}" if act.vision_inputs
         else "vision tower frozen: none",
-        f"the larger of one {act.recompute_of} recomputed {_fmt_bytes(act.recompute)} "
-        f"and the loss chunk ({act.loss_rows} rows) {_fmt_bytes(act.loss)}",
-        f"embeddings/norm/label rows {_fmt_bytes(act.other)}",
-        f"unsharded grads {_fmt_bytes(act.grad_buffers)}",
+        f"the larger of one {act.recompute_of} recomputed {fmt_bytes(act.recompute)} "
+        f"and the loss chunk ({act.loss_rows} rows) {fmt_bytes(act.loss)}",
+        f"embeddings/norm/label rows {fmt_bytes(act.other)}",
+        f"unsharded grads {fmt_bytes(act.grad_buffers)}",
     ]
-    return (f"  {'activations':<11} {_fmt_bytes(act.total):>10}  {act.tokens} tokens, {patches}, "
+    return (f"  {'activations':<11} {fmt_bytes(act.total):>10}  {act.tokens} tokens, {patches}, "
             f"checkpointed: " + "; ".join(parts)
-            + f" (without checkpointing: {_fmt_bytes(act.without_checkpointing)})")
+            + f" (without checkpointing: {fmt_bytes(act.without_checkpointing)})")
 
 
 def fit_verdict(total: int, gpu_bytes: int, suggestions: list[str]) -> str:
     spare = gpu_bytes - total
     if spare >= 0:
-        return f"fits: {_fmt_bytes(total)} of {_fmt_bytes(gpu_bytes)} per rank, {_fmt_bytes(spare)} to spare"
-    line = f"does NOT fit: {_fmt_bytes(total)} per rank is {_fmt_bytes(-spare)} over {_fmt_bytes(gpu_bytes)}"
+        return f"fits: {fmt_bytes(total)} of {fmt_bytes(gpu_bytes)} per rank, {fmt_bytes(spare)} to spare"
+    line = f"does NOT fit: {fmt_bytes(total)} per rank is {fmt_bytes(-spare)} over {fmt_bytes(gpu_bytes)}"
     return line + (". To fit: " + "; ".join(suggestions) if suggestions else "")
 
 
@@ -428,41 +328,47 @@ def micro_batch_tokens(cfg: Config) -> tuple[int, str]:
             f"data.max_length {cfg.data.max_length} x train.per_device_train_batch_size {batch}")
 
 
-def _resolve(args, parser) -> _Plan:
-    """The plan from a run config (YAML + overrides; flags given explicitly win) or a
-    model folder / config.json with the flags. Raises ConfigError for bad input."""
-    flag_freeze = {p.freeze_field: getattr(args, p.freeze_field) for p in PARTS}
+def _flag_overrides(args) -> list[str]:
+    """The flags that set a config field, as the `section.key=value` overrides they are."""
+    out = [f"model.{p.freeze_field}=true" for p in PARTS if getattr(args, p.freeze_field)]
+    out += [f"train.{key}={getattr(args, key)}" for key in ("optim", "precision", "master_weights")
+            if getattr(args, key)]
+    if args.no_activation_checkpointing:
+        out.append("fsdp.activation_checkpointing=false")
+    return out
+
+
+def _load(args, parser) -> Config:
+    """The Config the plan is for, built by `load_config`, whose validation is the one
+    gate: a run config (YAML) with its overrides, or a model folder (a config.json: its
+    folder) as `model.path`; the flags given come last, so they win. The model must be
+    there: the dry run builds no demo model (`model.build_tiny_if_missing=false`)."""
+    flags = ["model.build_tiny_if_missing=false", *_flag_overrides(args)]
     if _is_run_config(args.config):
-        cfg = load_config(args.config, args.overrides)
-        model_path = cfg.model.path
-        where = f"{args.config}: model.path {model_path!r}"
-        path = Path(model_path)
-        if not path.exists():
-            raise ConfigError(f"{where} does not exist (set model.path=... to a folder with config.json)")
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise ConfigError(f"{where} has no config.json")
-        freeze = {f: v or getattr(cfg.model, f) for f, v in flag_freeze.items()}
-        precision = args.precision or cfg.train.precision
-        tokens, why = micro_batch_tokens(cfg)
-        refusals = BACKENDS[cfg.fsdp.backend].config_refusals(cfg)
-        if refusals:
-            raise ConfigError("; ".join(refusals))
-        return _Plan(model_path, freeze, args.optim or cfg.train.optim,
-                     "bf16" if precision == "auto" else precision,
-                     args.master_weights or cfg.train.master_weights,
-                     cfg.fsdp.activation_checkpointing and not args.no_activation_checkpointing,
-                     tokens, why, cfg.train.loss_chunk_size, cfg.fsdp.backend)
+        return load_config(args.config, [*args.overrides, *flags], check_model=True)
     if args.overrides:
         parser.error(f"section.key=value overrides need a run config (YAML), got {args.overrides}")
     path = Path(args.config)
-    if not path.exists():
-        raise ConfigError(f"{args.config}: does not exist (expected a model folder, a config.json or a run config .yaml)")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise ConfigError(f"{args.config}: has no config.json")
-    tokens = DataConfig.max_length * TrainConfig.per_device_train_batch_size
-    return _Plan(args.config, flag_freeze, args.optim or TrainConfig.optim, args.precision or "bf16",
-                 args.master_weights or TrainConfig.master_weights, not args.no_activation_checkpointing, tokens,
-                 f"data.max_length's default {DataConfig.max_length}", TrainConfig.loss_chunk_size)
+    folder = path.parent if path.name == "config.json" and path.is_file() else path
+    return load_config(None, [f"model.path={folder}", *flags], check_model=True)
+
+
+def _resolve(args, parser) -> _Plan:
+    """The plan from a run config or a model folder, and the flags. Raises ConfigError
+    for bad input."""
+    cfg = _load(args, parser)
+    refusals = BACKENDS[cfg.fsdp.backend].config_refusals(cfg)
+    if refusals:
+        raise ConfigError("; ".join(refusals))
+    tokens, why = micro_batch_tokens(cfg)
+    if args.tokens:
+        tokens, why = args.tokens, "--tokens"
+    elif not _is_run_config(args.config):
+        why = f"data.max_length's default {cfg.data.max_length}"
+    precision = cfg.train.precision
+    return _Plan(cfg.model.path, {p.freeze_field: getattr(cfg.model, p.freeze_field) for p in PARTS},
+                 cfg.train.optim, "bf16" if precision == "auto" else precision, cfg.train.master_weights,
+                 cfg.fsdp.activation_checkpointing, tokens, why, cfg.train.loss_chunk_size, cfg.fsdp.backend)
 
 
 def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_patches) -> list[str]:
@@ -518,7 +424,7 @@ def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_p
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ft.dryrun",
         description="Print the FSDP wrap plan of a Qwen2.5-VL model and an estimate of "
@@ -527,10 +433,10 @@ def main(argv: list[str] | None = None) -> None:
         "fits in --gpu-memory-gib.",
     )
     parser.add_argument("config", metavar="CONFIG",
-                        help="a run config (.yaml, as train.py takes it), a model folder holding "
-                        "config.json, or a config.json file")
+                        help="a run config (.yaml, as ./launch.sh and python -m ft.loop take it), a model "
+                        "folder holding config.json, or a config.json file")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="overrides of the run config, as train.py takes them")
+                        help="overrides of the run config, as ./launch.sh and python -m ft.loop take them")
     parser.add_argument("--world-size", type=int, default=8, help="ranks sharing the model (default 8)")
     for part in PARTS:
         flag = "--" + part.freeze_field.replace("_", "-")
@@ -556,33 +462,21 @@ def main(argv: list[str] | None = None) -> None:
                         help="estimate without activation checkpointing")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0,
                         help="memory of one GPU for the verdict (default 80)")
-    args = parser.parse_intermixed_args(argv)
+    return parser
+
+
+def _check_numbers(parser: argparse.ArgumentParser, args) -> None:
     if args.world_size < 1:
         parser.error("--world-size must be >= 1")
     if args.tokens is not None and args.tokens < 1:
         parser.error("--tokens must be >= 1")
     if args.vision_patches is not None and args.vision_patches < 0:
         parser.error("--vision-patches must be >= 0")
-    try:
-        plan = _resolve(args, parser)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    if all(plan.freeze.values()):
-        parser.error("every part is frozen: nothing would be trained")
-    tokens, tokens_why = (args.tokens, "--tokens") if args.tokens else (plan.tokens, plan.tokens_why)
-    plan = plan._replace(tokens=tokens, tokens_why=tokens_why)
-    try:
-        model = build_on_meta(plan.model_path)
-    except (OSError, ValueError) as e:
-        print(f"error: {plan.model_path}: cannot read the model config: {e}".splitlines()[0], file=sys.stderr)
-        sys.exit(2)
-    apply_freezing(model, argparse.Namespace(**plan.freeze))  # the freeze_* attributes of a ModelConfig
+
+
+def _report(model: nn.Module, plan: _Plan, args) -> None:
+    """Print the plan, the memory table and the fit verdict."""
     units = plan_units(model)
-    if plan.master_weights == "bf16" and plan.optim == "hf_adafactor":
-        print("error: train.master_weights=bf16 with train.optim=hf_adafactor is refused (HF's Adafactor "
-              "rounds its updates to nearest); use adafactor or adamw", file=sys.stderr)
-        sys.exit(2)
     est = estimate_memory(units, args.world_size, plan.optim, plan.precision, plan.master_weights, plan.backend)
     act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
                                plan.loss_chunk_size, args.vision_patches)
@@ -597,6 +491,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Tokens per micro-batch: {plan.tokens} ({plan.tokens_why}); activation checkpointing "
           f"{'on' if plan.checkpointing else 'off'}; loss chunk {plan.loss_chunk_size}")
     print(f"Fit check ({args.gpu_memory_gib:g} GiB per GPU): " + fit_verdict(total, gpu_bytes, suggestions))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _argument_parser()
+    args = parser.parse_intermixed_args(argv)
+    _check_numbers(parser, args)
+    try:
+        plan = _resolve(args, parser)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        model = build_on_meta(plan.model_path)
+    except (OSError, ValueError) as e:
+        print(f"error: {plan.model_path}: cannot read the model config: {e}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+    apply_freezing(model, argparse.Namespace(**plan.freeze))  # the freeze_* attributes of a ModelConfig
+    _report(model, plan, args)
 
 
 if __name__ == "__main__":

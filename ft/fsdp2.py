@@ -64,6 +64,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from ft.config import ConfigError, field_choices
+from ft.config_load import HF_ADAFACTOR_CRASH
 from ft.dist import DistInfo
 from ft.shards import ParamSlice, ShardLayout, clip_fp32, local
 
@@ -141,15 +142,8 @@ for _key, _values in KNOBS.items():  # every choice of a Literal knob has an ent
         raise RuntimeError(f"ft.fsdp2.KNOBS[{_key!r}] covers {sorted(map(str, _values))}, "
                            f"fsdp.{_key} allows {sorted(map(str, _choices))}")
 
-HF_ADAFACTOR_CRASH = (
-    "HF's Adafactor crashes in its first step on FSDP2's DTensor parameters (transformers' "
-    "optimization.py: exp_avg_sq_row.mul_(beta2t).add_(...): \"aten.add_.Tensor got mixed torch.Tensor "
-    "and DTensor\"): use train.optim=adafactor (ft's: the same update, computed per parameter over the "
-    "shards) or adamw")
 _TRAIN_REFUSALS = {
-    # Measured (torch 2.14, transformers 5.25): HF's Adafactor allocates its row and column
-    # factors as plain tensors and adds the DTensor gradient's means into them.
-    ("optim", "hf_adafactor"): HF_ADAFACTOR_CRASH,
+    ("optim", "hf_adafactor"): HF_ADAFACTOR_CRASH,  # the text lives with the config's refusals (ft.config_load)
 }
 
 

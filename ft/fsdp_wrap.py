@@ -13,7 +13,8 @@
    never by attribute path; a rule that matches nothing is refused, so a renamed class
    cannot silently leave the whole model in one giant unit. Checkpointing is skipped
    where no backward pass reaches (`ft.parts.backward_reaches`: a frozen vision tower).
-   `python -m ft.dryrun` prints it for any config.json without loading weights.
+   `format_plan` prints it as a table, at the loop's start-up and in the dry run
+   (`python -m ft.dryrun`, for any config.json without loading weights).
 3. `wrap_model`: hands the plan to the sharding backend (`fsdp.backend`: `ft.fsdp1` or
    `ft.fsdp2`), which wraps and applies checkpointing in its own order. An FSDP1 unit is
    one flat tensor with one `requires_grad`, so under FSDP1 a unit that mixes frozen and
@@ -26,6 +27,7 @@ The loop calls `load_model`, `ft.parts.apply_freezing`, `plan_units`, `wrap_mode
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -37,12 +39,14 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLVisionBlock,
 )
 
-from ft.backends import BACKENDS
+from ft.backends import BACKENDS, DEFAULT
 from ft.dist import DistInfo
-from ft.parts import PART_NAMES, WrapPlanError, backward_reaches, few, module_parts, parameters_by_part
+from ft.parts import (PART_NAMES, WrapPlanError, backward_reaches, few, module_parts, parameters_by_part,
+                      trainable_parts)
 
 __all__ = ["WRAP_PLAN", "WrapRule", "Unit", "WrapPlanError", "plan_units", "check_uniform_requires_grad",
-           "checkpoint_summary", "root_members", "wrap_model"]
+           "checkpoint_summary", "root_members", "wrap_model", "format_plan", "per_rank_numel", "fmt_count",
+           "fmt_bytes"]
 
 
 # =====================================================================================
@@ -164,7 +168,7 @@ def plan_units(model: nn.Module, rules: list[WrapRule] = WRAP_PLAN) -> list[Unit
 
     # Checkpointing: each marked module goes to the innermost unit holding it.
     parts = module_parts(model)
-    trainable = {part for _, p, held in by_part if p.requires_grad for part in held}
+    trainable = trainable_parts(model)
     for name, mod, rule in matched:
         if not rule.checkpoint:
             continue
@@ -230,7 +234,119 @@ def wrap_model(model: nn.Module, units: list[Unit], fsdp_cfg, precision: str, in
     return impl.wrap(model, [u.module for u in units[:-1]], recompute, fsdp_cfg, precision, info, master)  # SYNC
 
 
-if __name__ == "__main__":  # `python -m ft.fsdp_wrap` is the dry run's older name
-    from ft.dryrun import main
+# =====================================================================================
+# The plan as a table: what the dry run prints, and the loop at start-up
+# =====================================================================================
+def per_rank_numel(numel: int, world_size: int, backend: str = DEFAULT) -> int:
+    """Elements of a unit of `numel` parameters that each rank holds."""
+    return BACKENDS[backend].shard_numel(numel, world_size)
 
-    main()
+
+def fmt_count(n: float) -> str:
+    """A parameter count for people: 7.62B, 1.09M, 512."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def fmt_bytes(n: float) -> str:
+    """A byte count for people: 2.03 GiB, 12.00 MiB, 512 B."""
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _checkpoint_label(u: Unit) -> str:
+    """`yes`: the unit's module is recomputed in backward; `N`: that many modules inside
+    it are; `skip`: a checkpointed class that backward never reaches (frozen); `-`: none."""
+    if u.recompute:
+        return "yes" if list(u.recompute) == [u.fqn] else str(len(u.recompute))
+    return "skip" if u.recompute_skipped else "-"
+
+
+def _status(u: Unit) -> str:
+    if u.trainable_numel == u.numel:
+        return "train"
+    return "frozen" if u.trainable_numel == 0 else "MIXED"
+
+
+def _runs(units: list[Unit]) -> list[tuple[Unit, int]]:
+    """The units with each run of identical layers (same class, size and status,
+    numbered children of one module) folded into (its first unit, its length)."""
+    runs: list[tuple[Unit, int]] = []
+    for u in units:
+        base = re.sub(r"\.(\d+)$", "", u.fqn)
+        last = runs[-1][0] if runs else None
+        if (
+            last
+            and last.cls_name == u.cls_name
+            and last.numel == u.numel
+            and _status(last) == _status(u)
+            and re.sub(r"\.(\d+)$", "", last.fqn) == base
+            and base != u.fqn
+        ):
+            runs[-1] = (last, runs[-1][1] + 1)
+        else:
+            runs.append((u, 1))
+    return runs
+
+
+def _unit_row(u: Unit, count: int, world_size: int, param_bytes: int) -> str:
+    label = u.fqn or "<root>"
+    if count > 1:
+        i0 = int(u.fqn.rsplit(".", 1)[1])
+        label = f"{u.fqn.rsplit('.', 1)[0]}.{{{i0}..{i0 + count - 1}}} x{count}"
+    per_rank = per_rank_numel(u.numel, world_size) * param_bytes
+    return (f"  {label:<44} {u.cls_name:<34} {'+'.join(u.parts):<12} {fmt_count(u.numel):>9} "
+            f"{fmt_bytes(per_rank):>10}  {_checkpoint_label(u):<4}  {_status(u)}")
+
+
+def _totals_row(units: list[Unit], world_size: int, param_bytes: int) -> str:
+    total = sum(u.numel for u in units)
+    per_rank_total = sum(per_rank_numel(u.numel, world_size) for u in units) * param_bytes
+    biggest = max(units, key=lambda u: u.numel)
+    return (f"  total {fmt_count(total)} params in {len(units)} units; "
+            f"{fmt_bytes(per_rank_total)} of master weights per rank; "
+            f"largest unit {biggest.fqn or '<root>'} ({fmt_count(biggest.numel)} params, "
+            "the biggest all-gather)")
+
+
+def _parts_row(units: list[Unit]) -> str:
+    per_part = []
+    for name in PART_NAMES:
+        in_part = [p for u in units for n, p in u.params.items() if u.part_of[n] == name]
+        size = sum(p.numel() for p in in_part)
+        trainable = sum(p.numel() for p in in_part if p.requires_grad)
+        state = {0: "frozen", size: "trainable"}.get(trainable, f"{fmt_count(trainable)} trainable")
+        per_part.append(f"{name} {fmt_count(size)} {state}")
+    total = sum(u.numel for u in units)
+    trainable_total = sum(u.trainable_numel for u in units)
+    return f"  trainable {fmt_count(trainable_total)} of {fmt_count(total)} params: " + ", ".join(per_part)
+
+
+def format_plan(
+    units: list[Unit],
+    world_size: int,
+    param_bytes: int = 4,
+    root_names: list[str] | None = None,
+) -> str:
+    """A table of the plan; runs of identical layers are folded into one line. Frozen
+    units are marked; `skip` in the ckpt column is a checkpointed class that
+    `apply_checkpointing` leaves alone because backward never reaches it.
+
+    `param_bytes` is the size of the sharded (master) parameter: 4 for fp32.
+    """
+    lines = [
+        f"FSDP units (world size {world_size}; per rank = ceil(params / {world_size}) "
+        f"x {param_bytes} B master weights):",
+        f"  {'unit':<44} {'class':<34} {'part':<12} {'params':>9} {'per rank':>10}  ckpt  status",
+    ]
+    lines += [_unit_row(u, count, world_size, param_bytes) for u, count in _runs(units)]
+    if root_names:
+        shown = ", ".join(root_names[:6]) + (" ..." if len(root_names) > 6 else "")
+        lines.append(f"  root holds: {shown}")
+    lines.append(_totals_row(units, world_size, param_bytes))
+    lines.append(_parts_row(units))
+    return "\n".join(lines)

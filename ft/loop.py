@@ -41,11 +41,11 @@ from transformers.utils import logging as hf_logging
 from ft import ckpt, dist, faults, watchdog
 from ft.backends import BACKENDS
 from ft.ckpt import CheckpointMismatch, ResumeError, TrainState
-from ft.config import ConfigError, builds_tiny_model, config_to_dict, load_config, model_path_refusal, save_config
+from ft.config import ConfigError
+from ft.config_load import builds_tiny_model, config_to_dict, load_config, model_path_refusal, save_config
 from ft.collate import Batch
 from ft.evaluation import eval_plan, evaluate, export_model, improves
-from ft.fsdp_wrap import checkpoint_summary, plan_units, root_members, wrap_model
-from ft.dryrun import format_plan
+from ft.fsdp_wrap import checkpoint_summary, format_plan, plan_units, root_members, wrap_model
 from ft.metrics import train_flops
 from ft.model import load_model, loss_sum, to_device
 from ft.optim import build_optimizer, clip_grad_norm, lr_scale, set_lr

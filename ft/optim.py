@@ -32,7 +32,7 @@ from transformers.optimization import Adafactor as HFAdafactor
 
 from ft.backends import BACKENDS, backend_of
 from ft.config import ConfigError, field_choices
-from ft.fsdp2 import HF_ADAFACTOR_CRASH
+from ft.config_load import HF_ADAFACTOR_CRASH, refuse_bf16_hf_adafactor
 from ft.rounding import WriteBack
 from ft.shards import local
 
@@ -183,8 +183,7 @@ def _build_adafactor(groups, train_cfg, model):
 
 
 def _build_hf_adafactor(groups, train_cfg, model):
-    if train_cfg.master_weights != "fp32":  # ft.config refuses it with the reason
-        raise ValueError("train.optim=hf_adafactor needs train.master_weights=fp32")
+    refuse_bf16_hf_adafactor(train_cfg)  # loading refused it already; a TrainConfig built in code
     # Exactly as the HF Trainer recipe builds it (optim="adafactor"). Under FSDP1 it sees
     # each rank's 1-D flat shard: it cannot factor its second moment and clips per shard,
     # so training depends on the world size (2 ranks vs 1: loss differs by 4.5e-2 after

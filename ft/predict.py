@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from ft import dist
+from ft.config_load import model_dir_refusal
 from ft.collate import vision_inputs
 from ft.dataset import ConversationDataset
 from ft.deps import MissingDependency
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
-        print(f"ft.predict: {args.model_dir}: not a model folder (no config.json)", file=sys.stderr)
+    refusal = model_dir_refusal(args.model_dir)
+    if refusal:
+        print(f"ft.predict: MODEL_DIR {refusal}", file=sys.stderr)
         return USAGE_EXIT
     try:
         processor = load_processor(args.model_dir)

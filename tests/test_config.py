@@ -14,10 +14,12 @@ from ft.config import (
     ConfigError,
     TrainConfig,
     choices,
-    config_reference_markdown,
-    config_to_dict,
     field_choices,
     field_docs,
+)
+from ft.config_load import (
+    config_reference_markdown,
+    config_to_dict,
     load_config,
     main,
     save_config,
@@ -461,7 +463,7 @@ def test_cli_reports_errors(capsys):
 
 def test_cli_module_reference():
     result = subprocess.run(
-        [sys.executable, "-m", "ft.config", "--reference"],
+        [sys.executable, "-m", "ft.config_load", "--reference"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )
     assert result.stdout == config_reference_markdown()

@@ -15,7 +15,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import free_port
 from ft import ckpt
-from ft.config import ConfigError, load_config
+from ft.config import ConfigError
+from ft.config_load import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

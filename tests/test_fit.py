@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from ft.config import ModelConfig
-from ft.dryrun import _fmt_bytes, build_on_meta, estimate_memory, main as dry_run
-from ft.fsdp_wrap import plan_units
+from ft.dryrun import build_on_meta, estimate_memory, main as dry_run
+from ft.fsdp_wrap import fmt_bytes, plan_units
 from ft.parts import apply_freezing
 
 from test_benchmarks import load
@@ -41,9 +41,9 @@ def test_run_config_with_overrides(run_config, tiny_model_dir_untied, capsys):
     model = build_on_meta(tiny_model_dir_untied)
     apply_freezing(model, ModelConfig(freeze_vision_tower=True))
     est = estimate_memory(plan_units(model), 2, "adamw", "bf16")
-    assert _row(out, "parameters") == _fmt_bytes(est.master)
-    assert _row(out, "gradients") == _fmt_bytes(est.gradients)
-    assert _row(out, "optimizer") == _fmt_bytes(est.optimizer)
+    assert _row(out, "parameters") == fmt_bytes(est.master)
+    assert _row(out, "gradients") == fmt_bytes(est.gradients)
+    assert _row(out, "optimizer") == fmt_bytes(est.optimizer)
     assert re.search(r"^  activations\s+\S+ \S+\s+1536 tokens", out, re.M)
     assert re.search(r"^Fit check \(80 GiB per GPU\): fits: .* to spare$", out, re.M)
     # --tokens and packing
@@ -65,7 +65,7 @@ def test_verdict_flips_when_the_gpu_is_smaller(run_config, capsys):
 @pytest.mark.parametrize("args, message", [
     (["train.optim=sgd"], "train.optim"),
     (["train.nope=1"], "unknown key 'train.nope'"),
-    (["model.path=/no/such/model"], "model.path '/no/such/model' does not exist"),
+    (["model.path=/no/such/model"], "model.path: '/no/such/model' does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run_config, args, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -75,8 +75,8 @@ def test_bad_input_is_one_line_and_exit_2(run_config, args, message, capsys):
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
 
 
-def test_fsdp_wrap_main_takes_a_run_config(run_config):
-    proc = subprocess.run([sys.executable, "-m", "ft.fsdp_wrap", run_config, "--world-size", "2",
+def test_dryrun_main_takes_a_run_config(run_config):
+    proc = subprocess.run([sys.executable, "-m", "ft.dryrun", run_config, "--world-size", "2",
                            "train.optim=adamw"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "adamw" in proc.stdout and "Fit check" in proc.stdout

@@ -16,10 +16,11 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 )
 
 from conftest import free_port, write_test_image
-from ft.config import ConfigError, FSDPConfig, ModelConfig, TrainConfig, load_config
+from ft.config import ConfigError, FSDPConfig, ModelConfig, TrainConfig
+from ft.config_load import load_config
 from ft.dist import DistInfo
-from ft.dryrun import build_on_meta, format_plan
-from ft.fsdp_wrap import WRAP_PLAN, WrapPlanError, check_uniform_requires_grad, checkpoint_summary, plan_units, wrap_model
+from ft.dryrun import build_on_meta
+from ft.fsdp_wrap import WRAP_PLAN, WrapPlanError, check_uniform_requires_grad, checkpoint_summary, format_plan, plan_units, wrap_model
 from ft.parts import PART_NAMES, apply_freezing, part_learning_rates
 
 SWITCHES = ("freeze_vision_tower", "freeze_merger", "freeze_llm")

@@ -12,8 +12,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import free_port
 from ft.config import ModelConfig
-from ft.dryrun import build_on_meta, estimate_memory, format_plan, main as dry_run, shard_numel
-from ft.fsdp_wrap import WRAP_PLAN, WrapPlanError, WrapRule, plan_units, root_members
+from ft.dryrun import build_on_meta, estimate_memory, main as dry_run
+from ft.fsdp_wrap import WRAP_PLAN, WrapPlanError, WrapRule, format_plan, per_rank_numel, plan_units, root_members
 from ft.parts import apply_freezing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,9 +61,9 @@ def test_rule_matching_nothing_is_refused(tiny_model_dir):
 
 
 def test_shard_numel_pads_to_world_size():
-    assert shard_numel(10, 4) == 3
-    assert shard_numel(12, 4) == 3
-    assert shard_numel(1, 8) == 1
+    assert per_rank_numel(10, 4) == 3
+    assert per_rank_numel(12, 4) == 3
+    assert per_rank_numel(1, 8) == 1
 
 
 def test_dry_run_prints_plan(tiny_model_dir, capsys):
@@ -109,7 +109,7 @@ def test_memory_estimate_7b(meta_7b):
         assert adamw.gathered == (root.numel + 2 * layer.numel) * 2  # bf16 root + 2 layers
 
         # Freezing the vision tower removes exactly its shards from gradients and state.
-        vision_shards = sum(shard_numel(u.numel, world) for u in units if u.parts == ("vision_tower",))
+        vision_shards = sum(per_rank_numel(u.numel, world) for u in units if u.parts == ("vision_tower",))
         assert 600e6 / world < vision_shards < 650e6 / world
         _, frozen = _estimate(meta_7b, world, "adamw", freeze_vision=True)
         assert frozen.master == adamw.master
@@ -200,7 +200,7 @@ def _worker(rank, world, port, model_dir, out_dir):
             for fsdp_module in FSDP.fsdp_modules(model):
                 unit = by_module[id(fsdp_module.module)]
                 flat = fsdp_module._flat_param  # FSDP1 private, stable since torch 2.0
-                sizes[unit.fqn] = [flat.numel(), shard_numel(unit.numel, world)]
+                sizes[unit.fqn] = [flat.numel(), per_rank_numel(unit.numel, world)]
         else:
             from ft.fsdp2 import clean_name, planned_slices
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import as_dataset, write_test_image, write_test_video
-from ft.config import ConfigError, load_config
+from ft.config import ConfigError
+from ft.config_load import load_config
 from ft.datacheck import check_data
 from ft.dataset import ConversationDataset, build_datasets, hold_out
 from ft.messages import IGNORE_INDEX

@@ -21,8 +21,8 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from conftest import free_port
 from ft import faults
 from ft.config import TrainConfig, field_choices
-from ft.dryrun import build_on_meta, estimate_memory, format_plan
-from ft.fsdp_wrap import WrapRule, checkpoint_summary, plan_units
+from ft.dryrun import build_on_meta, estimate_memory
+from ft.fsdp_wrap import WrapRule, checkpoint_summary, format_plan, plan_units
 from ft.optim import OPTIMIZERS, build_optimizer, spec_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +78,8 @@ def test_optimizers_are_registered_once(tiny_model_dir):
 def test_backends_are_registered_once_and_fsdp2_maps_or_refuses_each_knob():
     from ft import fsdp2
     from ft.backends import BACKENDS
-    from ft.config import FSDPConfig, load_config
+    from ft.config import FSDPConfig
+    from ft.config_load import load_config
 
     assert tuple(BACKENDS) == field_choices("fsdp.backend") and FSDPConfig().backend == "fsdp1"
     assert BACKENDS["fsdp2"].config_refusals(load_config(None, ["fsdp.backend=fsdp2"])) == []
