@@ -243,6 +243,7 @@ def _worker(rank, world, port, model_dir, data_file, out_dir, backend):
     dist.cleanup()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fsdp1", "fsdp2"])
 def test_freezing_on_two_ranks(backend, tiny_model_dir, tmp_path):
     for image, size, seed in (("a.png", (56, 56), 1), ("b.png", (84, 56), 2)):

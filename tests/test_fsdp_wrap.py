@@ -237,6 +237,7 @@ def _worker(rank, world, port, model_dir, out_dir):
     dist.cleanup()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_model_dir_untied"])
 def test_two_ranks_units_export_and_checkpoint(fixture, request, tmp_path):
     """On each backend: the units hold the planned shards; the export round-trips through

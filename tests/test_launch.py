@@ -15,6 +15,9 @@ from conftest import write_test_image
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Every test here starts processes (launch.sh, torchrun or python -m ft...): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

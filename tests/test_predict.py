@@ -20,6 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO / "data/demo/eval.jsonl"
 NEW = 6
 
+# Every test here starts processes (launch.sh, torchrun or python -m ft...): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def run(model_dir, out, nproc):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}

@@ -26,6 +26,9 @@ from conftest import free_port, write_test_image
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8
 
+# Every test here starts processes (launch.sh, torchrun or python -m ft...): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

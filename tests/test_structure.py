@@ -95,6 +95,7 @@ def test_backends_are_registered_once_and_fsdp2_maps_or_refuses_each_knob():
     assert "train.optim=hf_adafactor" in refusal and "got mixed torch.Tensor and DTensor" in refusal
 
 
+@pytest.mark.slow
 def test_fsdp2_refusal_stops_the_loop_before_it_starts(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "ft.loop", os.path.join(REPO, "configs/demo.yaml"), "fsdp.backend=fsdp2",
@@ -148,6 +149,7 @@ def _wrap_worker(rank, world, port, model_dir, out):
     dist.cleanup()
 
 
+@pytest.mark.slow
 def test_whole_tower_unit_with_block_checkpointing_trains_the_same(tiny_model_dir, tmp_path):
     out = str(tmp_path / "r.pt")
     mp.spawn(_wrap_worker, args=(2, free_port(), tiny_model_dir, out), nprocs=2, join=True)

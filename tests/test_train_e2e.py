@@ -32,6 +32,9 @@ from conftest import as_dataset, free_port, write_test_image, write_test_video
 REPO = Path(__file__).resolve().parent.parent
 STEPS, LR, WARMUP, CLIP, SEED, MAX_LEN = 3, 2e-3, 0.34, 0.5, 7, 512
 
+# Every test here starts processes (launch.sh, torchrun or python -m ft...): the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def write_rows(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
