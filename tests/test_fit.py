@@ -75,6 +75,7 @@ def test_bad_input_is_one_line_and_exit_2(run_config, args, message, capsys):
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
 
 
+# slow: `python -m ft.fsdp_wrap`, the command-line alias, in a fresh process
 @pytest.mark.slow
 def test_fsdp_wrap_main_takes_a_run_config(run_config):
     proc = subprocess.run([sys.executable, "-m", "ft.fsdp_wrap", run_config, "--world-size", "2",

@@ -273,6 +273,7 @@ def two_rank_results(tiny_model_dir, tmp_path_factory):
     return {b: torch.load(d / "results.pt", weights_only=False) for b, d in out_dirs.items()}
 
 
+# slow: 2 gloo ranks are processes of their own (one mp.spawn for both backends)
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["fsdp1", "fsdp2"])
 def test_freezing_on_two_ranks(backend, tiny_model_dir, two_rank_results):

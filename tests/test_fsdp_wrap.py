@@ -254,6 +254,7 @@ def two_rank_runs(tiny_model_dir, tiny_model_dir_untied, tmp_path_factory):
     return dict(zip(names, out_dirs))
 
 
+# slow: 2 gloo ranks are processes of their own (one mp.spawn for both models)
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_model_dir_untied"])
 def test_two_ranks_units_export_and_checkpoint(fixture, request, two_rank_runs):

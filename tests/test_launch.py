@@ -50,6 +50,7 @@ def log_of(out: Path) -> str:
     return (out.parent / f"{out.name}.log").read_text()
 
 
+# slow: two real launch.sh jobs (torchrun and its workers) side by side
 @pytest.mark.slow
 def test_two_jobs_on_one_node_without_master_port(tiny_model_dir, data, tmp_path):
     """The first job holds its rendezvous port for as long as it runs (before launch.sh
@@ -143,6 +144,7 @@ esac
 """
 
 
+# slow: examples/slurm.sbatch under a fake srun: launch.sh on two "nodes", twice
 @pytest.mark.slow
 def test_slurm_script_checkpoints_and_requeues(tiny_model_dir, data, tmp_path):
     """examples/slurm.sbatch under a fake srun and scontrol: two "nodes" on this machine.

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO / "data/demo/eval.jsonl"
 NEW = 6
 
-# Every test here starts processes (launch.sh, torchrun or python -m ft...): the slow tier.
+# ft.predict through its command line, on 1 rank and on 2 (torchrun): fresh processes, the
+# slow tier.
 pytestmark = pytest.mark.slow
 
 

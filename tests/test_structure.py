@@ -156,6 +156,7 @@ def _wrap_worker(rank, world, port, model_dir, out):
     dist.cleanup()
 
 
+# slow: 2 gloo ranks are processes of their own (mp.spawn)
 @pytest.mark.slow
 def test_whole_tower_unit_with_block_checkpointing_trains_the_same(tiny_model_dir, tmp_path):
     out = str(tmp_path / "r.pt")

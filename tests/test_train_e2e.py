@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 RUN_NUMBERS = iter(range(1 << 30))  # run-0, run-1, ...: unique names, also for runs started together
 STEPS, LR, WARMUP, CLIP, SEED, MAX_LEN = 3, 2e-3, 0.34, 0.5, 7, 512
 
-# Every test here starts processes (launch.sh, torchrun or python -m ft...): the slow tier.
+# Every test here runs the real ./launch.sh (torchrun, 1-2 gloo ranks) or reads such a run:
+# the slow tier.
 pytestmark = pytest.mark.slow
 
 
