@@ -138,7 +138,8 @@ def straight(tiny_model_dir, data, tmp_path_factory):
                                                      ("adamw", "bf16", "fsdp2")])
 def test_exact_resume_with_other_optimizers(optim, master, backend, tiny_model_dir, data, tmp_path):
     """The recipe's HF Adafactor and AdamW checkpoint through FSDP's optimizer state dict
-    (ft's Adafactor, above, through its own): both resume to the same weights. AdamW's
+    (ft's Adafactor through its own: the default job, `test_kill_during_save_then_elastic_restart`):
+    both resume to the same weights. AdamW's
     state reshards too: the 2-rank checkpoint continues on 1 rank x accumulation 4 to
     the same weights up to float rounding (HF Adafactor's updates depend on the world
     size: it is not compared there). bf16 master weights with stochastic rounding
