@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-fast clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,14 @@ install: $(VENV)/.installed
 demo: install
 	./launch.sh
 
+# Everything (~8 minutes on 2 cores); CI runs this one.
 test: install
 	WANDB_MODE=disabled $(PY) -m pytest -q
+
+# The tests that start no process (no launch.sh, torchrun, mp.spawn or Python
+# subprocess): under 3 minutes on 2 cores. tests/README.md describes the tiers.
+test-fast: install
+	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf runs .pytest_cache

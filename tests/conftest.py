@@ -142,3 +142,80 @@ def as_dataset(jsonl_path):
         "images": datasets.List(datasets.Image()),
     })
     return datasets.Dataset.from_list(records, features=features)
+
+
+# -------------------------------------------------------------------------------------
+# Test tiers. A test that starts processes (launch.sh, torchrun, mp.spawn, a Python
+# subprocess) pays ~6 s of importing torch and transformers per process, so it carries
+# the `slow` marker (registered in setup.cfg) and `make test-fast` (-m "not slow")
+# leaves it out. The guard below keeps the tiers honest: every such process start,
+# whether from the test itself or from a fixture it asked for, checks that the test
+# being run is marked slow and fails it loudly if not. See tests/README.md.
+# -------------------------------------------------------------------------------------
+_RUNNING = []  # the test whose setup, call or teardown runs now (fixtures included)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _RUNNING.append(item)
+    try:
+        yield
+    finally:
+        _RUNNING.pop()
+
+
+def require_slow(what: str) -> None:
+    """Fail the running test unless it is marked slow: it is about to start `what`."""
+    if _RUNNING and _RUNNING[-1].get_closest_marker("slow") is None:
+        pytest.fail(f"{_RUNNING[-1].nodeid} starts {what} but is not marked slow: add "
+                    "@pytest.mark.slow (or `pytestmark = pytest.mark.slow` for a whole module); "
+                    "see tests/README.md", pytrace=False)
+
+
+def _launcher(args) -> str | None:
+    """What `subprocess.Popen(args)` starts, if it is a process the slow tier is for: a
+    Python interpreter (python -m ft..., torchrun through torch.distributed.run), torchrun,
+    or a shell script (launch.sh, examples/slurm.sbatch). Other tools (git) are cheap."""
+    import re
+    import sys
+
+    if isinstance(args, (str, bytes, os.PathLike)):
+        words = os.fsdecode(args).split()
+    else:
+        words = [os.fsdecode(a) for a in args]
+    for word in words[:2]:
+        name = os.path.basename(word)
+        if (word == sys.executable or re.fullmatch(r"python[\d.]*", name) or name == "torchrun"
+                or name.endswith((".sh", ".sbatch"))):
+            return f"a process ({' '.join(words[:4])} ...)"
+    return None
+
+
+def _install_slow_guard() -> None:
+    import functools
+    import importlib
+    import subprocess
+
+    popen_init = subprocess.Popen.__init__
+
+    @functools.wraps(popen_init)
+    def init(self, args, *rest, **kwargs):
+        what = _launcher(args)
+        if what:
+            require_slow(what)
+        popen_init(self, args, *rest, **kwargs)
+
+    subprocess.Popen.__init__ = init
+    # mp.spawn (any multiprocessing "spawn" child) starts a fresh interpreter that imports
+    # the test module; forked children (DataLoader workers) do not, and are not checked.
+    cls = importlib.import_module("multiprocessing.popen_spawn_posix").Popen
+    spawn_launch = cls._launch
+
+    def launch(self, process_obj):
+        require_slow("a multiprocessing spawn child (as mp.spawn starts)")
+        return spawn_launch(self, process_obj)
+
+    cls._launch = launch
+
+
+_install_slow_guard()

@@ -363,6 +363,8 @@ def _cuts_mid_row(shards):
                for shapes, infos in shards for shape, info in zip(shapes, infos))
 
 
+# slow: the `ranks` fixture's one 3-process spawn (gloo ranks are processes of their own)
+@pytest.mark.slow
 def test_shard_invariant_on_2_and_3_ranks(ranks):
     ranks, _ = ranks
     ref_losses, ref_weights, _, _ = _reference()
@@ -401,6 +403,8 @@ def test_shard_invariant_on_2_and_3_ranks(ranks):
     assert _max_diff(two["bf16"][1], three["bf16"][1]) < 1e-4
 
 
+# slow: reads the `ranks` fixture's 3-process run
+@pytest.mark.slow
 def test_resume_from_fqn_state_dict(ranks):
     ranks, _ = ranks
     two, three = ranks[0][2], ranks[0][3]
@@ -431,6 +435,8 @@ def _qwen_reference(model_dir, batch, optim):
     return losses, norms, {n: p.detach() for n, p in model.named_parameters()}
 
 
+# slow: reads the `ranks` fixture's 3-process run
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,optim", [("fsdp1", "adafactor"), ("fsdp2", "adafactor"), ("fsdp2", "adamw")])
 def test_tiny_qwen_on_3_ranks_matches_single_process_hf(ranks, tiny_model_dir, backend, optim):
     ranks, batch = ranks
@@ -451,6 +457,8 @@ def test_tiny_qwen_on_3_ranks_matches_single_process_hf(ranks, tiny_model_dir, b
         assert "model.language_model.embed_tokens.weight.exp_avg_sq_row" in results[0]["keys"]
 
 
+# slow: reads the `ranks` fixture's 3-process run
+@pytest.mark.slow
 def test_fsdp2_dim0_shards_match_single_process_hf(ranks):
     """FSDP2 gives each rank whole rows (Shard(0)), unevenly when the rows do not divide:
     ft's Adafactor is still the single-process HF run, with the factored state."""

@@ -231,6 +231,8 @@ def _key_bias(name: str, w: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+# slow: the `ranks` fixture's one 3-process spawn (gloo ranks are processes of their own)
+@pytest.mark.slow
 def test_world_sizes_agree_up_to_one_bf16_step(ranks):
     one, two, three = ranks[0]["world1"], ranks[1]["world2"], ranks[0]["world3"]
     assert ranks[2]["world2"]["losses"] == two["losses"] and ranks[1]["world3"]["losses"] == three["losses"]
@@ -252,6 +254,8 @@ def test_world_sizes_agree_up_to_one_bf16_step(ranks):
         print(f"{differ} of {total} elements differ from world size 1")
 
 
+# slow: reads the `ranks` fixture's 3-process run
+@pytest.mark.slow
 def test_bf16_with_stochastic_rounding_learns_like_fp32(ranks):
     fp32, sr, rtn = (r["learn"] for r in ranks)
     print(json.dumps({name: {"changed": v["changed"], "eval": [v["eval_before"], v["eval_after"]],
@@ -274,6 +278,8 @@ def test_bf16_with_stochastic_rounding_learns_like_fp32(ranks):
 LOSS_TOLERANCE = 2e-3
 
 
+# slow: reads the `ranks` fixture's 3-process run
+@pytest.mark.slow
 def test_fit_check_bytes_are_the_bytes_held(ranks):
     """Parameters, gradients and optimizer state per rank, bf16 master weights: ft's
     Adafactor on 2 ranks, AdamW (fp32 moments; its per-tensor step counters aside) on 3."""

@@ -36,6 +36,8 @@ def greedy_chat(tiny_model_dir):
     return Chat(tiny_model_dir, device="cpu", max_new_tokens=N)
 
 
+# slow: the command line's answer must equal the in-process one: `python -m ft.chat` in a fresh process
+@pytest.mark.slow
 def test_one_shot_answer_is_model_generate_on_processor_inputs(tiny_model_dir, greedy_chat, tmp_path):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
@@ -98,6 +100,8 @@ def test_second_turn_sees_the_first_and_its_image(tiny_model_dir, tmp_path):
     assert chat.last_inputs["input_ids"][0].tolist() == first_ids
 
 
+# slow: `python -m ft.chat` in a fresh process, against the in-process answer
+@pytest.mark.slow
 def test_video_one_shot(tiny_model_dir, tmp_path):
     clip = write_test_video(tmp_path / "clip.mp4", frames=8, fps=4)  # 2 s
     question = "What happens in this video?"
@@ -126,6 +130,8 @@ def test_video_sampling_follows_the_export(tmp_path):
     assert ftchat.video_sampling(tmp_path, fps=3.0, max_frames=4) == ftchat.VideoSampling(fps=3.0, max_frames=4)
 
 
+# slow: the command line's exit status and stderr: `python -m ft.chat` in a fresh process
+@pytest.mark.slow
 def test_missing_image_exits_2_naming_it(tiny_model_dir, tmp_path):
     missing = tmp_path / "no-such-picture.png"
     result = run_chat(tiny_model_dir, "--image", missing, PROMPT)

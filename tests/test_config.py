@@ -461,6 +461,8 @@ def test_cli_reports_errors(capsys):
     assert "did you mean 'train.max_steps'" in capsys.readouterr().err
 
 
+# slow: `python -m ft.config --reference`, the command the README tells people to run
+@pytest.mark.slow
 def test_cli_module_reference():
     result = subprocess.run(
         [sys.executable, "-m", "ft.config_load", "--reference"],

@@ -9,6 +9,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The test starts a fresh interpreter (its own process group, counted threads): slow tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through /proc")
 def test_cleanup_joins_the_gloo_threads_even_when_a_cycle_holds_the_group():

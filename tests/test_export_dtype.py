@@ -145,6 +145,8 @@ def _forward(model, batch):
         return model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
 
 
+# slow: FSDP needs a process group: one gloo rank in a process of its own (mp.spawn)
+@pytest.mark.slow
 def test_export_dtype_follows_setting_and_reloads(tiny_model_dir, tiny_model_dir_untied, tmp_path):
     models = {
         # The tied copy says bfloat16 as transformers 5 writes it, the untied one as 4 did.

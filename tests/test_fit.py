@@ -75,6 +75,8 @@ def test_bad_input_is_one_line_and_exit_2(run_config, args, message, capsys):
     assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err
 
 
+# slow: `python -m ft.dryrun`, the command line as a user types it, in a fresh process
+@pytest.mark.slow
 def test_dryrun_main_takes_a_run_config(run_config):
     proc = subprocess.run([sys.executable, "-m", "ft.dryrun", run_config, "--world-size", "2",
                            "train.optim=adamw"], cwd=REPO, capture_output=True, text=True, timeout=120)

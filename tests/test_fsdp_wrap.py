@@ -239,13 +239,32 @@ def _worker(rank, world, port, model_dir, out_dir):
     dist.cleanup()
 
 
+def _both_models(rank, world, ports, model_dirs, out_dirs):
+    """Both tiny models in one spawn (process start-up is most of the cost), each in a
+    process group of its own."""
+    for port, model_dir, out_dir in zip(ports, model_dirs, out_dirs):
+        _worker(rank, world, port, model_dir, out_dir)
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tiny_model_dir, tiny_model_dir_untied, tmp_path_factory):
+    """{fixture name: the folder its 2-rank run wrote}, from one 2-process run."""
+    names = ("tiny_model_dir", "tiny_model_dir_untied")
+    out_dirs = [tmp_path_factory.mktemp(name) for name in names]
+    mp.spawn(_both_models, args=(2, [free_port() for _ in names], [tiny_model_dir, tiny_model_dir_untied],
+                                 [str(d) for d in out_dirs]), nprocs=2, join=True)
+    return dict(zip(names, out_dirs))
+
+
+# slow: 2 gloo ranks are processes of their own (one mp.spawn for both models)
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["tiny_model_dir", "tiny_model_dir_untied"])
-def test_two_ranks_units_export_and_checkpoint(fixture, request, tmp_path):
+def test_two_ranks_units_export_and_checkpoint(fixture, request, two_rank_runs):
     """On each backend: the units hold the planned shards; the export round-trips through
     from_pretrained; a checkpoint reloads into a fresh model and optimizer and resumes
     exactly (FSDP1: torch's AdamW; FSDP2: ft's Adafactor tied, AdamW untied)."""
     model_dir = request.getfixturevalue(fixture)
-    mp.spawn(_worker, args=(2, free_port(), model_dir, str(tmp_path)), nprocs=2, join=True)
+    tmp_path = two_rank_runs[fixture]
     results = torch.load(tmp_path / "result.pt")
     batch = _batch(model_dir)
     untrained = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()

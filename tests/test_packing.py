@@ -305,6 +305,8 @@ def _worker(rank, world, port, model_dir, rows_file, out_dir):
     dist.cleanup()
 
 
+# slow: 2 gloo ranks are processes of their own (mp.spawn)
+@pytest.mark.slow
 def test_fsdp_two_ranks_packed_equals_padded(tiny_model_dir, rows_file, tmp_path):
     mp.spawn(_worker, args=(2, free_port(), tiny_model_dir, rows_file, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):

@@ -22,8 +22,12 @@ REPO = Path(__file__).resolve().parent.parent
 EVAL = REPO / "data/demo/eval.jsonl"
 NEW = 6
 
+# ft.predict through its command line, on 1 rank and on 2 (torchrun): fresh processes, the
+# slow tier.
+pytestmark = pytest.mark.slow
 
-def run(model_dir, out, nproc):
+
+def start(model_dir, out, nproc) -> subprocess.Popen:
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     args = [str(model_dir), str(EVAL), "--out", str(out), "--max-new-tokens", str(NEW), "--batch-size", "4"]
     if nproc == 1:
@@ -31,15 +35,25 @@ def run(model_dir, out, nproc):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={free_port()}", "-m", "ft.predict", *args]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in out.read_text().splitlines()], proc.stderr
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(out, proc: subprocess.Popen):
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, stderr[-4000:]
+    return [json.loads(line) for line in out.read_text().splitlines()], stderr
 
 
 @pytest.fixture(scope="module")
 def predictions(tiny_model_dir, tmp_path_factory):
+    """The 1-rank and the 2-rank run, started together (they share nothing)."""
     tmp = tmp_path_factory.mktemp("predict")
-    return run(tiny_model_dir, tmp / "one.jsonl", 1), run(tiny_model_dir, tmp / "two.jsonl", 2)
+    one, two = (start(tiny_model_dir, tmp / name, nproc) for name, nproc in (("one.jsonl", 1), ("two.jsonl", 2)))
+    return finish(tmp / "one.jsonl", one), finish(tmp / "two.jsonl", two)
 
 
 def test_one_line_per_row_in_order_same_on_one_and_two_ranks(predictions):

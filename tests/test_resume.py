@@ -26,6 +26,10 @@ from conftest import free_port, write_test_image
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8
 
+# Every test here runs the real ./launch.sh (torchrun, 1-3 gloo ranks) or reads such a run:
+# faults, signals, restarts and resumes need jobs of their own. The slow tier.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -66,8 +70,18 @@ def start(out: Path, model_dir: str, data: Path, *overrides: str, env: dict | No
 
 def run(out: Path, model_dir: str, data: Path, *overrides: str, env: dict | None = None,
         expect_rc: int = 0, nproc: int = 2) -> str:
-    proc = start(out, model_dir, data, *overrides, env=env, nproc=nproc)
-    output, _ = proc.communicate(timeout=200)
+    return wait(start(out, model_dir, data, *overrides, env=env, nproc=nproc), expect_rc)
+
+
+def wait(proc: subprocess.Popen, expect_rc: int = 0) -> str:
+    """The output of a job `start`ed earlier, once it has exited with `expect_rc`. Jobs
+    that share nothing are started together and waited for in turn: a launch spends part
+    of its time on one core (torchrun's start-up, the exit), which the other job uses."""
+    try:
+        output, _ = proc.communicate(timeout=200)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     assert proc.returncode == expect_rc, f"exit {proc.returncode}, expected {expect_rc}:\n{output[-8000:]}"
     return output
 
@@ -92,34 +106,40 @@ def train_state(ckpt_dir: Path) -> dict:
     return json.loads((ckpt_dir / "train_state.json").read_text())["train_state"]
 
 
+# The shared reference: one uninterrupted 8-step run of the default job, made once for
+# the module. The resume and fault tests below each start their own launch.sh (a fault
+# is injected into a fresh job, or a job is stopped, relaunched or resumed) and compare
+# their losses and final weights against it.
+STALL = {"FT_TEST_FAULT": "stall:3:1", "FT_TEST_STALL_S": "4"}
+
+
 @pytest.fixture(scope="module")
 def straight(tiny_model_dir, data, tmp_path_factory):
-    """The uninterrupted run everything else must reproduce."""
+    """The uninterrupted run everything else must reproduce. It is also the slow-rank
+    case (a slow rank changes no number, so one run serves both): rank 1 is 4 s late to
+    step 3's all-reduce, under a 10 s hang timeout; `test_a_slow_rank_is_not_a_hang`
+    reads its log."""
     out = tmp_path_factory.mktemp("straight") / "run"
-    run(out, tiny_model_dir, data)
+    log = run(out, tiny_model_dir, data, "train.hang_timeout_s=10", env=STALL)
+    (out.parent / "log.txt").write_text(log)
     assert sorted(losses(out)) == list(range(1, STEPS + 1))
+    st = train_state(out / "checkpoints" / "step-4")
+    assert (st["step"], st["epoch"], st["epoch_steps"]) == (4, 1, 1)  # mid-epoch
     return out
 
 
-def test_exact_resume_from_a_checkpoint(straight, tiny_model_dir, data, tmp_path):
-    ckpt4 = straight / "checkpoints" / "step-4"
-    st = train_state(ckpt4)
-    assert (st["step"], st["epoch"], st["epoch_steps"]) == (4, 1, 1)  # mid-epoch
-    out = tmp_path / "resumed"
-    log = run(out, tiny_model_dir, data, f"train.resume={ckpt4}")
-    assert f"resumed from {ckpt4} (step 4" in log
-    got, want = losses(out), losses(straight)
-    assert sorted(got) == [5, 6, 7, 8]
-    for step in got:  # same data, same order, same optimizer state: the same numbers
-        assert got[step] == pytest.approx(want[step], abs=1e-6), step
-    assert_same_weights(weights(out), weights(straight))
+# Exact resume of the default job from a mid-epoch checkpoint (per-step losses within
+# 1e-6, final weights) is `test_kill_during_save_then_elastic_restart`'s second launch
+# (from step 2, then from step 6 after torchrun's restart); `train.resume=PATH` is the
+# packing, optimizer and world-size tests' path.
 
 
 @pytest.mark.parametrize("optim, master, backend", [("hf_adafactor", "fp32", "fsdp1"), ("adamw", "fp32", "fsdp1"),
                                                      ("adamw", "bf16", "fsdp2")])
 def test_exact_resume_with_other_optimizers(optim, master, backend, tiny_model_dir, data, tmp_path):
     """The recipe's HF Adafactor and AdamW checkpoint through FSDP's optimizer state dict
-    (ft's Adafactor, above, through its own): both resume to the same weights. AdamW's
+    (ft's Adafactor through its own: the default job, `test_kill_during_save_then_elastic_restart`):
+    both resume to the same weights. AdamW's
     state reshards too: the 2-rank checkpoint continues on 1 rank x accumulation 4 to
     the same weights up to float rounding (HF Adafactor's updates depend on the world
     size: it is not compared there). bf16 master weights with stochastic rounding
@@ -131,14 +151,18 @@ def test_exact_resume_with_other_optimizers(optim, master, backend, tiny_model_d
             f"fsdp.backend={backend}")
     run(tmp_path / "straight", tiny_model_dir, data, *args)
     step2 = tmp_path / "straight" / "checkpoints" / "step-2"
-    run(tmp_path / "resumed", tiny_model_dir, data, *args, f"train.resume={step2}")
+    resumed = start(tmp_path / "resumed", tiny_model_dir, data, *args, f"train.resume={step2}")
+    one = tmp_path / "one-rank"
+    if optim == "adamw" and master == "fp32":  # at the same time: one process beside the two
+        one_rank = start(one, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=4",
+                         f"train.resume={step2}", nproc=1)
+    wait(resumed)
     assert_same_weights(weights(tmp_path / "resumed"), weights(tmp_path / "straight"),
                         tol=0.0 if master == "bf16" else 1e-6)
     if master == "bf16":  # export_dtype auto: the source's (the tiny model is saved fp32)
         assert json.loads((tmp_path / "straight" / "best" / "config.json").read_text())["dtype"] == "float32"
     if optim == "adamw" and master == "fp32":
-        one = tmp_path / "one-rank"
-        run(one, tiny_model_dir, data, *args, "train.gradient_accumulation_steps=4", f"train.resume={step2}", nproc=1)
+        wait(one_rank)
         got, want = losses(one), losses(tmp_path / "straight")
         assert sorted(got) == [3, 4] and all(got[s] == pytest.approx(want[s], abs=1e-5) for s in got)
         assert_same_weights(weights(one), weights(tmp_path / "straight"), tol=1e-5)
@@ -290,17 +314,23 @@ def test_missed_collective_is_reported_then_the_job_recovers(straight, tiny_mode
     assert seconds < 150, seconds  # two launches, the first cut short by the 8 s timeout
 
 
-def test_a_slow_rank_is_not_a_hang(tiny_model_dir, data, tmp_path):
-    """A rank 4 s late to step 3's all-reduce, with a 10 s timeout: no report, no exit."""
-    log = run(tmp_path / "run", tiny_model_dir, data, "train.hang_timeout_s=10", "train.max_steps=4",
-              env={"FT_TEST_FAULT": "stall:3:1", "FT_TEST_STALL_S": "4"})
+def test_a_slow_rank_is_not_a_hang(straight):
+    """A rank 4 s late to step 3's all-reduce, with a 10 s timeout: no report, no exit.
+    The shared reference run is that run (see `straight`)."""
+    log = (straight.parent / "log.txt").read_text()
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step_time_s"] >= 3.5 for r in rows if "loss" in r][2]  # step 3 waited for rank 1
     assert "HANG" not in log
-    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4]
+    assert sorted(losses(straight)) == list(range(1, STEPS + 1))
 
 
 def test_nan_step_is_skipped_on_all_ranks(tiny_model_dir, data, tmp_path):
-    out = tmp_path / "run"
-    log = run(out, tiny_model_dir, data, env={"FT_TEST_FAULT": "nan:3:1"})
+    out, out2 = tmp_path / "run", tmp_path / "run2"
+    skipping = start(out, tiny_model_dir, data, env={"FT_TEST_FAULT": "nan:3:1"})
+    # With max_skipped_steps=1 the first skip stops the job (checked below; started now).
+    stopping = start(out2, tiny_model_dir, data, "train.save_steps=2", "train.max_skipped_steps=1",
+                     env={"FT_TEST_FAULT": "nan:3:1"})
+    log = wait(skipping)
     assert "step 3 skipped on all ranks: non-finite loss" in log
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
@@ -312,9 +342,7 @@ def test_nan_step_is_skipped_on_all_ranks(tiny_model_dir, data, tmp_path):
     assert (st["skipped_steps"], st["skipped_samples"]) == (1, 4)
 
     # With max_skipped_steps=1 the first skip stops the job; the step-2 checkpoint stays.
-    out2 = tmp_path / "run2"
-    log = run(out2, tiny_model_dir, data, "train.save_steps=2", "train.max_skipped_steps=1",
-              env={"FT_TEST_FAULT": "nan:3:1"}, expect_rc=1)
+    log = wait(stopping, expect_rc=1)
     assert "1 steps in a row were skipped" in log
     assert (out2 / "checkpoints" / "step-2" / "train_state.json").is_file()
 
@@ -324,15 +352,16 @@ def test_sample_failing_mid_training(tiny_model_dir, data, tmp_path):
     check): with skip, every rank skips that step and training goes on; with error,
     every rank stops (none is left waiting in a collective)."""
     out = tmp_path / "skip"
-    log = run(out, tiny_model_dir, data, "data.on_bad_sample=skip", "train.max_steps=4",
-              env={"FT_TEST_FAULT": "bad_sample:2:1"})
+    skip = start(out, tiny_model_dir, data, "data.on_bad_sample=skip", "train.max_steps=4",
+                 env={"FT_TEST_FAULT": "bad_sample:2:1"})
+    error = start(tmp_path / "error", tiny_model_dir, data, env={"FT_TEST_FAULT": "bad_sample:2:1", "MAX_RESTARTS": "2"})
+    log = wait(skip)
     assert "[ft rank 1] step 2 skipped (data.on_bad_sample=skip)" in log
     st = train_state(out / "checkpoints" / "step-4")
     assert (st["step"], st["skipped_steps"], st["skipped_samples"]) == (4, 1, 4)  # the whole step: 2 ranks x 2 micro-batches
     assert st["samples_seen"] == 5 * 4  # the skipped step's rows count as seen
 
-    log = run(tmp_path / "error", tiny_model_dir, data, env={"FT_TEST_FAULT": "bad_sample:2:1", "MAX_RESTARTS": "2"},
-              expect_rc=2)
+    log = wait(error, expect_rc=2)
     assert "test fault: stands for a sample" in log
     assert_refused_once(log, "ft: data error: step 2: 1 rank(s) could not load a sample")
 
@@ -340,38 +369,45 @@ def test_sample_failing_mid_training(tiny_model_dir, data, tmp_path):
     # it moves on to its next one and repeats its last at the end, so both ranks still
     # run the same number of forwards.
     evals = ("train.max_steps=2", "train.eval_steps=2", f"data.eval_file={data / 'train.jsonl'}")
-    log = run(tmp_path / "eval-skip", tiny_model_dir, data, *evals, "data.on_bad_sample=skip",
-              env={"FT_TEST_FAULT": "bad_eval:0:1"})
+    eval_skip = start(tmp_path / "eval-skip", tiny_model_dir, data, *evals, "data.on_bad_sample=skip",
+                      env={"FT_TEST_FAULT": "bad_eval:0:1"})
+    eval_error = start(tmp_path / "eval-error", tiny_model_dir, data, *evals, env={"FT_TEST_FAULT": "bad_eval:0:1"})
+    log = wait(eval_skip)
     assert "[ft rank 1] eval: test fault" in log and "step 2: eval_loss" in log
-    log = run(tmp_path / "eval-error", tiny_model_dir, data, *evals, env={"FT_TEST_FAULT": "bad_eval:0:1"},
-              expect_rc=2)
+    log = wait(eval_error, expect_rc=2)
     assert_refused_once(log, "eval: 1 batch(es) could not be loaded")
 
 
 def test_refusals_before_any_step(straight, tiny_model_dir, data, tmp_path):
     """Each refusal exits 2 with one message, before any step, without touching the run it
     refuses, and is not retried by torchrun's restarts."""
+    # Two refusals at a time (they share nothing; the first leaves `straight` untouched).
     # resume=none on a folder that holds a run
-    log = run(straight, tiny_model_dir, data, "train.resume=none", env={"MAX_RESTARTS": "3"}, expect_rc=2)
-    assert_refused_once(log, "already holds a run")
-    assert "overwrite_output_dir" in log
-    assert sorted(losses(straight)) == list(range(1, STEPS + 1))  # untouched
+    none = start(straight, tiny_model_dir, data, "train.resume=none", env={"MAX_RESTARTS": "3"})
     # a different global batch (another world size is fine with the same one: below)
-    log = run(tmp_path / "a", tiny_model_dir, data, f"train.resume={straight / 'checkpoints/step-4'}",
-              nproc=1, expect_rc=2)
-    assert_refused_once(log, "global batch 4 (2 ranks x 1 per device x 2 accumulation) -> "
-                             "2 (1 rank x 1 per device x 2 accumulation)")
+    other_batch = start(tmp_path / "a", tiny_model_dir, data, f"train.resume={straight / 'checkpoints/step-4'}",
+                        nproc=1)
     # a checkpoint whose weights were saved in another dtype
     bad = tmp_path / "bf16-ckpt"
     convert_checkpoint(straight / "checkpoints" / "step-4", bad, "model.model.language_model.norm.weight", torch.bfloat16)
-    log = run(tmp_path / "b", tiny_model_dir, data, f"train.resume={bad}", expect_rc=2)
-    assert_refused_once(log, "model.model.language_model.norm.weight was saved as torch.bfloat16")
-    assert "torch.float32" in log and "resume with train.master_weights=bf16" in log
     # a checkpoint whose RNG file holds a pickled object: refused, never unpickled
     pickled = tmp_path / "pickled-ckpt"
     shutil.copytree(straight / "checkpoints" / "step-4", pickled)
     torch.save({"numpy": np.random.get_state()}, pickled / "rng" / "rank-1.pt")  # rank 1's only: older ft's format
-    log = run(tmp_path / "c", tiny_model_dir, data, f"train.resume={pickled}", expect_rc=2)
+
+    log = wait(none, expect_rc=2)
+    assert_refused_once(log, "already holds a run")
+    assert "overwrite_output_dir" in log
+    assert sorted(losses(straight)) == list(range(1, STEPS + 1))  # untouched
+    log = wait(other_batch, expect_rc=2)
+    assert_refused_once(log, "global batch 4 (2 ranks x 1 per device x 2 accumulation) -> "
+                             "2 (1 rank x 1 per device x 2 accumulation)")
+    dtype, unpickled = (start(tmp_path / out, tiny_model_dir, data, f"train.resume={ckpt}")
+                        for out, ckpt in (("b", bad), ("c", pickled)))
+    log = wait(dtype, expect_rc=2)
+    assert_refused_once(log, "model.model.language_model.norm.weight was saved as torch.bfloat16")
+    assert "torch.float32" in log and "resume with train.master_weights=bf16" in log
+    log = wait(unpickled, expect_rc=2)
     assert_refused_once(log, "holds pickled Python objects")
 
 

@@ -401,6 +401,8 @@ def test_missing_torchvision_is_one_line_saying_what_to_install(monkeypatch, tin
     assert "\n" not in message and "pip install" in message and "torchvision" in message
 
 
+# slow: torchvision is missing from the start of a fresh interpreter, through the whole start-up
+@pytest.mark.slow
 def test_training_without_torchvision_stops_at_start_up_with_one_line(tmp_path, tiny_model_dir):
     """Through the real entry point: no traceback, exit 2 (a refusal, not a crash)."""
     import subprocess
