@@ -542,6 +542,8 @@ def test_rows_broken_after_validation_raise_data_error(data_dir, processor, make
         ds[2]
 
 
+# slow: whether torch gets imported can only be seen in a fresh interpreter
+@pytest.mark.slow
 def test_row_formats_parse_without_torch():
     """ft.messages (row formats to normalised messages) imports no torch, so a data tool
     can read and check rows without it."""

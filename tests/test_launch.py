@@ -17,6 +17,8 @@ from conftest import write_test_image
 REPO = Path(__file__).resolve().parent.parent
 
 
+# slow: it starts launch.sh, a shell script (only bash runs: it answers before any Python)
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_prints_usage_and_exits_zero(flag):
     """Fast: no torchrun, no Python. The usage names the config, the overrides and every
