@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast docs clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: install
 # subprocess): under 3 minutes on 2 cores. tests/README.md describes the tiers.
 test-fast: install
 	WANDB_MODE=disabled $(PY) -m pytest -q -m "not slow"
+
+# docs/config.md below its marker line is generated from the config schema's field
+# docstrings; tests/test_config.py fails until this is run after a field changes.
+docs: install
+	{ sed '/^<!-- config-reference:start -->$$/q' docs/config.md; $(PY) -m ft.config_load --reference; } > docs/config.md.new
+	mv docs/config.md.new docs/config.md
 
 clean:
 	rm -rf runs .pytest_cache

@@ -473,11 +473,11 @@ def test_cli_module_reference():
 
 def test_docs_config_reference_is_current():
     """docs/config.md is a fixed header, a marker line, then the generated reference;
-    regenerate it when a field or doc changes (the command is in its header)."""
+    regenerate it with `make docs` when a field or doc changes."""
     text = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
     marker = "<!-- config-reference:start -->\n"
     assert text.count(marker) == 1, "docs/config.md lost its marker line"
     generated = text.split(marker, 1)[1]
     assert generated == config_reference_markdown(), (
-        "docs/config.md is out of date: regenerate it with the command in its header"
+        "docs/config.md is out of date: regenerate it with `make docs`"
     )
