@@ -23,6 +23,7 @@ progress display in `ft.progress`, evaluation and the export of the best model i
 from __future__ import annotations
 
 import functools
+import gc
 import math
 import os
 import random
@@ -566,4 +567,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # The process ends here. Its teardown would otherwise walk every object that
+        # importing torch and transformers made, in the interpreter's last garbage
+        # collections: about 1 s per process (measured on CPU). Frozen objects are skipped;
+        # atexit handlers and flushing still run.
+        gc.freeze()
