@@ -6,7 +6,6 @@ import ast
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 import torch
