@@ -283,6 +283,14 @@ def special_token_ids(tokenizer) -> dict[str, int]:
 # --------------------------------------------------------------------------- model
 
 
+# Standard deviation of the random weights (transformers' `initializer_range`). Its
+# default, 0.02, suits widths in the thousands; at width 64 a linear layer then scales
+# its input by about 0.02 x sqrt(64) = 0.16, so at the start the image tokens barely
+# reach the answer. On the demo's shapes set, 0.02 left every question kind at chance
+# after 600 steps where 0.1 reached 90 % or more on all of them.
+INIT_STD = 0.1
+
+
 def _mrope_section(head_dim: int) -> list[int]:
     """Split head_dim/2 rotary frequencies over (time, height, width) like the real
     model does ([16, 24, 24] for head_dim 128): a quarter for time, the rest halved."""
@@ -304,6 +312,7 @@ def _text_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads
         "num_key_value_heads": kv_heads,
         "max_position_embeddings": 32768,
         "rms_norm_eps": 1e-6,
+        "initializer_range": INIT_STD,
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 1e4,
@@ -319,6 +328,7 @@ def _vision_config(depth: int, vision_hidden: int, heads: int, out_hidden: int) 
     """The vision tower's part of `tiny_config`."""
     return {
         "depth": depth,
+        "initializer_range": INIT_STD,
         "hidden_size": vision_hidden,
         "intermediate_size": 2 * vision_hidden,
         "num_heads": heads,
@@ -369,6 +379,7 @@ def tiny_config(
         eos_token_id=eos,
         pad_token_id=pad,
         tie_word_embeddings=tie_word_embeddings,
+        initializer_range=INIT_STD,
     )
 
 

@@ -13,7 +13,7 @@ One spawn of 3 gloo processes runs everything (process start-up is most of the c
    sums differ in the last bits, and each flipped weight feeds the next step's gradients;
    the larger the step relative to the bf16 spacing, the more such flips propagate.
    The ranks of world 2 also report their bytes against the fit check's;
-2. learning: each rank alone trains one variant for 30 steps at lr 1e-5 on the demo
+2. learning: each rank alone trains one variant for 30 steps at lr 5e-5 on the demo
    rows: fp32 master weights, bf16 with stochastic rounding, bf16 with round-to-nearest;
 3. AdamW over bf16 weights on all 3 ranks (FSDP1's optimizer state dict needs the default
    group): the bytes held against `ft.dryrun.estimate_memory`, and the optimizer state
@@ -35,7 +35,10 @@ from conftest import free_port
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
 WORLD_STEPS, WORLD_ROWS, WORLD_LR = 5, 6, 1e-5
-LEARN_STEPS, LEARN_ROWS, LEARN_LR = 30, 2, 1e-5
+# lr 5e-5 is about a tenth of the bf16 spacing of the tiny model's typical weight (std
+# 0.1: spacing 2^-11, 4.9e-4): stochastic rounding moves a weight in about one step of
+# ten, round-to-nearest almost never. (With std 0.02 weights, lr 1e-5 was that tenth.)
+LEARN_STEPS, LEARN_ROWS, LEARN_LR = 30, 2, 5e-5
 VARIANTS = [("fp32", True), ("bf16", True), ("bf16", False)]  # (master weights, stochastic rounding)
 
 
@@ -275,7 +278,10 @@ def test_bf16_with_stochastic_rounding_learns_like_fp32(ranks):
     assert drop["rtn"] < 0.75 * drop["fp32"]
 
 
-LOSS_TOLERANCE = 2e-3
+# Per-step loss gap between stochastic rounding and fp32: 3.9e-3 measured on the tiny
+# model (weights of std 0.1; with std 0.02 it stayed under 2e-3); round-to-nearest
+# drifts by several times more.
+LOSS_TOLERANCE = 5e-3
 
 
 # slow: reads the `ranks` fixture's 3-process run
