@@ -26,8 +26,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 install: $(VENV)/.installed
 
+# Train on the shapes set (./launch.sh: configs/demo.yaml), then answer its held-out
+# questions with the exported model (ft.predict) and score them per kind (ft.score).
 demo: install
 	./launch.sh
+	$(PY) -m ft.predict runs/demo/best data/demo/shapes/eval.jsonl --out runs/demo/eval_predictions.jsonl --max-new-tokens 4
+	$(PY) -m ft.score runs/demo/eval_predictions.jsonl data/demo/shapes/eval.jsonl
 
 # Everything (~8 minutes on 2 cores); CI runs this one.
 test: install

@@ -436,7 +436,8 @@ def test_demo_config_values():
     assert cfg.model.build_tiny_if_missing is True
     assert cfg.model.path == "runs/tiny-qwen2.5-vl"
     assert cfg.train.output_dir == "runs/demo"
-    assert cfg.train.per_device_train_batch_size == 2
+    assert cfg.train.per_device_train_batch_size == 4
+    assert cfg.data.train_file == "data/demo/shapes/train.jsonl"
     assert cfg.wandb.project == "ft-demo"
 
 

@@ -58,6 +58,7 @@ def start(out: Path, model_dir: str, data: Path, max_steps: int) -> subprocess.P
         f"data.train_file={data / 'train.jsonl'}", "data.eval_file=",
         f"train.output_dir={out}", f"train.max_steps={max_steps}", "train.eval_steps=0",
         "train.save_steps=0", "train.logging_steps=1", "train.precision=fp32",
+        "train.per_device_train_batch_size=2",
     ]
     with open(out.parent / f"{out.name}.log", "w") as log:  # the child keeps its own copy
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -196,7 +197,7 @@ def test_slurm_script_checkpoints_and_requeues(tiny_model_dir, data, tmp_path):
                f"model.path={tiny_model_dir}", "model.build_tiny_if_missing=false",
                f"data.train_file={data / 'train.jsonl'}", "data.eval_file=", f"train.output_dir={out}",
                f"train.max_steps={max_steps}", "train.eval_steps=0", "train.save_steps=0",
-               "train.per_device_train_batch_size=1", "train.precision=fp32"]
+               "train.per_device_train_batch_size=1", "train.precision=fp32", "train.logging_steps=1"]
         with open(log, "w") as f:
             return subprocess.Popen(cmd, env={**env, "SLURM_RESTART_COUNT": str(restart_count)},
                                     stdout=f, stderr=subprocess.STDOUT)

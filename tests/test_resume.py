@@ -63,7 +63,7 @@ def start(out: Path, model_dir: str, data: Path, *overrides: str, env: dict | No
         "train.warmup_ratio=0.25", "train.max_grad_norm=0.5", "train.seed=3",
         "train.per_device_train_batch_size=1", "train.gradient_accumulation_steps=2",
         "train.precision=fp32", "train.logging_steps=1", "train.eval_steps=0",
-        "train.save_steps=4", "train.keep_last_n=0", *overrides,
+        "train.save_steps=4", "train.keep_last_n=0", "fsdp.activation_checkpointing=true", *overrides,
     ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -126,7 +126,9 @@ def start(tmp: Path, model_dir: str, data: Path, nproc: int, *overrides: str) ->
         f"train.output_dir={out}", f"train.max_steps={STEPS}", f"train.learning_rate={LR}",
         f"train.warmup_ratio={WARMUP}", f"train.max_grad_norm={CLIP}", f"train.seed={SEED}",
         "train.optim=adamw", "train.precision=fp32", "train.logging_steps=1",
-        "train.eval_steps=0", f"train.save_steps={STEPS}", *overrides,
+        "train.eval_steps=0", f"train.save_steps={STEPS}",
+        # The settings these tests were written for, whatever the demo's own are now.
+        "train.per_device_train_batch_size=2", "fsdp.activation_checkpointing=true", *overrides,
     ]
     return out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
