@@ -33,7 +33,7 @@ demo: install
 	$(PY) -m ft.predict runs/demo/best data/demo/shapes/eval.jsonl --out runs/demo/eval_predictions.jsonl --max-new-tokens 4
 	$(PY) -m ft.score runs/demo/eval_predictions.jsonl data/demo/shapes/eval.jsonl
 
-# Everything (~8 minutes on 2 cores); CI runs this one.
+# Everything (~13 minutes on 2 cores, 5 of them the demo and its control); CI runs this one.
 test: install
 	WANDB_MODE=disabled $(PY) -m pytest -q
 
