@@ -1,25 +1,39 @@
-"""ft against the Hugging Face Trainer reference recipe, alternating on the same machine.
+"""ft against the Hugging Face Trainer reference recipe: every ft path in one run, each
+against the Trainer measured in the same round on the same machine.
 
     python benchmarks/compare.py --model DIR [--data FILE] [--steps 20] [--nproc 2]
         [--batch-size 2] [--accum 1] [--precision auto] [--warmup 3] [--rounds 2]
+        [--batches padded,packed] [--backends fsdp1,fsdp2] [--weights fp32,bf16]
         [--json OUT.json] [section.key=value ...]
 
-Runs ft (benchmarks/bench.py) then the baseline (benchmarks/hf_trainer_baseline.py,
-under torchrun with as many processes) R times, so that both see the same drift in
-machine load, on the same model, rows, batch shape and steps; `section.key=value`
-arguments go to ft only. Prints one row per run and the median over rounds of each
-round's ft/HF ratio. The targets (GPU): ft at least 1.2x the Trainer's tokens/s per
-device at equal or lower peak memory. The JSON holds every figure, the environment
-and what the Trainer actually ran; it is rewritten after each run, so an interrupted
-comparison keeps the runs it finished.
+Each round runs the baseline (benchmarks/hf_trainer_baseline.py under torchrun with as
+many processes) and ft (benchmarks/bench.py: ./launch.sh) once per combination of:
 
-The baseline needs `accelerate` (the Trainer imports it; ft does not).
+* batches: `padded` (`--batch-size` rows per device, as the Trainer gets them) or
+  `packed` (`data.packing`, packs of the longest row rounded up to 64 tokens, as many
+  per device as carry about the padded rows' real tokens: benchmarks/packing.py's plan);
+* backend: `fsdp.backend` fsdp1 or fsdp2;
+* weights: `train.master_weights` fp32 (the recipe's) or bf16 (stochastic rounding).
+
+Compute is `--precision` for all: `auto` is bf16 on a GPU and fp32 on the CPU, where the
+Trainer runs fp32 too. Even rounds run the systems in reverse order, so that drift in
+the machine's load falls on both sides. Without `--data` the rows are
+benchmarks/longtail_data.py's (256 rows, seed 0: 0-3 images, answers of 5-500 words).
+`section.key=value` arguments go to ft only.
+
+Prints one row per run, then per ft path the median over rounds of its ratio to the
+same round's Trainer: tokens/s per device and peak memory (GPU: max allocated and
+reserved; CPU: peak RSS, highest over ranks). GPU targets: at least 1.2x the tokens/s at
+equal or lower peak memory. The JSON holds every figure, the environment and what the
+Trainer actually ran; it is rewritten after each run, so an interrupted comparison keeps
+the runs it finished. The baseline needs `accelerate` (`pip install -e .[dev]`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -32,6 +46,8 @@ from pathlib import Path
 
 from bench import REPO, add_common_args, add_nproc_arg, format_result, free_port, run_ft
 
+HF = "hf_trainer"
+AXES = {"batches": ("padded", "packed"), "backends": ("fsdp1", "fsdp2"), "weights": ("fp32", "bf16")}
 MEMORY = (("max_allocated_gib", "max alloc"), ("max_reserved_gib", "max reserved"), ("peak_rss_gib", "peak RSS"))
 
 
@@ -88,17 +104,22 @@ def environment() -> dict:
     }
 
 
-def ratios(runs: list[dict]) -> dict:
-    """Median over rounds of each round's ft/HF ratio, per figure."""
+def ratios(runs: list[dict]) -> dict[str, dict]:
+    """Per ft path (`system`), the median over rounds of its ratio to the Trainer run
+    of the same round, per figure."""
     rounds: dict[int, dict] = {}
     for r in runs:
         rounds.setdefault(r["round"], {})[r["system"]] = r
-    pairs = [(d["ft"], d["hf_trainer"]) for d in rounds.values() if len(d) == 2]
-    out = {}
-    for key in ("tokens_per_s_per_device", *(k for k, _ in MEMORY)):
-        values = [ft[key] / hf[key] for ft, hf in pairs if ft.get(key) and hf.get(key)]
-        if values:
-            out[key] = statistics.median(values)
+    out: dict[str, dict] = {}
+    for system in dict.fromkeys(r["system"] for r in runs if r["system"] != HF):
+        pairs = [(d[system], d[HF]) for d in rounds.values() if system in d and HF in d]
+        figures = {}
+        for key in ("tokens_per_s_per_device", *(k for k, _ in MEMORY)):
+            values = [ft[key] / hf[key] for ft, hf in pairs if ft.get(key) and hf.get(key)]
+            if values:
+                figures[key] = statistics.median(values)
+        if figures:
+            out[system] = figures
     return out
 
 
@@ -115,8 +136,21 @@ def table(runs: list[dict]) -> str:
              *(cell(r, k, ".3f") for k in ("step_time_s", "data_s", "fwd_bwd_s", "optim_s")),
              "-" if r.get("mfu") is None else f"{r['mfu']:.1%}",
              *(cell(r, k, ".2f") for k, _ in memory), cell(r, "wall_s", ".0f")] for r in runs]
-    return "\n".join("| " + " | ".join(row) + " |" for row in
-                     [head, ["---"] * len(head), *rows])
+    return markdown([head, *rows])
+
+
+def ratio_table(runs: list[dict]) -> str:
+    """A Markdown table, one row per ft path: its median ratios to the Trainer."""
+    memory = [(k, name) for k, name in MEMORY if any(k in r for r in runs)]
+    rounds = len({r["round"] for r in runs})
+    head = ["ft path", "tokens/s per device (x Trainer)", *(f"{name} (x Trainer)" for _, name in memory)]
+    rows = [[system, *(f"{r[k]:.2f}x" if k in r else "-" for k in ("tokens_per_s_per_device", *dict(memory)))]
+            for system, r in ratios(runs).items()]
+    return markdown([head, *rows]) + f"\n\n(median over {rounds} rounds of each round's ratio)"
+
+
+def markdown(rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(row) + " |" for row in [rows[0], ["---"] * len(rows[0]), *rows[1:]])
 
 
 def trainer_summary(ran: dict) -> str:
@@ -133,42 +167,106 @@ def trainer_summary(ran: dict) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def ft_paths(args: argparse.Namespace) -> dict[str, tuple[int, list[str]]]:
+    """Each ft path's name: (rows or packs per device, its config overrides)."""
+    batches = {"padded": (args.batch_size, [])}
+    if "packed" in args.batches:
+        from packing import plan, row_lengths  # imports ft: only when packing is compared
+
+        lengths = row_lengths(args)  # at --max-length: the rows as the Trainer and padded ft get them
+        packs, extra = plan(argparse.Namespace(rows_per_device=args.batch_size, nproc=args.nproc), lengths)["packed"]
+        # Every row fits the pack, so cutting rows at the pack length cuts what --max-length cuts:
+        # nothing more (ft refuses a pack shorter than data.max_length).
+        batches["packed"] = (packs, [*extra, f"data.max_length={min(args.max_length, -(-max(lengths) // 64) * 64)}"])
+    paths = {}
+    for batch, backend, weights in itertools.product(args.batches, args.backends, args.weights):
+        rows, extra = batches[batch]
+        paths[f"ft {batch} {backend} {weights}"] = (
+            rows, [*extra, f"fsdp.backend={backend}", f"train.master_weights={weights}"])
+    return paths
+
+
+def run_one(system: str, args: argparse.Namespace, paths: dict) -> dict:
+    """One run of `system` (HF or an ft path); a failure is recorded, not raised."""
+    try:
+        if system == HF:
+            with tempfile.TemporaryDirectory(prefix="hf-bench-", dir=args.workdir) as workdir:
+                return run_hf(args, workdir)
+        rows, extra = paths[system]
+        shape = argparse.Namespace(**{**vars(args), "batch_size": rows})
+        return dict(run_ft(shape, [*extra, *args.overrides], workdir=args.workdir),
+                    rows_per_device=rows, overrides=extra)
+    except RuntimeError as e:
+        print(f"[compare] {system} failed: {e}", flush=True)
+        return {"error": str(e)}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
     add_nproc_arg(parser)
+    parser.set_defaults(data=None)
     parser.add_argument("--rounds", type=int, default=2)
+    for axis, choices in AXES.items():
+        parser.add_argument(f"--{axis}", default=",".join(choices),
+                            type=lambda v, axis=axis: choose(axis, v), help=f"comma-separated: {', '.join(choices)}")
     parser.add_argument("--json", help="write every figure here (rewritten after each run)")
     parser.add_argument("--workdir", help="where the runs' temporary folders go (default: the system's)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="for ft only")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    report = {"environment": environment(), "args": vars(args), "runs": []}
-    print(f"[compare] {report['environment']}", flush=True)
+
+def choose(axis: str, value: str) -> list[str]:
+    chosen = [v for v in value.split(",") if v]
+    unknown = [v for v in chosen if v not in AXES[axis]]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"--{axis}: {unknown or value!r} not among {', '.join(AXES[axis])}")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.data is None:
+        from longtail_data import generate
+
+        args.data = os.path.join(tempfile.mkdtemp(prefix="longtail-", dir=args.workdir), "train.jsonl")
+        generate(os.path.dirname(args.data), 256, seed=0)
+    paths = ft_paths(args)
+    report = {"environment": environment(), "args": vars(args), "compute": compute(args.precision),
+              "paths": {k: {"rows_per_device": n, "overrides": o} for k, (n, o) in paths.items()}, "runs": []}
+    print(f"[compare] {report['environment']}\n[compare] compute: {report['compute']}; data {args.data}", flush=True)
+    systems = [HF, *paths]
     for round_ in range(1, args.rounds + 1):
-        for system in ("ft", "hf_trainer"):
+        for system in systems if round_ % 2 else systems[::-1]:
             print(f"[compare] round {round_}/{args.rounds}: {system} ...", flush=True)
-            if system == "ft":
-                result = run_ft(args, args.overrides, workdir=args.workdir)
-            else:
-                with tempfile.TemporaryDirectory(prefix="hf-bench-", dir=args.workdir) as workdir:
-                    result = run_hf(args, workdir)
-            result["round"] = round_
+            result = dict(run_one(system, args, paths), round=round_, system=system)
             report["runs"].append(result)
-            print(format_result(system, result), flush=True)
-            report["ratios_ft_over_hf"] = ratios(report["runs"])
+            if "error" not in result:
+                print(format_result(system, result), flush=True)
+            report["ratios_over_hf"] = ratios([r for r in report["runs"] if "error" not in r])
             if args.json:
                 Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
-    print("\n" + table(report["runs"]))
-    r = report["ratios_ft_over_hf"]
-    print("\nft/HF, median over rounds: " + ", ".join(
-        f"{name} {r[k]:.2f}x" for k, name in (("tokens_per_s_per_device", "tokens/s per device"), *MEMORY)
-        if k in r) + "  (GPU targets: tokens/s >= 1.2x, memory <= 1.0x)")
-    hf_runs = [x for x in report["runs"] if x["system"] == "hf_trainer"]
+    done = [r for r in report["runs"] if "error" not in r]
+    print("\n" + table(done) + "\n\n" + ratio_table(done) + f"\n\ncompute: {report['compute']}")
+    hf_runs = [r for r in done if r["system"] == HF]
     if hf_runs:
         print("\nWhat the Trainer ran: " + trainer_summary(hf_runs[0]["ran"]))
-    return 0
+    failed = sorted({r["system"] for r in report["runs"] if "error" in r})
+    if failed:
+        print(f"\n[compare] failed: {', '.join(failed)} (the JSON holds each error)")
+    return 1 if failed else 0
+
+
+def compute(precision: str) -> str:
+    """What `--precision` means on this machine, for the table's reader."""
+    import torch
+
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    if precision == "fp32" and not torch.cuda.is_available():
+        return "fp32 (no GPU: on the CPU both systems compute in fp32; bf16 weights are upcast per unit)"
+    return precision
 
 
 if __name__ == "__main__":

@@ -71,24 +71,32 @@ def build_training_args(kwargs: dict, dropped: dict):
             del kwargs[unknown.group(1)]
 
 
-def build_trainer(trainer_class, recipe: dict, dropped: dict, **trainer_kwargs):
-    """The Trainer for `recipe`'s arguments, as far as this machine allows.
+def fit_to_machine(recipe: dict, dropped: dict) -> dict:
+    """`recipe` as this machine can run it.
 
-    On CPU accelerate builds its FSDP plugin before it falls back to DDP, and the
-    plugin refuses sync_module_states without an accelerator: the flag is set to
-    False there (leaving it out is not enough: transformers defaults it to true for
-    FSDP1) and noted, which changes nothing since no FSDP runs on CPU anyway.
+    On the CPU (no GPU, or `use_cpu`), accelerate builds its FSDP plugin and then runs DDP (it
+    has no FSDP on the CPU), and the plugin refuses `sync_module_states=True` at
+    Trainer construction: accelerate 1.15 said "no available devices", 1.16 "FSDP
+    parameter initialization with `sync_module_states=True` is not supported on cpu".
+    The flag is set to False there and noted in `dropped` (leaving it out is not
+    enough: transformers defaults it to true for FSDP1), which changes nothing since
+    no FSDP runs. Decided from the condition, so that no wording change breaks it.
     """
-    args = build_training_args(recipe, dropped)
-    try:
-        return trainer_class(args=args, **trainer_kwargs)
-    except RuntimeError as e:
-        if torch.cuda.is_available() or "no available devices" not in str(e):
-            raise
-        dropped["fsdp_config.sync_module_states"] = f"set to False: RuntimeError: {e}"
-        fsdp_config = dict(recipe["fsdp_config"], sync_module_states=False)
-        return trainer_class(args=build_training_args(dict(recipe, fsdp_config=fsdp_config), dropped),
-                             **trainer_kwargs)
+    on_cpu = recipe.get("use_cpu") or not torch.cuda.is_available()
+    fsdp_config = recipe.get("fsdp_config") or {}
+    if not on_cpu or not recipe.get("fsdp") or not fsdp_config.get("sync_module_states"):
+        return recipe
+    dropped["fsdp_config.sync_module_states"] = (
+        "set to False: no accelerator, and accelerate refuses FSDP parameter initialisation with "
+        "sync_module_states on the CPU (it runs DDP there instead of FSDP)")
+    return dict(recipe, fsdp_config=dict(fsdp_config, sync_module_states=False))
+
+
+def build_trainer(trainer_class, recipe: dict, dropped: dict, **trainer_kwargs):
+    """The Trainer for `recipe`'s arguments, as far as this machine allows (see
+    fit_to_machine and build_training_args; what was changed goes in `dropped`)."""
+    recipe = fit_to_machine(recipe, dropped)
+    return trainer_class(args=build_training_args(recipe, dropped), **trainer_kwargs)
 
 
 class MeasuredCollator:

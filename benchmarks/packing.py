@@ -59,6 +59,13 @@ def plan(args, lengths: list[int]) -> dict[str, tuple[int, list[str]]]:
     }
 
 
+def row_lengths(args) -> list[int]:
+    """Every row's tokens at `args`' pixel bounds and max length (the data check's count)."""
+    processor = load_processor(args.model, args.min_pixels, args.max_pixels)
+    _, lengths, _ = check_data(ConversationDataset(load_rows(args.data), processor, args.max_length), "error")
+    return lengths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(parser)
@@ -72,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = tempfile.mkdtemp(prefix="ft-packing-bench-")
     generate(workdir, args.data_rows, seed=0)
     args.data = os.path.join(workdir, "train.jsonl")
-    processor = load_processor(args.model, args.min_pixels, args.max_pixels)
-    _, lengths, _ = check_data(ConversationDataset(load_rows(args.data), processor, args.max_length), "error")
+    lengths = row_lengths(args)
     args.max_length = -(-max(lengths) // 64) * 64
     threads = int(os.environ.get("OMP_NUM_THREADS") or 1)
     cpu_peak = measure_matmul_peak(threads)

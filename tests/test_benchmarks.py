@@ -93,15 +93,72 @@ def test_hf_aggregate_matches_ft_definitions():
     assert hf.aggregate(steps, warmup=1, world=2, peak_flops=None)["mfu"] is None
 
 
-def test_compare_ratios_are_medians_of_rounds():
+def test_compare_ratios_are_medians_of_rounds_per_path():
     compare = load("compare")
     runs = []
     for round_, (ft_tps, hf_tps) in enumerate([(120.0, 100.0), (150.0, 100.0), (90.0, 100.0)], 1):
-        runs += [{"round": round_, "system": "ft", "tokens_per_s_per_device": ft_tps, "peak_rss_gib": 1.0},
+        runs += [{"round": round_, "system": "ft padded", "tokens_per_s_per_device": ft_tps, "peak_rss_gib": 1.0},
+                 {"round": round_, "system": "ft packed", "tokens_per_s_per_device": 2 * ft_tps},
                  {"round": round_, "system": "hf_trainer", "tokens_per_s_per_device": hf_tps, "peak_rss_gib": 2.0}]
-    r = compare.ratios(runs + [{"round": 4, "system": "ft", "tokens_per_s_per_device": 1.0}])  # unpaired: ignored
-    assert r == {"tokens_per_s_per_device": pytest.approx(1.2), "peak_rss_gib": pytest.approx(0.5)}
+    unpaired = {"round": 4, "system": "ft padded", "tokens_per_s_per_device": 1.0}  # no Trainer run that round
+    r = compare.ratios(runs + [unpaired])
+    assert r == {"ft padded": {"tokens_per_s_per_device": pytest.approx(1.2), "peak_rss_gib": pytest.approx(0.5)},
+                 "ft packed": {"tokens_per_s_per_device": pytest.approx(2.4)}}
     assert compare.table(runs).count("\n") == len(runs) + 1
+    assert "| ft packed | 2.40x | - |" in compare.ratio_table(runs)
+
+
+def test_compare_axes_refuse_unknown_values_by_name():
+    compare = load("compare")
+    assert compare.choose("backends", "fsdp2,fsdp1") == ["fsdp2", "fsdp1"]
+    with pytest.raises(Exception, match="--weights: \\['fp16'\\] not among fp32, bf16"):
+        compare.choose("weights", "fp32,fp16")
+
+
+def test_baseline_drops_sync_module_states_on_cpu_by_condition_not_error_text():
+    import torch
+
+    baseline = load("hf_trainer_baseline")
+    recipe = {"fsdp": "full_shard auto_wrap", "use_cpu": True,
+              "fsdp_config": dict(baseline.FSDP_CONFIG)}
+    dropped = {}
+    fitted = baseline.fit_to_machine(recipe, dropped)
+    assert fitted["fsdp_config"]["sync_module_states"] is False
+    assert recipe["fsdp_config"]["sync_module_states"] is True  # the caller's recipe is left alone
+    assert "no accelerator" in dropped["fsdp_config.sync_module_states"]
+    if torch.cuda.is_available():
+        on_gpu = dict(recipe, use_cpu=False)
+        assert baseline.fit_to_machine(on_gpu, {}) is on_gpu
+    no_fsdp = dict(recipe, fsdp="")
+    assert baseline.fit_to_machine(no_fsdp, {}) is no_fsdp
+
+
+@pytest.mark.slow
+def test_compare_runs_ft_and_the_trainer_baseline(tiny_model_dir, tmp_path):
+    """compare.py end to end for one round: ft (launch.sh) and the HF Trainer (torchrun,
+    2 processes) on the tiny model. It fails when the installed transformers or
+    accelerate stop accepting what the baseline passes, as accelerate 1.16 did with
+    sync_module_states on the CPU."""
+    import json
+    import subprocess
+
+    out = tmp_path / "compare.json"
+    command = [sys.executable, str(BENCHMARKS / "compare.py"), "--model", str(tiny_model_dir),
+               "--data", str(BENCHMARKS.parent / "data/demo/train.jsonl"), "--steps", "2", "--warmup", "1",
+               "--rounds", "1", "--batches", "padded", "--backends", "fsdp1", "--weights", "fp32",
+               "--workdir", str(tmp_path), "--json", str(out)]
+    done = subprocess.run(command, cwd=BENCHMARKS.parent, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["system"] for r in report["runs"]] == ["hf_trainer", "ft padded fsdp1 fp32"]
+    hf = report["runs"][0]
+    assert hf["steps"] == 2 and hf["tokens_per_s_per_device"] > 0 and hf["peak_rss_gib"] > 0
+    assert all(loss == loss for loss in hf["losses"].values())  # finite losses, not NaN
+    assert hf["ran"]["accelerate"] == report["environment"]["accelerate"]
+    if not report["environment"]["gpu"]:
+        assert "fsdp_config.sync_module_states" in hf["ran"]["dropped_args"]
+    assert set(report["ratios_over_hf"]) == {"ft padded fsdp1 fp32"}
+    assert "tokens/s per device (x Trainer)" in done.stdout
 
 
 def test_backend_ratios_are_medians_of_rounds_per_optimizer():
