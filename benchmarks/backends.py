@@ -17,6 +17,7 @@ clip, N times each in-process (medians), which load spikes on a shared machine s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -96,6 +97,146 @@ def _step_worker(rank, world, port, model_dir, reps, out):
     dist.cleanup()
 
 
+def _profile_worker(rank, world, port, model_dir, batch_size, top, reps, out):
+    """Both backends' models side by side on rank `rank`'s own rows: one unmeasured
+    forward+backward each, then `reps` timed ones alternating (the order flips every
+    repetition, so that load drift falls on both), then one each under torch.profiler.
+    Rank 0 writes the times, the top operators by self CPU time and FSDP's labelled
+    regions to `out`."""
+    import os
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from ft import dist
+    from ft.collate import Collator
+    from ft.config import FSDPConfig
+    from ft.dataset import ConversationDataset
+    from ft.fsdp_wrap import plan_units, wrap_model
+    from ft.model import load_model, loss_sum
+    from ft.processor import load_processor
+    from ft.rows import load_rows
+
+    info = dist.init_distributed()
+    processor = load_processor(model_dir)
+    ds = ConversationDataset(load_rows(str(Path(__file__).resolve().parent.parent / "data/demo/train.jsonl")),
+                             processor, 1024)
+    batch = Collator(processor)([ds[batch_size * rank + i] for i in range(batch_size)]).inputs
+    models = {}
+    for backend in BACKENDS:
+        model = load_model(model_dir, info)
+        models[backend] = wrap_model(model, plan_units(model), FSDPConfig(backend=backend), "fp32", info)
+
+    def step(backend: str) -> tuple[float, float]:
+        torch_dist_barrier()
+        wall, cpu = time.perf_counter(), time.process_time()  # process: gloo's threads included
+        s, n = loss_sum(models[backend], batch)
+        (s / n).backward()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        models[backend].zero_grad(set_to_none=True)
+        return wall, cpu
+
+    for backend in BACKENDS:
+        step(backend)
+    times = {b: [] for b in BACKENDS}
+    for i in range(reps):
+        for backend in BACKENDS if i % 2 == 0 else BACKENDS[::-1]:
+            times[backend].append(step(backend))
+    report = {}
+    for backend in BACKENDS:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            wall, _ = step(backend)
+        events = prof.key_averages()
+        ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+        report[backend] = {
+            "wall_s": [t for t, _ in times[backend]], "cpu_s": [c for _, c in times[backend]],
+            "wall_profiled_s": wall,
+            "top": [(e.key, e.count, e.self_cpu_time_total / 1e6, e.cpu_time_total / 1e6) for e in ops[:top]],
+            "regions": sorted(((e.key, e.count, e.cpu_time_total / 1e6) for e in events
+                               if e.key.startswith(("FSDP", "FullyShardedDataParallel"))),
+                              key=lambda r: -r[2]),
+            "by_kind": by_kind(events),
+        }
+    if rank == 0:
+        Path(out).write_text(json.dumps(report))
+    dist.cleanup()
+
+
+def torch_dist_barrier():
+    import torch.distributed
+
+    torch.distributed.barrier()
+
+
+# Operators by what they do, for the profile's summary (self CPU time, seconds).
+KINDS = (
+    ("collectives", ("gloo:", "c10d::", "nccl:", "record_param_comms")),
+    ("copies and casts", ("aten::copy_", "aten::cat", "aten::split_with_sizes_copy", "aten::_chunk_cat",
+                          "aten::chunk_cat", "aten::_to_copy", "aten::clone", "aten::contiguous",
+                          "aten::index_select", "aten::narrow_copy", "fsdp::")),
+    ("matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("attention", ("aten::_scaled_dot_product", "aten::scaled_dot_product")),
+    ("allocation", ("aten::empty", "aten::zeros", "aten::zero_", "aten::resize_", "aten::new_empty",
+                    "aten::fill_")),
+)
+
+
+# gloo runs a collective on its own threads: the operator returns at once and the
+# caller's wait (work.wait() in FSDP's Python) is self time of the region around it.
+IN_FSDP = "in FSDP's hooks, outside operators (waits on gloo, Python)"
+
+
+def by_kind(events) -> dict[str, float]:
+    """Self CPU seconds per kind of operator (KINDS; the rest as `other`)."""
+    out = dict.fromkeys([k for k, _ in KINDS] + [IN_FSDP, "other"], 0.0)
+    for e in events:
+        if e.key.startswith(("FSDP", "FullyShardedDataParallel")):
+            kind = IN_FSDP  # a labelled region's self time: outside any operator
+        else:
+            kind = next((k for k, prefixes in KINDS if e.key.startswith(prefixes)), "other")
+        out[kind] += e.self_cpu_time_total / 1e6
+    return out
+
+
+def profile_backends(model_dir: str, nproc: int, batch_size: int, top: int, reps: int) -> dict:
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    from bench import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "profile.json")
+        mp.spawn(_profile_worker, args=(nproc, free_port(), model_dir, batch_size, top, reps, out), nprocs=nproc, join=True)
+        return json.loads(Path(out).read_text())
+
+
+def print_profile(report: dict) -> None:
+    one, two = (report[b] for b in BACKENDS)
+    ratios = [b / a for a, b in zip(one["wall_s"], two["wall_s"])]
+    print(f"forward+backward, rank 0, {len(ratios)} alternating repetitions: "
+          + "; ".join(f"{b} wall median {statistics.median(report[b]['wall_s']):.2f} s "
+                      f"(min {min(report[b]['wall_s']):.2f}), process CPU median "
+                      f"{statistics.median(report[b]['cpu_s']):.2f} s" for b in BACKENDS)
+          + f"; fsdp2/fsdp1 wall per repetition: {', '.join(f'{r:.2f}' for r in ratios)}")
+    for backend, r in report.items():
+        print(f"\n### {backend}: profiled forward+backward {r['wall_profiled_s']:.2f} s, rank 0")
+        print("\n| kind | self CPU s |\n| --- | ---: |")
+        for kind, seconds in r["by_kind"].items():
+            print(f"| {kind} | {seconds:.2f} |")
+        print("\n| operator | calls | self CPU s | CPU total s |\n| --- | ---: | ---: | ---: |")
+        for name, calls, self_s, total_s in r["top"]:
+            print(f"| `{name}` | {calls} | {self_s:.3f} | {total_s:.3f} |")
+        if r["regions"]:
+            print("\n| FSDP region | calls | CPU total s |\n| --- | ---: | ---: |")
+            for name, calls, total_s in r["regions"][:12]:
+                print(f"| `{name}` | {calls} | {total_s:.3f} |")
+
+
 def step_times(model_dir: str, nproc: int, reps: int) -> dict:
     import tempfile
 
@@ -121,8 +262,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step-reps", type=int, default=0,
                         help="instead of training runs: time optimizer.step() and the clip this many "
                         "times per backend and optimizer in-process, print the medians")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="instead of training runs: profile one forward+backward per backend "
+                        "(torch.profiler, after a warm-up pass) and print the TOP operators by self CPU time")
+    parser.add_argument("--profile-reps", type=int, default=4,
+                        help="with --profile: timed forward+backward passes per backend before profiling")
     args = parser.parse_args(argv)
     optims = args.optims.split(",")
+    if args.profile:
+        report = profile_backends(args.model, args.nproc, args.batch_size, args.profile, args.profile_reps)
+        print_profile(report)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        return 0
     if args.step_reps:
         for name, (step, clip) in step_times(args.model, args.nproc, args.step_reps).items():
             print(f"{name}: optimizer.step() {1e3 * step:.1f} ms, clip {1e3 * clip:.1f} ms (median of "

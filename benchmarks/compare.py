@@ -4,6 +4,7 @@ against the Trainer measured in the same round on the same machine.
     python benchmarks/compare.py --model DIR [--data FILE] [--steps 20] [--nproc 2]
         [--batch-size 2] [--accum 1] [--precision auto] [--warmup 3] [--rounds 2]
         [--batches padded,packed] [--backends fsdp1,fsdp2] [--weights fp32,bf16]
+        [--attention sdpa] [--paths batch/backend/weights[/attention],...]
         [--json OUT.json] [section.key=value ...]
 
 Each round runs the baseline (benchmarks/hf_trainer_baseline.py under torchrun with as
@@ -13,7 +14,11 @@ many processes) and ft (benchmarks/bench.py: ./launch.sh) once per combination o
   `packed` (`data.packing`, packs of the longest row rounded up to 64 tokens, as many
   per device as carry about the padded rows' real tokens: benchmarks/packing.py's plan);
 * backend: `fsdp.backend` fsdp1 or fsdp2;
-* weights: `train.master_weights` fp32 (the recipe's) or bf16 (stochastic rounding).
+* weights: `train.master_weights` fp32 (the recipe's) or bf16 (stochastic rounding);
+* attention: `model.attn_implementation`, sdpa (the Trainer's) unless asked for
+  flash_attention_2 (the flash-attn package, a GPU; with packing, its varlen kernels).
+
+`--paths` names the combinations instead (e.g. `padded/fsdp1/fp32,packed/fsdp2/bf16`).
 
 Compute is `--precision` for all: `auto` is bf16 on a GPU and fp32 on the CPU, where the
 Trainer runs fp32 too. Even rounds run the systems in reverse order, so that drift in
@@ -47,7 +52,9 @@ from pathlib import Path
 from bench import REPO, add_common_args, add_nproc_arg, format_result, free_port, run_ft
 
 HF = "hf_trainer"
-AXES = {"batches": ("padded", "packed"), "backends": ("fsdp1", "fsdp2"), "weights": ("fp32", "bf16")}
+# An ft path is one value per axis; the first value of `attention` is the Trainer's.
+AXES = {"batches": ("padded", "packed"), "backends": ("fsdp1", "fsdp2"), "weights": ("fp32", "bf16"),
+        "attention": ("sdpa", "flash_attention_2")}
 MEMORY = (("max_allocated_gib", "max alloc"), ("max_reserved_gib", "max reserved"), ("peak_rss_gib", "peak RSS"))
 
 
@@ -170,7 +177,7 @@ def trainer_summary(ran: dict) -> str:
 def ft_paths(args: argparse.Namespace) -> dict[str, tuple[int, list[str]]]:
     """Each ft path's name: (rows or packs per device, its config overrides)."""
     batches = {"padded": (args.batch_size, [])}
-    if "packed" in args.batches:
+    if "packed" in (p[0] for p in args.paths) if args.paths else "packed" in args.batches:
         from packing import plan, row_lengths  # imports ft: only when packing is compared
 
         lengths = row_lengths(args)  # at --max-length: the rows as the Trainer and padded ft get them
@@ -179,11 +186,25 @@ def ft_paths(args: argparse.Namespace) -> dict[str, tuple[int, list[str]]]:
         # nothing more (ft refuses a pack shorter than data.max_length).
         batches["packed"] = (packs, [*extra, f"data.max_length={min(args.max_length, -(-max(lengths) // 64) * 64)}"])
     paths = {}
-    for batch, backend, weights in itertools.product(args.batches, args.backends, args.weights):
+    for batch, backend, weights, attention in args.paths or itertools.product(*(getattr(args, a) for a in AXES)):
         rows, extra = batches[batch]
-        paths[f"ft {batch} {backend} {weights}"] = (
-            rows, [*extra, f"fsdp.backend={backend}", f"train.master_weights={weights}"])
+        name = " ".join(["ft", batch, backend, weights] + ([attention] if attention != "sdpa" else []))
+        paths[name] = (rows, [*extra, f"fsdp.backend={backend}", f"train.master_weights={weights}",
+                              f"model.attn_implementation={attention}"])
     return paths
+
+
+def parse_path(value: str) -> tuple[str, ...]:
+    """`--paths` entry: batch/backend/weights[/attention], e.g. packed/fsdp2/bf16."""
+    parts = value.split("/")
+    if len(parts) == 3:
+        parts.append("sdpa")
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"--paths: {value!r} is not batch/backend/weights[/attention]")
+    for axis, part in zip(AXES, parts):
+        if part not in AXES[axis]:
+            raise argparse.ArgumentTypeError(f"--paths: {value!r}: {axis} {part!r} not among {', '.join(AXES[axis])}")
+    return tuple(parts)
 
 
 def run_one(system: str, args: argparse.Namespace, paths: dict) -> dict:
@@ -208,8 +229,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.set_defaults(data=None)
     parser.add_argument("--rounds", type=int, default=2)
     for axis, choices in AXES.items():
-        parser.add_argument(f"--{axis}", default=",".join(choices),
+        parser.add_argument(f"--{axis}", default=",".join(choices[:1] if axis == "attention" else choices),
                             type=lambda v, axis=axis: choose(axis, v), help=f"comma-separated: {', '.join(choices)}")
+    parser.add_argument("--paths", type=lambda v: [parse_path(p) for p in v.split(",") if p],
+                        help="instead of every combination of the axes: these ft paths, comma-separated, "
+                        "each batch/backend/weights[/attention], e.g. padded/fsdp1/fp32,packed/fsdp2/bf16")
     parser.add_argument("--json", help="write every figure here (rewritten after each run)")
     parser.add_argument("--workdir", help="where the runs' temporary folders go (default: the system's)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="for ft only")

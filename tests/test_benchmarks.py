@@ -113,6 +113,21 @@ def test_compare_axes_refuse_unknown_values_by_name():
     assert compare.choose("backends", "fsdp2,fsdp1") == ["fsdp2", "fsdp1"]
     with pytest.raises(Exception, match="--weights: \\['fp16'\\] not among fp32, bf16"):
         compare.choose("weights", "fp32,fp16")
+    with pytest.raises(Exception, match="'padded/fsdp3/fp32': backends 'fsdp3' not among fsdp1, fsdp2"):
+        compare.parse_path("padded/fsdp3/fp32")
+
+
+def test_compare_paths_are_the_axes_product_or_the_named_ones():
+    compare = load("compare")
+    every = compare.ft_paths(compare.parse_args(["--model", "m", "--batches", "padded"]))
+    assert list(every) == ["ft padded fsdp1 fp32", "ft padded fsdp1 bf16", "ft padded fsdp2 fp32",
+                           "ft padded fsdp2 bf16"]
+    assert every["ft padded fsdp2 bf16"] == (2, ["fsdp.backend=fsdp2", "train.master_weights=bf16",
+                                                 "model.attn_implementation=sdpa"])
+    named = compare.ft_paths(compare.parse_args(["--model", "m", "--batch-size", "3", "--paths",
+                                                 "padded/fsdp2/fp32/flash_attention_2"]))
+    assert named == {"ft padded fsdp2 fp32 flash_attention_2": (
+        3, ["fsdp.backend=fsdp2", "train.master_weights=fp32", "model.attn_implementation=flash_attention_2"])}
 
 
 def test_baseline_drops_sync_module_states_on_cpu_by_condition_not_error_text():
