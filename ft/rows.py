@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any
+from array import array
+from typing import TYPE_CHECKING, Any
 
-import datasets
+if TYPE_CHECKING:
+    import datasets  # imported where a dataset is read: it brings pyarrow and pandas
 
 __all__ = ["DataError", "DatasetRows", "JsonlRows", "Rows", "Where", "load_rows"]
 
@@ -65,8 +67,9 @@ class Rows:
 
 
 class JsonlRows(Rows):
-    """The non-blank lines of a JSONL file, held unparsed in an in-memory Arrow table
-    (columns ``line``, 1-based, and ``text``).
+    """The non-blank lines of a JSONL file, held unparsed: their UTF-8 bytes end to end
+    in one buffer, with each row's start offset and 1-based line number in flat arrays
+    (no Python object per row, and no ``datasets``/pyarrow/pandas in the process).
 
     Lines are not loaded with ``load_dataset("json")`` because that infers one schema for
     the whole file: rows whose ``content`` is a string in one place and a list in
@@ -75,13 +78,13 @@ class JsonlRows(Rows):
     file without naming it.
     """
 
-    def __init__(self, name: str, table: datasets.Dataset):
-        self.name, self.table = name, table
+    def __init__(self, name: str, data: bytes, starts: array, numbers: array):
+        self.name, self.data, self.starts, self.numbers = name, data, starts, numbers  # starts: len + 1
         self.base = os.path.dirname(os.path.abspath(name))
 
     @classmethod
     def read(cls, path: str) -> JsonlRows:
-        lines, texts = [], []
+        data, starts, numbers = bytearray(), array("q", [0]), array("q")
         try:
             with open(path, "rb") as f:
                 for number, raw in enumerate(f, start=1):
@@ -89,33 +92,40 @@ class JsonlRows(Rows):
                         text = raw.decode("utf-8")
                     except UnicodeDecodeError as e:
                         raise DataError(f"{path}:{number}: row: not valid UTF-8 ({e.reason})") from e
-                    if number == 1:
-                        text = text.removeprefix("\ufeff")  # a byte-order mark some editors write
+                    if number == 1 and text.startswith("\ufeff"):  # a byte-order mark some editors write
+                        text = text.removeprefix("\ufeff")
+                        raw = text.encode("utf-8")
                     if text.strip():
-                        lines.append(number)
-                        texts.append(text)
+                        data += raw
+                        starts.append(len(data))
+                        numbers.append(number)
         except OSError as e:
             raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
-        if not texts:
+        if not numbers:
             raise DataError(f"{path}: no rows (the file is empty)")
-        return cls(path, datasets.Dataset.from_dict({"line": lines, "text": texts}))
+        return cls(path, bytes(data), starts, numbers)
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.numbers)
 
     def raw(self, index: int) -> str:
-        return self.table[index]["text"]
+        index = range(len(self))[index]  # negative indices and IndexError as a list has them
+        return self.data[self.starts[index]:self.starts[index + 1]].decode("utf-8")
 
     def where(self, index: int) -> Where:
-        return Where(self.name, self.table[index]["line"])
+        return Where(self.name, self.numbers[index])
 
     @property
     def lines(self) -> list[int]:
         """The line number of each row."""
-        return self.table["line"]
+        return self.numbers.tolist()
 
     def select(self, indices: list[int]) -> JsonlRows:
-        return JsonlRows(self.name, self.table.select(indices))
+        texts = [self.data[self.starts[i]:self.starts[i + 1]] for i in indices]
+        starts = array("q", [0])
+        for text in texts:
+            starts.append(starts[-1] + len(text))
+        return JsonlRows(self.name, b"".join(texts), starts, array("q", (self.numbers[i] for i in indices)))
 
 
 class DatasetRows(Rows):
@@ -162,6 +172,8 @@ def _from_folder(path: str) -> DatasetRows:
     if not os.path.isfile(os.path.join(path, "state.json")):
         raise DataError(f"{path}: not a dataset folder (Dataset.save_to_disk writes state.json and "
                         "dataset_info.json); for Parquet or Arrow files give their path or a glob")
+    import datasets
+
     try:
         dataset = datasets.load_from_disk(path)
     except (OSError, ValueError) as e:
@@ -177,6 +189,8 @@ def _from_files(pattern: str) -> DatasetRows:
     kinds = {os.path.splitext(f)[1] for f in files}
     if kinds not in ({".parquet"}, {".arrow"}):
         raise DataError(f"{pattern}: expected .parquet or .arrow files, got {', '.join(sorted(kinds))}")
+    import datasets
+
     try:
         if kinds == {".arrow"}:  # memory-mapped where they lie: nothing is copied
             dataset = datasets.concatenate_datasets([datasets.Dataset.from_file(f) for f in files])
