@@ -147,13 +147,28 @@ def table(runs: list[dict]) -> str:
 
 
 def ratio_table(runs: list[dict]) -> str:
-    """A Markdown table, one row per ft path: its median ratios to the Trainer."""
+    """A Markdown table, the Trainer then one row per ft path: medians over rounds of
+    tokens/s per device and peak memory, and of each round's ratio to the Trainer."""
     memory = [(k, name) for k, name in MEMORY if any(k in r for r in runs)]
     rounds = len({r["round"] for r in runs})
-    head = ["ft path", "tokens/s per device (x Trainer)", *(f"{name} (x Trainer)" for _, name in memory)]
-    rows = [[system, *(f"{r[k]:.2f}x" if k in r else "-" for k in ("tokens_per_s_per_device", *dict(memory)))]
-            for system, r in ratios(runs).items()]
-    return markdown([head, *rows]) + f"\n\n(median over {rounds} rounds of each round's ratio)"
+    head = ["system", "real tokens per device per step", "tokens/s per device", "x Trainer",
+            *(x for _, name in memory for x in (f"{name} GiB", "x Trainer"))]
+    for x in runs:  # what a step carries: compare paths that carry the same
+        if x.get("tokens_per_s_per_device") and x.get("step_time_s"):
+            x["tokens_per_device_per_step"] = x["tokens_per_s_per_device"] * x["step_time_s"]
+    r = {HF: {}, **ratios(runs)}
+
+    def median(system, key, fmt):
+        values = [x[key] for x in runs if x["system"] == system and x.get(key)]
+        return format(statistics.median(values), fmt) if values else "-"
+
+    def ratio(system, key):
+        return "1.00x" if system == HF else f"{r[system][key]:.2f}x" if key in r[system] else "-"
+
+    rows = [[system, median(system, "tokens_per_device_per_step", ".0f"), median(system, "tokens_per_s_per_device", ".1f"),
+             ratio(system, "tokens_per_s_per_device"),
+             *(x for k, _ in memory for x in (median(system, k, ".2f"), ratio(system, k)))] for system in r]
+    return markdown([head, *rows]) + f"\n\n(medians over {rounds} rounds; each ratio is to the Trainer of the same round)"
 
 
 def markdown(rows: list[list[str]]) -> str:

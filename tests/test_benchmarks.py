@@ -105,7 +105,9 @@ def test_compare_ratios_are_medians_of_rounds_per_path():
     assert r == {"ft padded": {"tokens_per_s_per_device": pytest.approx(1.2), "peak_rss_gib": pytest.approx(0.5)},
                  "ft packed": {"tokens_per_s_per_device": pytest.approx(2.4)}}
     assert compare.table(runs).count("\n") == len(runs) + 1
-    assert "| ft packed | 2.40x | - |" in compare.ratio_table(runs)
+    assert "| ft packed | - | 240.0 | 2.40x | - | - |" in compare.ratio_table(runs)
+    runs[-1]["step_time_s"] = 2.5  # round 3's Trainer run: 100 tokens/s for 2.5 s
+    assert "| hf_trainer | 250 | 100.0 | 1.00x | 2.00 | 1.00x |" in compare.ratio_table(runs)
 
 
 def test_compare_axes_refuse_unknown_values_by_name():
@@ -173,7 +175,7 @@ def test_compare_runs_ft_and_the_trainer_baseline(tiny_model_dir, tmp_path):
     if not report["environment"]["gpu"]:
         assert "fsdp_config.sync_module_states" in hf["ran"]["dropped_args"]
     assert set(report["ratios_over_hf"]) == {"ft padded fsdp1 fp32"}
-    assert "tokens/s per device (x Trainer)" in done.stdout
+    assert "| ft padded fsdp1 fp32 |" in done.stdout.split("medians over 1 rounds")[0]
 
 
 def test_backend_ratios_are_medians_of_rounds_per_optimizer():
