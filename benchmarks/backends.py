@@ -3,6 +3,7 @@
     python benchmarks/backends.py --model DIR [--data FILE] [--steps 20] [--nproc 2]
         [--batch-size 2] [--accum 1] [--precision auto] [--warmup 3] [--rounds 2]
         [--optims adafactor,adamw] [--json OUT.json] [section.key=value ...]
+    python benchmarks/backends.py --model DIR --profile 15 [--profile-reps 6] [--batch-size 1]
 
 For each round and optimizer, trains the same run (benchmarks/bench.py: launch.sh,
 evaluation and checkpoints off) once per backend, so that both see the same drift in
@@ -12,6 +13,11 @@ all-reduce and update), tokens/s per device and peak memory (resident host memor
 CPU; on GPU also the allocator's max allocated / reserved). The JSON holds every figure
 and is rewritten after each run. `--step-reps N` times only `optimizer.step()` and the
 clip, N times each in-process (medians), which load spikes on a shared machine shift less.
+`--profile TOP` builds both backends' models side by side in the same processes, times
+`--profile-reps` forward+backward passes alternating between them (wall and process CPU
+time), then profiles one pass of each with torch.profiler and prints the TOP operators by
+self CPU time, FSDP's labelled regions and the time by kind of operator (copies, matmuls,
+waits inside FSDP's hooks, ...): where one backend's extra time goes.
 """
 
 from __future__ import annotations
@@ -150,20 +156,22 @@ def _profile_worker(rank, world, port, model_dir, batch_size, top, reps, out):
     for backend in BACKENDS:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             wall, _ = step(backend)
-        events = prof.key_averages()
-        ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
-        report[backend] = {
-            "wall_s": [t for t, _ in times[backend]], "cpu_s": [c for _, c in times[backend]],
-            "wall_profiled_s": wall,
-            "top": [(e.key, e.count, e.self_cpu_time_total / 1e6, e.cpu_time_total / 1e6) for e in ops[:top]],
-            "regions": sorted(((e.key, e.count, e.cpu_time_total / 1e6) for e in events
-                               if e.key.startswith(("FSDP", "FullyShardedDataParallel"))),
-                              key=lambda r: -r[2]),
-            "by_kind": by_kind(events),
-        }
+        report[backend] = {"wall_s": [t for t, _ in times[backend]], "cpu_s": [c for _, c in times[backend]],
+                           "wall_profiled_s": wall, **profile_figures(prof.key_averages(), top)}
     if rank == 0:
         Path(out).write_text(json.dumps(report))
     dist.cleanup()
+
+
+def profile_figures(events, top: int) -> dict:
+    """The `top` operators by self CPU time, FSDP's labelled regions and time by kind."""
+    ops = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {
+        "top": [(e.key, e.count, e.self_cpu_time_total / 1e6, e.cpu_time_total / 1e6) for e in ops[:top]],
+        "regions": sorted(((e.key, e.count, e.cpu_time_total / 1e6) for e in events
+                           if e.key.startswith(("FSDP", "FullyShardedDataParallel"))), key=lambda r: -r[2]),
+        "by_kind": by_kind(events),
+    }
 
 
 def torch_dist_barrier():
