@@ -53,32 +53,39 @@ def ratios(runs: list[dict], optim: str) -> dict:
     return out
 
 
-def _step_worker(rank, world, port, model_dir, reps, out):
-    """Median time of `optimizer.step()` (and of the clip) per backend and optimizer, on
-    the gradients of one real backward: a figure a load spike shifts less than a run's."""
-    import os
-    import time
-
+def _join(rank: int, world: int, port: int, model_dir: str, rows: int):
+    """Join the spawned process group as `rank` (one thread, as launch.sh gives a rank) and
+    collate this rank's own `rows` demo rows: (ft.dist info, the model's inputs)."""
     import torch
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from ft import dist
-    from ft.config import FSDPConfig, TrainConfig
     from ft.collate import Collator
     from ft.dataset import ConversationDataset
-    from ft.rows import load_rows
-    from ft.fsdp_wrap import plan_units, wrap_model
-    from ft.model import load_model, loss_sum
-    from ft.optim import build_optimizer, clip_grad_norm
     from ft.processor import load_processor
+    from ft.rows import load_rows
 
     info = dist.init_distributed()
     processor = load_processor(model_dir)
     ds = ConversationDataset(load_rows(str(Path(__file__).resolve().parent.parent / "data/demo/train.jsonl")),
                              processor, 1024)
-    batch = Collator(processor)([ds[2 * rank], ds[2 * rank + 1]]).inputs
+    return info, Collator(processor)([ds[rows * rank + i] for i in range(rows)]).inputs
+
+
+def _step_worker(rank, world, port, model_dir, reps, out):
+    """Median time of `optimizer.step()` (and of the clip) per backend and optimizer, on
+    the gradients of one real backward: a figure a load spike shifts less than a run's."""
+    import time
+
+    from ft import dist
+    from ft.config import FSDPConfig, TrainConfig
+    from ft.fsdp_wrap import plan_units, wrap_model
+    from ft.model import load_model, loss_sum
+    from ft.optim import build_optimizer, clip_grad_norm
+
+    info, batch = _join(rank, world, port, model_dir, rows=2)
     times = {}
     for backend in BACKENDS:
         for optim in ("adafactor", "adamw"):
@@ -109,29 +116,16 @@ def _profile_worker(rank, world, port, model_dir, batch_size, top, reps, out):
     repetition, so that load drift falls on both), then one each under torch.profiler.
     Rank 0 writes the times, the top operators by self CPU time and FSDP's labelled
     regions to `out`."""
-    import os
     import time
 
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     from ft import dist
-    from ft.collate import Collator
     from ft.config import FSDPConfig
-    from ft.dataset import ConversationDataset
     from ft.fsdp_wrap import plan_units, wrap_model
     from ft.model import load_model, loss_sum
-    from ft.processor import load_processor
-    from ft.rows import load_rows
 
-    info = dist.init_distributed()
-    processor = load_processor(model_dir)
-    ds = ConversationDataset(load_rows(str(Path(__file__).resolve().parent.parent / "data/demo/train.jsonl")),
-                             processor, 1024)
-    batch = Collator(processor)([ds[batch_size * rank + i] for i in range(batch_size)]).inputs
+    info, batch = _join(rank, world, port, model_dir, rows=batch_size)
     models = {}
     for backend in BACKENDS:
         model = load_model(model_dir, info)
