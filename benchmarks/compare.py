@@ -153,13 +153,15 @@ def ratio_table(runs: list[dict]) -> str:
     rounds = len({r["round"] for r in runs})
     head = ["system", "real tokens per device per step", "tokens/s per device", "x Trainer",
             *(x for _, name in memory for x in (f"{name} GiB", "x Trainer"))]
-    for x in runs:  # what a step carries: compare paths that carry the same
-        if x.get("tokens_per_s_per_device") and x.get("step_time_s"):
-            x["tokens_per_device_per_step"] = x["tokens_per_s_per_device"] * x["step_time_s"]
     r = {HF: {}, **ratios(runs)}
 
+    def figure(x, key):  # real tokens per step: compare only paths whose steps carry the same
+        if key == "tokens_per_device_per_step":
+            return x.get("tokens_per_s_per_device", 0) * x.get("step_time_s", 0)
+        return x.get(key)
+
     def median(system, key, fmt):
-        values = [x[key] for x in runs if x["system"] == system and x.get(key)]
+        values = [figure(x, key) for x in runs if x["system"] == system and figure(x, key)]
         return format(statistics.median(values), fmt) if values else "-"
 
     def ratio(system, key):
