@@ -193,8 +193,9 @@ def trainer_summary(ran: dict) -> str:
 
 def ft_paths(args: argparse.Namespace) -> dict[str, tuple[int, list[str]]]:
     """Each ft path's name: (rows or packs per device, its config overrides)."""
+    combinations = args.paths or list(itertools.product(*(getattr(args, a) for a in AXES)))
     batches = {"padded": (args.batch_size, [])}
-    if "packed" in (p[0] for p in args.paths) if args.paths else "packed" in args.batches:
+    if any(batch == "packed" for batch, *_ in combinations):
         from packing import plan, row_lengths  # imports ft: only when packing is compared
 
         lengths = row_lengths(args)  # at --max-length: the rows as the Trainer and padded ft get them
@@ -203,7 +204,7 @@ def ft_paths(args: argparse.Namespace) -> dict[str, tuple[int, list[str]]]:
         # nothing more (ft refuses a pack shorter than data.max_length).
         batches["packed"] = (packs, [*extra, f"data.max_length={min(args.max_length, -(-max(lengths) // 64) * 64)}"])
     paths = {}
-    for batch, backend, weights, attention in args.paths or itertools.product(*(getattr(args, a) for a in AXES)):
+    for batch, backend, weights, attention in combinations:
         rows, extra = batches[batch]
         name = " ".join(["ft", batch, backend, weights] + ([attention] if attention != "sdpa" else []))
         paths[name] = (rows, [*extra, f"fsdp.backend={backend}", f"train.master_weights={weights}",
