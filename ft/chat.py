@@ -38,8 +38,9 @@ import torch
 
 from ft.config_load import model_dir_refusal
 from ft.deps import MissingDependency, require
+from ft.families import read_family
 from ft.processor import saved_video_sampling
-from ft.video import VideoError, VideoSampling, processor_kwargs
+from ft.video import Clip, VideoError, VideoSampling, as_clip, processor_kwargs
 
 DEFAULT_VIDEO = VideoSampling()  # fps 2.0, at most 32 frames: ft's data.video_* defaults
 HELP = ("type a message and press Enter; /image PATH or /video PATH attaches media to the next message, "
@@ -87,9 +88,9 @@ def load_image(path: str | os.PathLike):
         raise ChatInputError(str(e)) from e
 
 
-def load_video(path: str | os.PathLike, sampling: VideoSampling = DEFAULT_VIDEO) -> tuple[torch.Tensor, float]:
-    """The frames `sampling` takes from the video file `path` (uint8 [T, 3, H, W]) and
-    their rate; ChatInputError naming the file when it cannot be used."""
+def load_video(path: str | os.PathLike, sampling: VideoSampling = DEFAULT_VIDEO) -> Clip:
+    """The frames `sampling` takes from the video file `path` (uint8 [T, 3, H, W]), their
+    rate and where they come from; ChatInputError naming the file when it cannot be used."""
     from ft import video
 
     if not os.path.isfile(path):
@@ -156,13 +157,14 @@ class Chat:
                  video_max_frames: int | None = None):
         self.model_dir = check_model_dir(model_dir)
         self.video = video_sampling(self.model_dir, video_fps, video_max_frames)
-        require("torchvision", "the Qwen2.5-VL processors")
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        require("torchvision", "the Qwen VL processors")
+        from transformers import AutoProcessor
 
         self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.processor = AutoProcessor.from_pretrained(self.model_dir)
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        self.family = read_family(self.model_dir)
+        self.model = self.family.model_class().from_pretrained(
             self.model_dir, dtype=dtype, attn_implementation="sdpa").to(self.device).eval()
         self.max_new_tokens, self.temperature, self.top_p, self.top_k = max_new_tokens, temperature, top_p, top_k
         self.seed = seed
@@ -174,18 +176,18 @@ class Chat:
         """Forget the conversation (its turns, images and videos)."""
         self.messages: list[dict[str, Any]] = []
         self.images: list[Any] = []
-        self.videos: list[tuple[torch.Tensor, float]] = []
+        self.videos: list[Clip] = []
 
     def inputs(self, messages: list[dict[str, Any]], images: Sequence[Any],
-               videos: Sequence[tuple[torch.Tensor, float]]):
+               videos: Sequence[Clip]):
         """The processor's model inputs for `messages` (ending with a user turn) and the
         conversation's `images` and `videos` in order, with the assistant prompt added."""
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         # Frames are chosen already (ft.video): the processor only resizes them, within
         # the video pixel bounds, as ft.dataset has it do in training.
         out = self.processor(text=[text], images=list(images) or None,
-                             videos=[frames for frames, _ in videos] or None, return_tensors="pt",
-                             videos_kwargs=processor_kwargs(list(videos)))
+                             videos=[clip.frames for clip in videos] or None, return_tensors="pt",
+                             videos_kwargs=processor_kwargs(list(videos), self.family))
         return out.to(self.device)
 
     def generation_kwargs(self, max_new_tokens: int | None = None) -> dict[str, Any]:
@@ -203,10 +205,11 @@ class Chat:
 
     def ask(self, text: str, images: Sequence[Any] = (), video: Any = None, stream: TextIO | None = None,
             max_new_tokens: int | None = None) -> tuple[str, list[int]]:
-        """Answer `text` with `images` (paths or PIL images) and `video` (a path, or
-        ``(frames, fps)`` as :func:`load_video` returns) in the user turn, after the
-        conversation so far; keep both turns. Returns the answer (special tokens left
-        out) and the ids generated (an end-of-turn token included when one ended it).
+        """Answer `text` with `images` (paths or PIL images) and `video` (a path, the
+        :class:`ft.video.Clip` :func:`load_video` returns, or ``(frames, fps)``) in the
+        user turn, after the conversation so far; keep both turns. Returns the answer
+        (special tokens left out) and the ids generated (an end-of-turn token included
+        when one ended it).
         With `stream`, the answer is written there as it is generated.
 
         Raises ChatInputError (conversation unchanged) when a file cannot be used.
@@ -214,7 +217,7 @@ class Chat:
         new_images = [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in images]
         new_videos = []
         if video is not None:
-            new_videos.append(load_video(video, self.video) if isinstance(video, (str, os.PathLike)) else video)
+            new_videos.append(load_video(video, self.video) if isinstance(video, (str, os.PathLike)) else as_clip(video))
         content = ([{"type": "image"} for _ in new_images] + [{"type": "video"} for _ in new_videos]
                    + [{"type": "text", "text": text}])
         messages = self.messages + [{"role": "user", "content": content}]

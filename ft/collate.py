@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 
+from ft.families import processor_family
 from ft.messages import IGNORE_INDEX, IMAGE, IMAGE_PLACEHOLDER, MEDIA, VIDEO, VIDEO_PLACEHOLDER
 from ft.packing import ROW_MULTIPLE, varlen_kwargs
 from ft.video import processor_kwargs
@@ -128,13 +129,13 @@ class Collator:
             IMAGE: processor(text=[IMAGE_PLACEHOLDER], images=[black], return_tensors="pt",
                              return_mm_token_type_ids=True, add_special_tokens=False),
             VIDEO: processor(text=[VIDEO_PLACEHOLDER], videos=[two_frames],
-                             videos_kwargs=processor_kwargs([(two_frames, 2.0)]),
+                             videos_kwargs=processor_kwargs([(two_frames, 2.0)], processor_family(processor)),
                              return_tensors="pt", return_mm_token_type_ids=True, add_special_tokens=False),
         }
         self.dummies = {kind: {"input_ids": out["input_ids"][0],
                                "labels": torch.full_like(out["input_ids"][0], IGNORE_INDEX),
                                "mm_token_type_ids": out["mm_token_type_ids"][0].long(),
-                               **{key: torch.as_tensor(out[key]) for key in MEDIA[kind].inputs}}
+                               **{key: torch.as_tensor(out[key]) for key in MEDIA[kind].inputs if key in out}}
                         for kind, out in made.items()}
 
     def __call__(self, samples: list) -> Batch:

@@ -61,18 +61,24 @@ class ModelConfig:
     """The checkpoint to fine-tune and how its attention is computed."""
 
     path: str = "runs/tiny-qwen2.5-vl"
-    """Local directory holding a Hugging Face-format Qwen2.5-VL checkpoint (config.json,
-    safetensors weights, tokenizer and processor files), e.g. a downloaded
-    Qwen2.5-VL-7B-Instruct. Nothing is fetched from the Hub. A relative path resolves
-    against the working directory."""
+    """Local directory holding a Hugging Face-format checkpoint of Qwen2-VL, Qwen2.5-VL
+    or Qwen3-VL (config.json, whose `model_type` says which; safetensors weights,
+    tokenizer and processor files), e.g. a downloaded Qwen2.5-VL-7B-Instruct. Nothing is
+    fetched from the Hub. A relative path resolves against the working directory. Left
+    unset, the tiny model of `tiny_family`: `runs/tiny-qwen2.5-vl`, `runs/tiny-qwen2-vl`
+    or `runs/tiny-qwen3-vl`."""
 
     build_tiny_if_missing: bool = False
-    """Build a tiny randomly initialised Qwen2.5-VL (for the demo) when `path` is left at
-    its default place, `runs/tiny-qwen2.5-vl`, and holds no model yet. Only there: any
+    """Build a tiny randomly initialised model of `tiny_family` (for the demo) when
+    `path` is the tiny model's place (see `path`) and holds no model yet. Only there: any
     other `path` must be a folder with config.json and weights, even when this is true,
     and one that does not exist or lacks config.json is refused before anything is
     written, so that a typo in `path` is an error rather than a silent fine-tune of a
     random model. Leave false for real checkpoints."""
+
+    tiny_family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
+    """Family (`model_type`) of the tiny model `build_tiny_if_missing` makes: `qwen2_vl`
+    (Qwen2-VL), `qwen2_5_vl` (Qwen2.5-VL) or `qwen3_vl` (Qwen3-VL: DeepStack, timestamps)."""
 
     tiny_vocab: Literal["real", "small"] = "real"
     """Vocabulary of the tiny model made by `build_tiny_if_missing`: `real` uses the full

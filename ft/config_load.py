@@ -59,6 +59,7 @@ from ft.config import (
     literal_choices,
     ranges,
 )
+from ft.families import family_named
 
 __all__ = [
     "HF_ADAFACTOR_CRASH", "builds_tiny_model", "config_reference_markdown", "config_to_dict", "config_to_yaml",
@@ -327,10 +328,19 @@ def validate_config(cfg: Config) -> None:
 # =====================================================================================
 # The model folder: one check for training (`model.path`), ft.chat and ft.predict
 # =====================================================================================
+def tiny_model_path(family: str) -> str:
+    """Where the tiny demo model of `family` (`model.tiny_family`) is built:
+    runs/tiny-qwen2.5-vl, runs/tiny-qwen2-vl or runs/tiny-qwen3-vl. `model.path`
+    defaults to it."""
+    return f"runs/tiny-{family_named(family, 'model.tiny_family').name.lower()}"
+
+
 def builds_tiny_model(model: ModelConfig) -> bool:
     """Whether `model.path` is where `build_tiny_if_missing` may build the demo model:
-    the field's default place (relative to the working directory), and only there."""
-    return model.build_tiny_if_missing and Path(model.path).resolve() == Path(ModelConfig.path).resolve()
+    the tiny model's place for `model.tiny_family` (relative to the working directory),
+    and only there."""
+    return (model.build_tiny_if_missing
+            and Path(model.path).resolve() == Path(tiny_model_path(model.tiny_family)).resolve())
 
 
 def model_dir_refusal(path: str | os.PathLike) -> str | None:
@@ -345,7 +355,7 @@ def model_dir_refusal(path: str | os.PathLike) -> str | None:
         problem = "has no config.json"
     else:
         return None
-    return f"{os.fspath(path)!r} {problem}: expected a folder with a Qwen2.5-VL checkpoint (config.json and weights)"
+    return f"{os.fspath(path)!r} {problem}: expected a folder with a Qwen VL checkpoint (config.json and weights)"
 
 
 def model_path_refusal(model: ModelConfig) -> str | None:
@@ -358,7 +368,7 @@ def model_path_refusal(model: ModelConfig) -> str | None:
     if refusal is None:
         return None
     hint = (f"; model.build_tiny_if_missing builds the tiny demo model only at its default place, "
-            f"{ModelConfig.path}" if model.build_tiny_if_missing else "")
+            f"{tiny_model_path(model.tiny_family)}" if model.build_tiny_if_missing else "")
     return f"model.path: {refusal}{hint}"
 
 
@@ -391,6 +401,8 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (),
     for override in overrides:
         _apply_override(cfg, override, sources)
     _validate(cfg, sources)
+    if "model.path" not in sources:  # left at its default: the tiny model of model.tiny_family
+        cfg.model.path = tiny_model_path(cfg.model.tiny_family)
     refusal = check_model and model_path_refusal(cfg.model)
     if refusal:
         raise ConfigError(f"{sources.get('model.path', 'default')}: {refusal}")

@@ -29,9 +29,10 @@ import numpy
 import torch
 from PIL import Image
 
-from ft.messages import ASSISTANT_HEADER, IGNORE_INDEX, MEDIA, VISION_END, parse, render_segments
+from ft.messages import ASSISTANT_HEADER, IGNORE_INDEX, MEDIA, VIDEO_PLACEHOLDER, VISION_END, parse, render_segments
 from ft.rows import Rows, Where, load_rows
-from ft.video import VideoError, VideoSampling, processor_kwargs
+from ft.families import processor_family
+from ft.video import Clip, VideoError, VideoSampling, processor_kwargs
 from ft.video import probe as probe_video
 from ft.video import read as read_video
 
@@ -134,6 +135,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         self.pad_ids = {kind: tokenizer.convert_tokens_to_ids(m.pad) for kind, m in MEDIA.items()}
         self.vision_end_id = tokenizer.convert_tokens_to_ids(VISION_END)
         self.merge_size = processor.image_processor.merge_size
+        self.family = processor_family(processor)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -175,7 +177,8 @@ class ConversationDataset(torch.utils.data.Dataset):
         sample["input_ids"] = torch.cat([sample["input_ids"], header])
         sample["mm_token_type_ids"] = torch.cat([sample["mm_token_type_ids"], torch.zeros_like(header)])
         del sample["labels"]
-        text = "".join(segment for segment, _, _ in render_segments(before)) + ASSISTANT_HEADER
+        segments = render_segments(before, self.family.default_system)
+        text = "".join(segment for segment, _, _ in segments) + ASSISTANT_HEADER
         return sample, text, reference
 
     def prompt_length(self, index: int, cache: dict[Any, int | str] | None = None) -> int:
@@ -197,7 +200,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         (None: ``video_max_pixels``)."""
         ids, labels, mm_types = [], [], []
         vision: dict[str, list[torch.Tensor]] = {key: [] for m in MEDIA.values() for key in m.inputs}
-        for text, media, learned in render_segments(messages):
+        for text, media, learned in render_segments(messages, self.family.default_system):
             images = [_load_image(part["image"], where) for part in media if part["type"] == "image"]
             clips = [self._load_video(part["video"], where) for part in media if part["type"] == "video"]
             # One processor call per segment (a single text each) expands the pads and
@@ -206,8 +209,8 @@ class ConversationDataset(torch.utils.data.Dataset):
             # (ft.video), so the processor samples none; it sizes each frame within the
             # video pixel bounds and nothing else (no whole-video budget).
             out = self.processor(
-                text=[text], images=images or None, videos=[frames for frames, _ in clips] or None,
-                videos_kwargs=processor_kwargs(clips, self._size(cap)),
+                text=[text], images=images or None, videos=[clip.frames for clip in clips] or None,
+                videos_kwargs=processor_kwargs(clips, self.family, self._size(cap)),
                 return_tensors="pt", return_mm_token_type_ids=True, add_special_tokens=False,
             )
             segment_ids = out["input_ids"][0]
@@ -267,18 +270,19 @@ class ConversationDataset(torch.utils.data.Dataset):
             lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
         return low + lo * unit
 
-    def _load_video(self, video: str | list[str], where: Where) -> tuple[torch.Tensor, float]:
-        """A video part's frames (uint8 [T, 3, H, W]) and their rate in frames per second."""
+    def _load_video(self, video: str | list[str], where: Where) -> Clip:
+        """A video part's frames (uint8 [T, 3, H, W]), their rate and where they come from."""
         if isinstance(video, str):
             try:
                 return read_video(video, self.video)
             except VideoError as e:
                 raise where.error("video", str(e)) from e
-        frames = [_load_image(video[i], where) for i in self.video.indices(len(video), None)]
+        indices = self.video.indices(len(video), None)
+        frames = [_load_image(video[i], where) for i in indices]
         if len({f.size for f in frames}) > 1:
             raise where.error("video", self._frame_sizes(video))
         stacked = torch.stack([torch.from_numpy(numpy.array(f)) for f in frames]).permute(0, 3, 1, 2)
-        return stacked.contiguous(), self.video.sampled_fps(len(video), None)
+        return Clip(stacked.contiguous(), self.video.sampled_fps(len(video), None), indices, self.video.fps)
 
     def layout(self, index: int, cache: dict[Any, int | str] | None = None) -> dict[str, torch.Tensor]:
         """Sample `index`'s ``input_ids``, ``labels`` and ``mm_token_type_ids``, as
@@ -306,23 +310,17 @@ class ConversationDataset(torch.utils.data.Dataset):
             cap = self._fit_videos(messages, where, cache)
             if cap is not None:
                 sample = self._count(messages, where, cache, cap)
-        media = [p for _, m, _ in render_segments(messages) for p in m]
+        media = [p for _, m, _ in render_segments(messages, self.family.default_system) for p in m]
         return self._truncate(sample, where, cache, media=media)
 
     def _count(self, messages: list[dict[str, Any]], where: Where, cache: dict[Any, int | str],
                cap: int | None) -> dict[str, torch.Tensor]:
         """:meth:`layout`'s sample before truncation, video frames at most `cap` pixels."""
         ids, labels = [], []
-        for text, media, learned in render_segments(messages):
+        for text, media, learned in render_segments(messages, self.family.default_system):
             segment = self.processor.tokenizer.encode(text, add_special_tokens=False)
             if media:
-                # The processor expands each pad token to its image's or video's token
-                # count before tokenising; special tokens tokenise alone, so expanding
-                # after tokenising gives the same ids.
-                counts = iter([self._tokens(part, where, cache, cap) for part in media])
-                pads = set(self.pad_ids.values())
-                segment = [t for token in segment
-                           for t in ([token] * next(counts) if token in pads else [token])]
+                segment = self._expand(segment, [self._tokens(part, where, cache, cap) for part in media])
             ids += segment
             labels += segment if learned else [IGNORE_INDEX] * len(segment)
         input_ids = torch.tensor(ids)
@@ -331,7 +329,30 @@ class ConversationDataset(torch.utils.data.Dataset):
             mm_types[input_ids == pad] = kind
         return {"input_ids": input_ids, "labels": torch.tensor(labels), "mm_token_type_ids": mm_types}
 
-    def _tokens(self, part: dict[str, Any], where: Where, cache: dict[Any, int | str], cap: int | None) -> int:
+    def _expand(self, segment: list[int], counts: list[int | tuple[int, ...]]) -> list[int]:
+        """The segment's ids with each pad token expanded as the processor does: to its
+        image's or video's token count (the processor expands before tokenising; special
+        tokens tokenise alone, so expanding after tokenising gives the same ids), or, for
+        a count given as ids, the whole placeholder around the pad replaced by them."""
+        pads, out, drop_end = set(self.pad_ids.values()), [], False
+        counts = iter(counts)
+        for token in segment:
+            if drop_end and token == self.vision_end_id:
+                drop_end = False
+            elif token not in pads:
+                out.append(token)
+            else:
+                n = next(counts)
+                if isinstance(n, tuple):
+                    out.pop()  # its <|vision_start|>; the <|vision_end|> is dropped next
+                    out += n
+                    drop_end = True
+                else:
+                    out += [token] * n
+        return out
+
+    def _tokens(self, part: dict[str, Any], where: Where, cache: dict[Any, int | str], cap: int | None
+                ) -> int | tuple[int, ...]:
         kind = part["type"]
         value, key = part[kind], _key(part[kind])
         if kind == "image":
@@ -359,8 +380,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             return f"image {_name(path)} ({width}x{height}) cannot be processed: {e}"
         return patches // self.merge_size**2
 
-    def _count_video_tokens(self, video: str | list | tuple, size: dict | None = None) -> int | str:
-        """The video tokens of a video file or frame list, or why it cannot be used.
+    def _count_video_tokens(self, video: str | list | tuple, size: dict | None = None) -> int | tuple[int, ...] | str:
+        """The video tokens of a video file or frame list (on Qwen3-VL the ids of its
+        whole placeholder, see :meth:`_video_expansion`), or why it cannot be used.
         `size` overrides the video processor's pixel bounds."""
         if isinstance(video, str):
             try:
@@ -368,6 +390,7 @@ class ConversationDataset(torch.utils.data.Dataset):
             except VideoError as e:
                 return str(e)
             frames, width, height = self.video.count(info.frames, info.rate), info.width, info.height
+            indices, rate = self.video.indices(info.frames, info.rate), info.rate
         else:
             sizes = set()
             for path in video:
@@ -378,22 +401,33 @@ class ConversationDataset(torch.utils.data.Dataset):
             if len(sizes) > 1:
                 return self._frame_sizes(video)
             (width, height), frames = sizes.pop(), self.video.count(len(video), None)
-        # The video processor's own resizing rule. (Its get_num_of_video_patches reads
-        # the bounds from `size` in transformers 5.24 but from min_pixels/max_pixels in
-        # 5.17, so it is not asked.)
-        # Imported here: the module needs torchvision, which ft.processor.require checks
-        # at start-up with a readable message; importing ft.dataset must not need it.
-        from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
-
+            indices, rate = self.video.indices(len(video), None), self.video.fps
+        # The video processor's own resizing rule, per family. (Its
+        # get_num_of_video_patches reads the bounds from `size` in transformers 5.24 but
+        # from min_pixels/max_pixels in 5.17, so it is not asked.)
         processor = self.processor.video_processor
         bounds = size or processor.size
         try:
-            height, width = smart_resize(height, width, processor.patch_size * self.merge_size,
-                                         min_pixels=bounds["shortest_edge"], max_pixels=bounds["longest_edge"])
+            height, width = self.family.video_frame_size(frames, height, width, processor, bounds)
         except ValueError as e:
             return f"video {video if isinstance(video, str) else _name(video[0])} ({width}x{height}) cannot be processed: {e}"
+        if self.family.timestamps:
+            return self._video_expansion(Clip(torch.zeros(frames, 3, height, width, dtype=torch.uint8), 0.0,
+                                              indices, rate), bounds)
         patches = frames // processor.temporal_patch_size * (height // processor.patch_size) * (width // processor.patch_size)
         return patches // self.merge_size**2
+
+    def _video_expansion(self, clip: Clip, bounds: dict) -> tuple[int, ...]:
+        """The ids that a video's placeholder (<|vision_start|><|video_pad|><|vision_end|>)
+        becomes, on families that write each temporal patch's time in text (Qwen3-VL:
+        `<0.2 seconds><|vision_start|>...<|vision_end|>` per patch). Asked of the
+        processor itself, on black frames already at their processed size (cheap next
+        to decoding, and exact on every transformers, whatever it does with the markers
+        around the frames)."""
+        out = self.processor(text=[VIDEO_PLACEHOLDER], videos=[clip.frames],
+                             videos_kwargs=processor_kwargs([clip], self.family, dict(bounds)),
+                             return_tensors="pt", add_special_tokens=False)
+        return tuple(out["input_ids"][0].tolist())
 
     @staticmethod
     def _frame_sizes(frames: list | tuple) -> str:
@@ -449,10 +483,15 @@ class ConversationDataset(torch.utils.data.Dataset):
             if part["type"] != "video":
                 continue
             value, key = part["video"], _key(part["video"])
-            least = self._count_video_tokens(value, {"shortest_edge": smallest, "longest_edge": smallest})
+            least = _length(self._count_video_tokens(value, {"shortest_edge": smallest, "longest_edge": smallest}))
             name = value if isinstance(value, str) else f"{len(value)} frames from {_name(value[0])}"
-            notes.append(f"video {name}: {(cache or {}).get(key, '?')} tokens, {least} at video_min_pixels")
+            notes.append(f"video {name}: {_length((cache or {}).get(key, '?'))} tokens, {least} at video_min_pixels")
         return f" ({'; '.join(notes)})" if notes else ""
+
+
+def _length(count: int | tuple[int, ...] | str) -> int | str:
+    """A video's token count, from a count or from the ids of its placeholder."""
+    return len(count) if isinstance(count, tuple) else count
 
 
 def build_datasets(data_cfg: Any, processor: Any, seed: int = 0

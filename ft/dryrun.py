@@ -22,6 +22,7 @@ only gate.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +33,7 @@ from torch import nn
 from ft.backends import BACKENDS, DEFAULT
 from ft.config import Config, ConfigError, TrainConfig, field_choices
 from ft.config_load import load_config
+from ft.families import read_family
 from ft.fsdp_wrap import Unit, fmt_bytes, fmt_count, format_plan, per_rank_numel, plan_units, root_members
 from ft.optim import OPTIMIZERS
 from ft.parts import PARTS, apply_freezing
@@ -293,11 +295,13 @@ def plan_total(est: MemoryEstimate, act: ActivationEstimate | None) -> int:
 # =====================================================================================
 def build_on_meta(config_path: str) -> nn.Module:
     """The model of a config.json (or of the folder holding one), on the meta device."""
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoConfig
 
+    folder = config_path if os.path.isdir(config_path) else os.path.dirname(config_path) or "."
+    model_class = read_family(folder).model_class()
     config = AutoConfig.from_pretrained(config_path)
     with torch.device("meta"):
-        return Qwen2_5_VLForConditionalGeneration._from_config(config)
+        return model_class._from_config(config)
 
 
 class _Plan(NamedTuple):

@@ -1,12 +1,13 @@
-"""How Qwen2.5-VL is cut into FSDP units, and which modules recompute their activations.
+"""How a Qwen VL model is cut into FSDP units, and which modules recompute their activations.
 **This is the file to edit when you change the sharding.** Read it in this order:
 
-1. `WRAP_PLAN`: one `WrapRule` per module class, saying whether each matched module
-   becomes its own FSDP unit (`unit`), and whether it recomputes its activations in
-   backward (`checkpoint`). The two are separate decisions: one unit for the whole
-   vision tower with per-block checkpointing is
-   `WrapRule(Qwen2_5_VisionTransformerPretrainedModel, ..., unit=True)` plus
-   `WrapRule(Qwen2_5_VLVisionBlock, ..., unit=False, checkpoint=True)`. Everything that no
+1. `WRAP_PLAN`: one `WrapRule` per role (`ft.families`: the class playing it in the
+   model's family, e.g. `vision_block` is `Qwen2_5_VLVisionBlock` in Qwen2.5-VL and
+   `Qwen3VLVisionBlock` in Qwen3-VL), saying whether each matched module becomes its own
+   FSDP unit (`unit`), and whether it recomputes its activations in backward
+   (`checkpoint`). The two are separate decisions: one unit for the whole vision tower
+   with per-block checkpointing is `WrapRule("vision_tower", ..., unit=True)` plus
+   `WrapRule("vision_block", ..., unit=False, checkpoint=True)`. Everything that no
    unit rule matches stays in the root unit, which is wrapped last.
 2. `plan_units`: the plan for a concrete model, as data (`Unit`s, root last): which
    parameters each unit owns, and which modules in it are recomputed. Matched by class,
@@ -32,15 +33,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from torch import nn
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionPatchEmbed,
-    Qwen2_5_VLDecoderLayer,
-    Qwen2_5_VLPatchMerger,
-    Qwen2_5_VLVisionBlock,
-)
 
 from ft.backends import BACKENDS, DEFAULT
 from ft.dist import DistInfo
+from ft.families import family_of
 from ft.parts import (PART_NAMES, WrapPlanError, backward_reaches, few, module_parts, parameters_by_part,
                       trainable_parts)
 
@@ -55,7 +51,7 @@ __all__ = ["WRAP_PLAN", "WrapRule", "Unit", "WrapPlanError", "plan_units", "chec
 # =====================================================================================
 @dataclass(frozen=True)
 class WrapRule:
-    cls: type[nn.Module]
+    role: str  # the module class playing this role in the model's family (ft.families)
     why: str
     unit: bool = True  # each matched module becomes its own FSDP unit
     checkpoint: bool = False  # each matched module recomputes its activations in backward
@@ -63,21 +59,23 @@ class WrapRule:
 
 WRAP_PLAN: list[WrapRule] = [
     WrapRule(
-        Qwen2_5_VisionPatchEmbed,
-        "Conv3d patch embedding: its own small unit so the root holds no vision weights "
-        "(the vision tower can then be frozen while the root trains)",
+        "vision_own",
+        "the vision tower's weights outside its blocks and mergers (the Conv3d patch "
+        "embedding; Qwen3-VL's learned position embedding too): a unit of their own so the "
+        "root holds no vision weights (the vision tower can then be frozen while the root trains)",
     ),
     WrapRule(
-        Qwen2_5_VLVisionBlock,
+        "vision_block",
         "one ViT block: gathered just before it runs, freed right after",
         checkpoint=True,
     ),
     WrapRule(
-        Qwen2_5_VLPatchMerger,
-        "vision-to-language projector (the 'merger'): frozen or trained on its own",
+        "merger",
+        "vision-to-language projector (the 'merger'; Qwen3-VL also has one per DeepStack "
+        "level): frozen or trained on its own",
     ),
     WrapRule(
-        Qwen2_5_VLDecoderLayer,
+        "decoder_layer",
         "one decoder layer of the language model: the bulk of the weights",
         checkpoint=True,
     ),
@@ -130,13 +128,15 @@ class Unit:
 
 
 def _matches(model: nn.Module, rule: WrapRule) -> list[tuple[str, nn.Module]]:
-    hits = [(name, mod) for name, mod in model.named_modules() if type(mod) is rule.cls]
+    family = family_of(model)
+    cls = family.cls(rule.role)
+    hits = [(name, mod) for name, mod in model.named_modules() if type(mod) is cls]
     if not hits:
         present = sorted({type(m).__name__ for m in model.modules()})
         raise WrapPlanError(
-            f"wrap rule {rule.cls.__name__} matched no module of "
+            f"wrap rule {rule.role} ({family.name}: {cls.__name__}) matched no module of "
             f"{type(model).__name__}. Classes present: {', '.join(present)}. "
-            "Fix WRAP_PLAN in ft/fsdp_wrap.py (transformers may have renamed the class)."
+            "Fix the role in ft/families.py (transformers may have renamed the class)."
         )
     return hits
 

@@ -67,10 +67,11 @@ USAGE = "usage: python -m ft.loop [CONFIG.yaml] [section.key=value ...]"
 for _pattern in (".*ShardedTensor.*", ".*_get_pg_default_device.*", ".*Multiple backends are registered.*"):
     warnings.filterwarnings("ignore", message=_pattern)
 # FSDP2 warns that a unit returned a view that an in-place op could detach from its
-# pre-backward hook: the patch embedding's `.view` output and the root's empty logits
-# slice, neither of which is modified in place (the equivalence tests would see it).
-warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \((FSDPQwen2_5_VisionPatchEmbed|"
-                                          r"FSDPQwen2_5_VLForConditionalGeneration)\) returned a view tensor")
+# pre-backward hook: the patch embedding's `.view` output (in Qwen3-VL's vision tower
+# unit) and the root's empty logits slice, neither of which is modified in place (the
+# equivalence tests would see it).
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w+(Patch\w+|VisionModel|ForConditional"
+                                          r"Generation)\) returned a view tensor")
 
 
 # =====================================================================================
@@ -233,8 +234,9 @@ def prepare_processor(run: Run):
     # Only at the demo model's default place: a typo in model.path is refused above.
     if builds_tiny_model(cfg.model) and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         if info.local_rank == 0:  # one builder per node: the folder may not be shared
-            log(info, f"building the tiny demo model at {cfg.model.path} ({cfg.model.tiny_vocab} vocab)")
-            save_tiny(cfg.model.path, vocab=cfg.model.tiny_vocab, if_missing=True)
+            log(info, f"building the tiny demo model at {cfg.model.path} "
+                      f"({cfg.model.tiny_family}, {cfg.model.tiny_vocab} vocab)")
+            save_tiny(cfg.model.path, vocab=cfg.model.tiny_vocab, if_missing=True, family=cfg.model.tiny_family)
         dist.barrier()  # SYNC: the model folder exists for everyone
     return load_processor_for(cfg.model.path, cfg.data)
 

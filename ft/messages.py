@@ -51,8 +51,9 @@ IGNORE_INDEX = -100
 """Label of positions that are not learned (the value cross-entropy ignores)."""
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-"""The system message Qwen2.5-VL's chat template inserts when a conversation has none;
-training inserts it too so that prompts match those seen at inference."""
+"""The system message Qwen2-VL's and Qwen2.5-VL's chat templates insert when a
+conversation has none; training inserts it too so that prompts match those seen at
+inference (Qwen3-VL's inserts none: `ft.families.Family.default_system`)."""
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
@@ -326,11 +327,14 @@ def _check_conversation(messages: list[dict[str, Any]], where: Where, key: str) 
         raise where.error(key, "no assistant turn: nothing to learn")
 
 
-def render_segments(messages: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]], bool]]:
+def render_segments(messages: list[dict[str, Any]], default_system: str | None = DEFAULT_SYSTEM_PROMPT
+                    ) -> list[tuple[str, list[dict[str, Any]], bool]]:
     """Render the conversation as ``(text, media, learned)`` segments, `media` being the
     segment's image and video parts in order.
 
-    Concatenated, the texts are exactly what Qwen2.5-VL's chat template renders. A new
+    Concatenated, the texts are exactly what the family's chat template renders (a
+    conversation without a system message gets `default_system`, when not None:
+    `ft.families.Family.default_system`). A new
     segment starts where an assistant turn's content begins and after its
     ``<|im_end|>``; the learned segments are those content-plus-``<|im_end|>`` spans.
     Splitting before the content makes it tokenise as at inference, where the prompt
@@ -341,8 +345,8 @@ def render_segments(messages: list[dict[str, Any]]) -> list[tuple[str, list[dict
     """
     segments: list[tuple[str, list[dict[str, Any]], bool]] = []
     text, media = "", []
-    if messages[0]["role"] != "system":
-        text = f"{IM_START}system\n{DEFAULT_SYSTEM_PROMPT}{IM_END}\n"
+    if messages[0]["role"] != "system" and default_system is not None:
+        text = f"{IM_START}system\n{default_system}{IM_END}\n"
     for message in messages:
         text += f"{IM_START}{message['role']}\n"
         content = ""

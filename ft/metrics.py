@@ -49,6 +49,7 @@ from typing import Any, Collection
 import torch
 
 from ft.collate import BatchStats
+from ft.families import family_of
 from ft.parts import PART_NAMES, backward_reaches
 
 __all__ = [
@@ -67,32 +68,36 @@ __all__ = [
 # FLOPs from the config
 # =====================================================================================
 def matmul_params(config: Any) -> dict[str, int]:
-    """Weights each token or patch is multiplied by, from a Qwen2.5-VL config
-    (`transformers.Qwen2_5_VLConfig`, or any object with its `text_config` and
-    `vision_config` fields), without building the model.
+    """Weights each token or patch is multiplied by, from a model config of any family
+    (`ft.families`; a transformers config, or any object with its `model_type`,
+    `text_config` and `vision_config` fields), without building the model.
 
     Keys: `text_layers` (all decoder layers: q, k, v, o projections and the gated MLP,
     per token), `lm_head` (per label token), `vision_patch_embed` (the Conv3d, per
-    patch), `vision_blocks` (all blocks: qkv, proj and the gated MLP, per patch),
-    `vision_merger` (its two linear layers, per merged token of merge² patches).
+    patch), `vision_blocks` (all blocks: qkv, proj and the MLP, per patch),
+    `vision_merger` (the two linear layers of every merger, per merged token of merge²
+    patches: Qwen3-VL runs its DeepStack mergers on every merged token too).
     """
     text, vision = config.text_config, config.vision_config
     hidden, heads, kv_heads = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
-    head_dim = hidden // heads  # as Qwen2_5_VLAttention computes it
+    # Qwen3 states its head size (64 heads of 128 on a 5120-wide 32B); Qwen2 derives it.
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
     per_layer = (
         hidden * heads * head_dim  # q_proj
         + 2 * hidden * kv_heads * head_dim  # k_proj, v_proj (grouped-query attention)
         + heads * head_dim * hidden  # o_proj
         + 3 * hidden * text.intermediate_size  # gate_proj, up_proj, down_proj
     )
-    dim, merge = vision.hidden_size, vision.spatial_merge_size
+    shape = family_of(config).vision_shape(vision)
+    dim, merge = shape.width, vision.spatial_merge_size
     merged = dim * merge**2
+    out_hidden = getattr(vision, "out_hidden_size", None) or vision.hidden_size  # Qwen2-VL: hidden_size
     return {
         "text_layers": per_layer * text.num_hidden_layers,
         "lm_head": hidden * text.vocab_size,
         "vision_patch_embed": vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * dim,
-        "vision_blocks": (4 * dim * dim + 3 * dim * vision.intermediate_size) * vision.depth,
-        "vision_merger": merged * merged + merged * vision.out_hidden_size,
+        "vision_blocks": (4 * dim * dim + shape.mlp_matrices * dim * shape.intermediate) * vision.depth,
+        "vision_merger": (merged * merged + merged * out_hidden) * shape.mergers,
     }
 
 
@@ -124,14 +129,17 @@ def _window_sizes(length: int, window: int) -> list[int]:
 def _vision_attention_pairs(config: Any, grid: tuple[int, int, int]) -> tuple[int, int]:
     """(query, key) pairs of one image in a full-attention block and in a window block.
 
-    Attention never crosses a frame (t) boundary. A window is window_size pixels
-    square, cut on the grid of merged tokens (merge × merge patches each); windows at
-    the right and bottom edges are smaller.
+    Attention never crosses a frame (t) boundary. A window (Qwen2.5-VL) is window_size
+    pixels square, cut on the grid of merged tokens (merge × merge patches each);
+    windows at the right and bottom edges are smaller.
     """
     vision = config.vision_config
     t, h, w = grid
     merge = vision.spatial_merge_size
-    window = vision.window_size // merge // vision.patch_size  # in merged tokens
+    window_px = family_of(config).vision_shape(vision).window
+    if not window_px:
+        return t * (h * w) ** 2, 0
+    window = window_px // merge // vision.patch_size  # in merged tokens
     rows = sum(r * r for r in _window_sizes(h // merge, window))
     cols = sum(c * c for c in _window_sizes(w // merge, window))
     # A window of r × c merged tokens holds r·c·merge² patches: (r·c·merge²)² pairs.
@@ -149,7 +157,8 @@ def forward_flops(config: Any, stats: BatchStats, *, causal: bool = True) -> Flo
     text, vision = config.text_config, config.vision_config
 
     # One QKᵀ and one AV per (query, key) pair and head: 2·2·head_dim·heads FLOPs.
-    text_width = text.hidden_size  # heads × head_dim
+    heads = text.num_attention_heads
+    text_width = heads * (getattr(text, "head_dim", None) or text.hidden_size // heads)  # heads × head_dim
     if causal:
         pairs = sum(n * (n + 1) // 2 for n in stats.seq_lens)
     else:
@@ -157,14 +166,14 @@ def forward_flops(config: Any, stats: BatchStats, *, causal: bool = True) -> Flo
     text_attention = 4 * text_width * pairs * text.num_hidden_layers
 
     patches = stats.patches
-    full_blocks = len(vision.fullatt_block_indexes)
-    window_blocks = vision.depth - full_blocks
+    shape = family_of(config).vision_shape(vision)
+    full_blocks, window_blocks = shape.full_blocks, shape.window_blocks
     full_pairs = window_pairs = 0
     for grid in stats.vision_grids:
         f, w = _vision_attention_pairs(config, grid)
         full_pairs += f
         window_pairs += w
-    vision_attention = 4 * vision.hidden_size * (full_pairs * full_blocks + window_pairs * window_blocks)
+    vision_attention = 4 * shape.width * (full_pairs * full_blocks + window_pairs * window_blocks)
 
     return Flops(
         text_matmuls=float(2 * params["text_layers"] * stats.tokens),

@@ -1,4 +1,5 @@
-"""Loading Qwen2.5-VL for sharded training, and the loss ft optimises."""
+"""Loading a Qwen VL model (any family of `ft.families`) for sharded training, and the
+loss ft optimises."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import os
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+from torch import nn
+from transformers import AutoConfig
 
 from ft.backends import backend_of
 from ft.dist import DistInfo
+from ft.families import read_family
 from ft.messages import IGNORE_INDEX
 from ft.rounding import MASTER_DTYPES
 
@@ -21,7 +24,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def load_model(path: str, info: DistInfo, attn_implementation: str = "sdpa",
-               master: str = "fp32") -> Qwen2_5_VLForConditionalGeneration:
+               master: str = "fp32") -> nn.Module:
     """Rank 0 reads the weights from disk (the master copy, on CPU, in `master`'s dtype:
     `MASTER_DTYPES`); every other rank builds the same architecture without reading
     anything. Floating-point buffers (the rotary `inv_freq`) are fp32 either way.
@@ -35,20 +38,20 @@ def load_model(path: str, info: DistInfo, attn_implementation: str = "sdpa",
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(
             f"model.path={path!r} has no config.json: point it at a local Hugging Face "
-            "folder of a Qwen2.5-VL checkpoint (or set model.build_tiny_if_missing=true "
+            "folder of a Qwen VL checkpoint (or set model.build_tiny_if_missing=true "
             "for the tiny demo model)"
         )
+    family = read_family(path)
     config = AutoConfig.from_pretrained(path)
-    if config.model_type != "qwen2_5_vl":
-        raise ValueError(f"{path}/config.json: model_type is {config.model_type!r}, expected 'qwen2_5_vl'")
     config.use_cache = False  # no KV cache in training: it only costs memory
 
     common = dict(dtype=MASTER_DTYPES[master], attn_implementation=attn_implementation)
+    model_class = family.model_class()
     if info.rank == 0:
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, config=config, **common)
+        model = model_class.from_pretrained(path, config=config, **common)
     else:
         with torch.device("meta"):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(config, **common)
+            model = model_class._from_config(config, **common)
         model.to_empty(device=info.device)
         # to_empty gives lm_head and embed_tokens separate storage even when the config
         # ties them; re-tie, or rank 0 and this rank disagree on the parameter list and
@@ -78,7 +81,7 @@ def loss_sum(
     step (all micro-batches, all ranks), which makes the update independent of how the
     global batch is split across ranks and accumulation steps.
 
-    `model` is the Qwen2.5-VL model, bare or wrapped in FSDP. With `chunk_size` > 0 the
+    `model` is the Qwen VL model, bare or wrapped in FSDP. With `chunk_size` > 0 the
     vocabulary projection runs only on the label positions, `chunk_size` of them at a
     time, and never for the whole sequence (see `_chunked_loss_hooks`); 0 takes the
     plain path that materialises the logits of every position. Both give the same loss
@@ -145,7 +148,7 @@ def _chunked_loss_hooks(model: torch.nn.Module, keep: torch.Tensor, targets: tor
     captured: dict[str, torch.Tensor] = {}
 
     def keep_hidden(module, args, output):
-        # Qwen2_5_VLModel's output: the final-norm hidden states lm_head would project.
+        # The inner model's output: the final-norm hidden states lm_head would project.
         captured["hidden"] = output.last_hidden_state
 
     def add_loss(module, args, kwargs, output):

@@ -5,7 +5,7 @@ demo data at 4 rows per device: a quarter). A packed row concatenates whole samp
 to `data.pack_length` tokens; a sample is never split. Three things make a packed row
 compute exactly what the same samples compute one per row:
 
-1. **Positions restart per sample.** Qwen2.5-VL takes `position_ids` of shape
+1. **Positions restart per sample.** Every family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) takes `position_ids` of shape
    (4, rows, length): row 0 holds the text positions (they drive the causal mask and
    are handed to attention), rows 1-3 the M-RoPE (t, h, w) positions. Row 0 is an
    `arange` per sample; rows 1-3 come from the model's own `get_rope_index` called on
@@ -34,12 +34,12 @@ so resuming stays exact.
 from __future__ import annotations
 
 import bisect
-import inspect
 import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+from ft.families import family_of
 
 __all__ = ["PackedBatchSampler", "PackedRows", "RopeIndex", "eval_batches", "pack", "truncates_video_seconds",
            "varlen_kwargs"]
@@ -217,31 +217,37 @@ class PackedRows(torch.utils.data.Dataset):
 
 
 class RopeIndex:
-    """Qwen2.5-VL's own `get_rope_index`, run on the model config alone (no weights), so
-    that positions are built in the collator, in the DataLoader workers.
+    """The model family's own `get_rope_index` (`ft.families`), run on the model config
+    alone (no weights), so that positions are built in the collator, in the DataLoader
+    workers.
 
-    `get_rope_index` reads only the config and its sibling `get_vision_position_ids`;
-    this class lends it both. tests/test_packing.py checks the positions against the
-    ones the model computes for itself, so a transformers release that changes what the
-    method reads fails there, not silently in training.
+    `get_rope_index` reads only `self.config` and its sibling `get_vision_position_ids`;
+    an instance of this class stands in for the model as that `self`.
+    tests/test_packing.py checks the positions against the ones the model computes for
+    itself, per family, so a transformers release that changes what the method reads
+    fails there, not silently in training.
     """
-
-    get_rope_index = Qwen2_5_VLModel.get_rope_index
-    if hasattr(Qwen2_5_VLModel, "get_vision_position_ids"):
-        get_vision_position_ids = Qwen2_5_VLModel.get_vision_position_ids
-    _takes_types = "mm_token_type_ids" in inspect.signature(Qwen2_5_VLModel.get_rope_index).parameters
 
     def __init__(self, config):
         self.config = config
+        self.family = family_of(config)
+        self._takes = {name: self.family.rope_takes(name) for name in ("mm_token_type_ids", "second_per_grid_ts")}
+
+    def get_vision_position_ids(self, *args, **kwargs):
+        return self.family.inner_class().get_vision_position_ids(self, *args, **kwargs)
 
     def __call__(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor,
                  image_grid_thw: torch.Tensor | None, video_grid_thw: torch.Tensor | None = None,
                  second_per_grid_ts: torch.Tensor | None = None) -> torch.Tensor:
-        """The (4, n) positions of one sample: text positions, then M-RoPE (t, h, w); a
-        video's time positions advance with `second_per_grid_ts` (seconds per two frames)."""
-        kwargs = {"mm_token_type_ids": mm_token_type_ids[None]} if self._takes_types else {}
-        mrope, _ = self.get_rope_index(input_ids[None], image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
-                                       second_per_grid_ts=second_per_grid_ts, **kwargs)
+        """The (4, n) positions of one sample: text positions, then M-RoPE (t, h, w); on
+        Qwen2.5-VL a video's time positions advance with `second_per_grid_ts` (seconds
+        per two frames)."""
+        kwargs = {"mm_token_type_ids": mm_token_type_ids[None]} if self._takes["mm_token_type_ids"] else {}
+        if self._takes["second_per_grid_ts"]:
+            kwargs["second_per_grid_ts"] = second_per_grid_ts
+        get_rope_index = self.family.inner_class().get_rope_index
+        mrope, _ = get_rope_index(self, input_ids[None], image_grid_thw=image_grid_thw,
+                                  video_grid_thw=video_grid_thw, **kwargs)
         return torch.cat([torch.arange(len(input_ids))[None], mrope[:, 0]])
 
 
@@ -253,8 +259,11 @@ def truncates_video_seconds(config) -> bool:
     sampled faster than one temporal patch per second (at 4 fps, 0.5 s per patch) gets
     time steps of 0, every frame at the same time position; 5.24 keeps the fraction.
     Training on either matches inference on the same version (ft's positions are the
-    model's own), not across versions. Found by asking the method itself.
+    model's own), not across versions. Found by asking the method itself. Families
+    whose positions do not take `second_per_grid_ts` (Qwen2-VL, Qwen3-VL) never round.
     """
+    if not family_of(config).rope_takes("second_per_grid_ts"):
+        return False
     grid = torch.tensor([[2, 2, 2]])  # two temporal patches of one merged token each
     types = torch.full((2,), 2)  # video
     positions = RopeIndex(config)(torch.zeros(2, dtype=torch.long), types, None, grid, torch.tensor([0.5]))

@@ -1,10 +1,11 @@
-"""The parts of Qwen2.5-VL a user can freeze or give their own learning rate, and what
+"""The parts of a Qwen VL model a user can freeze or give their own learning rate, and what
 follows from freezing: `requires_grad`, the optimizer's parameter groups, and which
 parts a backward pass still runs through.
 
 - `PARTS`: the vision tower, the merger and the language model (`model.freeze_*`,
-  `train.vision_lr`, `train.merger_lr`), matched by class, never by attribute path
-  (transformers 4.x and 5.x nest the towers differently).
+  `train.vision_lr`, `train.merger_lr`), matched by the class that plays the part's
+  role in the model's family (`ft.families`), never by attribute path (transformers 4.x
+  and 5.x nest the towers differently). Qwen3-VL's DeepStack mergers are mergers.
 - `apply_freezing` sets `requires_grad` from the config, before wrapping (FSDP1 fixes
   each flat parameter's `requires_grad` when it builds it).
 - `param_groups` builds the optimizer's groups from the wrapped model, one per part.
@@ -18,12 +19,9 @@ from dataclasses import dataclass
 from typing import Collection
 
 from torch import nn
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionTransformerPretrainedModel,
-    Qwen2_5_VLPatchMerger,
-)
 
 from ft.backends import backend_of
+from ft.families import family_of
 
 
 class WrapPlanError(RuntimeError):
@@ -33,7 +31,7 @@ class WrapPlanError(RuntimeError):
 @dataclass(frozen=True)
 class Part:
     name: str
-    cls: type[nn.Module] | None  # the part is this class's subtree; None: all the rest
+    role: str | None  # the part is the subtree of the class playing this role (ft.families); None: all the rest
     freeze_field: str  # in ModelConfig
     lr_field: str  # in TrainConfig; a negative value there means train.learning_rate
     what: str
@@ -43,12 +41,12 @@ class Part:
 # still carries gradients in backward when a part before it trains.
 PARTS: list[Part] = [
     Part(
-        "vision_tower", Qwen2_5_VisionTransformerPretrainedModel, "freeze_vision_tower", "vision_lr",
-        "the ViT: patch_embed, blocks, rotary_pos_emb (its child merger is a part of its own)",
+        "vision_tower", "vision_tower", "freeze_vision_tower", "vision_lr",
+        "the ViT: patch_embed, blocks, rotary_pos_emb (Qwen3-VL: pos_embed); its mergers are a part of their own",
     ),
     Part(
-        "merger", Qwen2_5_VLPatchMerger, "freeze_merger", "merger_lr",
-        "the projector from vision features to the language model's embeddings",
+        "merger", "merger", "freeze_merger", "merger_lr",
+        "the projectors from vision features to the language model's embeddings (Qwen3-VL: also DeepStack's)",
     ),
     Part(
         "llm", None, "freeze_llm", "learning_rate",
@@ -71,8 +69,9 @@ def module_parts(model: nn.Module) -> dict[int, str]:
     included) whose class a `Part` names. Wrapper modules match no part, so this works
     the same on the wrapped model (FSDP1's and the checkpoint wrappers, FSDP2's
     in-place subclasses)."""
-    by_cls = {p.cls: p.name for p in PARTS if p.cls is not None}
-    rest = next(p.name for p in PARTS if p.cls is None)
+    family = family_of(model)
+    by_cls = {family.cls(p.role): p.name for p in PARTS if p.role is not None}
+    rest = next(p.name for p in PARTS if p.role is None)
     parts: dict[int, str] = {}
     found: set[type] = set()
     stack = [(model, rest)]
@@ -90,7 +89,7 @@ def module_parts(model: nn.Module) -> dict[int, str]:
         # Otherwise freeze_vision_tower would silently freeze nothing.
         raise WrapPlanError(
             f"part class {', '.join(missing)} matched no module of {type(model).__name__}: "
-            "fix PARTS in ft/parts.py (transformers may have renamed the class)"
+            f"fix the {family.name} roles in ft/families.py (transformers may have renamed the class)"
         )
     return parts
 

@@ -37,6 +37,7 @@ from ft.config_load import model_dir_refusal
 from ft.collate import vision_inputs
 from ft.dataset import ConversationDataset
 from ft.deps import MissingDependency
+from ft.families import read_family
 from ft.processor import load_processor, saved_video_sampling
 from ft.rows import DataError, load_rows
 
@@ -106,10 +107,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def predict(args, processor, dataset: ConversationDataset, info: dist.DistInfo) -> list[dict]:
     """This rank's share of the rows, each with its prediction (or error)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     on_gpu = info.device.type == "cuda"
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    model = read_family(args.model_dir).model_class().from_pretrained(
         args.model_dir, dtype=torch.bfloat16 if on_gpu else torch.float32, attn_implementation="sdpa")
     model.to(info.device).eval()
     tokenizer = processor.tokenizer

@@ -1,6 +1,8 @@
-"""Load and export the official Qwen2.5-VL processor (tokenizer, image and video processors).
+"""Load and export the official processor of a Qwen VL model (tokenizer, image and video
+processors).
 
-The processor is transformers' own ``Qwen2_5_VLProcessor``, built from
+The processor is transformers' own class for the model's family (`ft.families`:
+``Qwen2_5_VLProcessor`` for Qwen2.5-VL, ``Qwen3VLProcessor`` for Qwen3-VL), built from
 ``AutoTokenizer``, ``AutoImageProcessor`` and ``AutoVideoProcessor`` so that images and
 video frames get separate pixel bounds (``data.min_pixels``/``max_pixels`` and
 ``data.video_min_pixels``/``video_max_pixels``); ``AutoProcessor.from_pretrained`` would
@@ -18,8 +20,7 @@ import shutil
 from pathlib import Path
 
 from ft.deps import require
-
-PROCESSOR_CLASS = "Qwen2_5_VLProcessor"
+from ft.families import family_of
 
 # Model-config key -> token the tokenizer must map to that id.
 _CONFIG_TOKENS = {
@@ -91,7 +92,7 @@ def load_processor(
     video_min_pixels: int | None = None,
     video_max_pixels: int | None = None,
 ):
-    """The ``Qwen2_5_VLProcessor`` of `model_dir`, checked against its config.json.
+    """The processor of `model_dir` (its family's class), checked against its config.json.
 
     ``min_pixels``/``max_pixels`` (still images) and ``video_min_pixels``/
     ``video_max_pixels`` (each video frame), when given, override the saved size bounds
@@ -99,10 +100,11 @@ def load_processor(
     a picture or a frame becomes. Raises MissingDependency when torchvision does not
     load.
     """
-    require("torchvision", "the Qwen2.5-VL image and video processors of transformers")
-    from transformers import AutoImageProcessor, AutoTokenizer, AutoVideoProcessor, Qwen2_5_VLProcessor
+    require("torchvision", "the Qwen VL image and video processors of transformers")
+    from transformers import AutoImageProcessor, AutoTokenizer, AutoVideoProcessor
 
     model_dir = Path(model_dir)
+    family = family_of(_read_config(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     image_processor = AutoImageProcessor.from_pretrained(model_dir, **_size(min_pixels, max_pixels))
     # A checkpoint without video_preprocessor_config.json (some older exports) gets the
@@ -110,7 +112,7 @@ def load_processor(
     video_processor = AutoVideoProcessor.from_pretrained(model_dir, **_size(video_min_pixels, video_max_pixels))
     # Processor-level chat template (chat_template.json, older checkpoints) wins over
     # none at all; the tokenizer's own template (chat_template.jinja) is the usual source.
-    processor = Qwen2_5_VLProcessor(
+    processor = family.processor_class()(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
@@ -194,9 +196,10 @@ def export_processor_files(src_model_dir: str | os.PathLike, dst_dir: str | os.P
     Everything in the top level of ``src_model_dir`` except weights, weight indexes,
     config.json, generation_config.json, README.md (the base model's card does not
     describe the fine-tune) and hidden files is copied (symlinks, as in the HF cache,
-    are resolved). Then every ``processor_class`` entry is made to read
-    ``Qwen2_5_VLProcessor``: a subclass name there (ours, if a processor object was
-    saved) makes AutoProcessor silently return the bare tokenizer. `settings` (see
+    are resolved). Then every ``processor_class`` entry is made to name the family's
+    processor class (``Qwen2_5_VLProcessor`` for Qwen2.5-VL): a subclass name there
+    (ours, if a processor object was saved) makes AutoProcessor silently return the
+    bare tokenizer. `settings` (see
     :func:`training_settings`) maps a copied JSON file's name to keys to set in it.
     Files that already name the class and get no settings are left byte-for-byte
     unchanged.
@@ -211,14 +214,15 @@ def export_processor_files(src_model_dir: str | os.PathLike, dst_dir: str | os.P
             if src != dst:
                 shutil.copyfile(path, dst / path.name)
             copied.append(path.name)
+    processor_class = family_of(_read_config(src)).processor
     for name in copied:
         if name.endswith(".json"):
-            _update_json(dst / name, (settings or {}).get(name, {}))
+            _update_json(dst / name, (settings or {}).get(name, {}), processor_class)
     return copied
 
 
-def _update_json(path: Path, settings: dict) -> None:
-    """Make `path`'s processor_class read PROCESSOR_CLASS and set `settings` in it;
+def _update_json(path: Path, settings: dict, processor_class: str) -> None:
+    """Make `path`'s processor_class read `processor_class` and set `settings` in it;
     rewrite the file only if that changes something."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -228,6 +232,6 @@ def _update_json(path: Path, settings: dict) -> None:
         return
     updated = {**data, **settings}
     if "processor_class" in data:
-        updated["processor_class"] = PROCESSOR_CLASS
+        updated["processor_class"] = processor_class
     if updated != data:
         path.write_text(json.dumps(updated, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

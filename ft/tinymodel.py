@@ -1,11 +1,13 @@
-"""Build a tiny, randomly initialised Qwen2.5-VL checkpoint that loads like a real one.
+"""Build a tiny, randomly initialised Qwen VL checkpoint (Qwen2-VL, Qwen2.5-VL or Qwen3-VL:
+`ft.families`) that loads like a real one.
 
 (Long because it rebuilds the real Qwen2 tokenizer offline as well as the model: both
 are one artefact, the demo checkpoint.)
 
-The tiny model keeps every structural feature the training loop depends on (vision
-tower with windowed and full-attention blocks, patch merger, M-RoPE, tied or untied
-LM head, Qwen's special-token ids) at a size that runs on a CPU in milliseconds.
+The tiny model keeps every structural feature of its family the training loop depends
+on (vision tower with Qwen2.5-VL's windowed and full-attention blocks or Qwen3-VL's
+DeepStack mergers, patch merger, M-RoPE, tied or untied LM head, Qwen's special-token
+ids) at a size that runs on a CPU in milliseconds.
 
 Two vocabularies:
   * ``"real"``: Qwen2's actual 151,643-token BPE, rebuilt offline from the
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ft.processor import PROCESSOR_CLASS
+from ft.families import DEFAULT_FAMILY, family_named, family_of
 
 # Qwen2's special tokens, in id order. The first 14 are "special" (never split, skipped
 # when decoding with skip_special_tokens); the last 8 are plain added tokens, as in the
@@ -73,17 +75,18 @@ QWEN2_SPLIT_REGEX = (
 REAL_VOCAB_SIZE = 151936  # embedding rows of Qwen2.5-VL-3B: the tokenizer's 151,665 ids, padded
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 448 * 448  # small images keep CPU steps fast
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-# Qwen2.5-VL's conversation format. Every literal is emitted through an expression with
+# The Qwen VL conversation format. Every literal is emitted through an expression with
 # explicit "\n", so the output does not depend on the jinja whitespace options of the
 # renderer (transformers uses trim_blocks/lstrip_blocks, other tools may not).
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
+_DEFAULT_SYSTEM = (
     "{%- if loop.first and message['role'] != 'system' %}"
     "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
     "{%- endif %}"
+)
+_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "DEFAULT_SYSTEM"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string %}"
     "{{- message['content'] }}"
@@ -104,6 +107,13 @@ CHAT_TEMPLATE = (
     "{{- '<|im_start|>assistant\\n' }}"
     "{%- endif %}"
 )
+
+
+def chat_template(default_system: bool = True) -> str:
+    """The tiny model's chat template: Qwen2-VL's and Qwen2.5-VL's insert the default
+    system message into a conversation without one, Qwen3-VL's does not
+    (`ft.families.Family.default_system`)."""
+    return _CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", _DEFAULT_SYSTEM if default_system else "")
 
 # Training text for the small vocabulary, written for this project: captions, questions
 # and training vocabulary, so typical test strings tokenize into few pieces.
@@ -271,7 +281,7 @@ def build_tokenizer(vocab: str = "real"):
     )
     # Registered as added tokens so text containing them is never split by the BPE.
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in ADDED_TOKENS])
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template()
     return tokenizer
 
 
@@ -324,26 +334,6 @@ def _text_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads
     }
 
 
-def _vision_config(depth: int, vision_hidden: int, heads: int, out_hidden: int) -> dict:
-    """The vision tower's part of `tiny_config`."""
-    return {
-        "depth": depth,
-        "initializer_range": INIT_STD,
-        "hidden_size": vision_hidden,
-        "intermediate_size": 2 * vision_hidden,
-        "num_heads": heads,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        # 56 px = 2x2 merged tokens per window, so 112 px images already span several
-        # windows and the windowed-attention path is exercised.
-        "window_size": 56,
-        # Every second block attends globally, as every 8th does in the real tower.
-        "fullatt_block_indexes": [i for i in range(depth) if i % 2 == 1],
-        "out_hidden_size": out_hidden,
-    }
-
-
 def tiny_config(
     *,
     vocab_size: int,
@@ -353,14 +343,14 @@ def tiny_config(
     vision_depth: int = 2,
     vision_hidden: int = 32,
     tie_word_embeddings: bool = True,
+    family: str = DEFAULT_FAMILY,
 ):
-    """A Qwen2_5_VLConfig with the real model's structure at toy sizes.
+    """The config of `family` (a `model_type`, see `ft.families`) with the real model's
+    structure at toy sizes.
 
     ``token_ids`` maps Qwen2's special tokens to the tokenizer's ids so the model's
     image/video/vision markers and bos/eos/pad agree with the tokenizer.
     """
-    from transformers import Qwen2_5_VLConfig
-
     heads, kv_heads, vision_heads = 4, 2, 2
     if hidden % (2 * heads) or hidden // heads < 8:
         raise ValueError(f"hidden={hidden} must be a multiple of {2 * heads} and at least {8 * heads}")
@@ -368,29 +358,20 @@ def tiny_config(
         raise ValueError(f"vision_hidden={vision_hidden} must be a multiple of {2 * vision_heads}")
 
     bos, eos, pad = token_ids["<|endoftext|>"], token_ids["<|im_end|>"], token_ids["<|endoftext|>"]
-    return Qwen2_5_VLConfig(
-        text_config=_text_config(vocab_size, hidden, text_layers, heads, kv_heads, bos, eos, pad),
-        vision_config=_vision_config(vision_depth, vision_hidden, vision_heads, hidden),
-        image_token_id=token_ids["<|image_pad|>"],
-        video_token_id=token_ids["<|video_pad|>"],
-        vision_start_token_id=token_ids["<|vision_start|>"],
-        vision_end_token_id=token_ids["<|vision_end|>"],
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=pad,
-        tie_word_embeddings=tie_word_embeddings,
-        initializer_range=INIT_STD,
-    )
+    chosen = family_named(family, "family")
+    vision = {**chosen.tiny_vision(vision_depth, vision_hidden, vision_heads, hidden), "initializer_range": INIT_STD}
+    return chosen.tiny_config(_text_config(vocab_size, hidden, text_layers, heads, kv_heads, bos, eos, pad),
+                              vision, token_ids, tie_word_embeddings, INIT_STD)
 
 
 def build_tiny_model(config, seed: int = 0):
     """Randomly initialise the model under a private RNG stream: same seed, same weights,
     and the caller's global RNG state is left untouched."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import GenerationConfig
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = family_of(config).model_class()(config)
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
         # Like the released checkpoints: stop at the end of the assistant turn or of text.
@@ -404,7 +385,7 @@ def build_tiny_model(config, seed: int = 0):
 # --------------------------------------------------------------------------- saving
 
 
-def _vision_preprocessor_config(kind: str, min_pixels: int, max_pixels: int, vision_config) -> dict:
+def _vision_preprocessor_config(kind: str, min_pixels: int, max_pixels: int, config) -> dict:
     """preprocessor_config.json / video_preprocessor_config.json in the released layout.
 
     Written by hand rather than via ``save_pretrained`` because without torchvision the
@@ -414,9 +395,10 @@ def _vision_preprocessor_config(kind: str, min_pixels: int, max_pixels: int, vis
     min/max_pixels are given both ways: older releases read the flat keys, newer ones
     read ``size`` (and map the flat keys onto it).
     """
+    family, vision_config = family_of(config), config.vision_config
     return {
-        f"{kind}_type": "Qwen2VLImageProcessor" if kind == "image_processor" else "Qwen2VLVideoProcessor",
-        "processor_class": PROCESSOR_CLASS,
+        f"{kind}_type": family.image_processor if kind == "image_processor" else family.video_processor,
+        "processor_class": family.processor,
         "do_resize": True,
         "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
         "min_pixels": min_pixels,
@@ -425,8 +407,8 @@ def _vision_preprocessor_config(kind: str, min_pixels: int, max_pixels: int, vis
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": CLIP_MEAN,
-        "image_std": CLIP_STD,
+        "image_mean": list(family.image_mean),
+        "image_std": list(family.image_std),
         "do_convert_rgb": True,
         "patch_size": vision_config.patch_size,
         "temporal_patch_size": vision_config.temporal_patch_size,
@@ -477,12 +459,11 @@ def save_model_folder(out: Path, model, tokenizer, min_pixels: int, max_pixels: 
         tmp.mkdir()
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        vision = model.config.vision_config
         _write_json(tmp / "preprocessor_config.json",
-                    _vision_preprocessor_config("image_processor", min_pixels, max_pixels, vision))
+                    _vision_preprocessor_config("image_processor", min_pixels, max_pixels, model.config))
         _write_json(tmp / "video_preprocessor_config.json",
-                    _vision_preprocessor_config("video_processor", min_pixels, max_pixels, vision))
-        _write_json(tmp / "processor_config.json", {"processor_class": PROCESSOR_CLASS})
+                    _vision_preprocessor_config("video_processor", min_pixels, max_pixels, model.config))
+        _write_json(tmp / "processor_config.json", {"processor_class": family_of(model.config).processor})
         return _publish(tmp, out, replace=replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -502,12 +483,13 @@ def save_tiny(
     vision_depth: int = 2,
     vision_hidden: int = 32,
     if_missing: bool = False,
+    family: str = DEFAULT_FAMILY,
 ) -> dict:
-    """Write a complete tiny Qwen2.5-VL checkpoint folder and return a summary.
+    """Write a complete tiny checkpoint of `family` (`ft.families`) and return a summary.
 
     Files: config.json, model.safetensors, generation_config.json, tokenizer files with
     chat_template.jinja, preprocessor_config.json, video_preprocessor_config.json and
-    processor_config.json (naming ``Qwen2_5_VLProcessor`` so AutoProcessor resolves it).
+    processor_config.json (naming the family's processor class so AutoProcessor resolves it).
     With ``if_missing`` an existing model in ``out_dir`` is kept as is.
 
     Returns {"path", "built", "parameters", "vocab_size", "tokenizer_size"}; "built" is
@@ -518,6 +500,7 @@ def save_tiny(
         return _summary_of_existing(out)
 
     tokenizer = build_tokenizer(vocab)
+    tokenizer.chat_template = chat_template(family_named(family, "family").default_system is not None)
     ids = special_token_ids(tokenizer)
     regular = ids["<|endoftext|>"]  # specials start right after the regular vocabulary
     if vocab == "real":
@@ -534,6 +517,7 @@ def save_tiny(
         vision_depth=vision_depth,
         vision_hidden=vision_hidden,
         tie_word_embeddings=tie_word_embeddings,
+        family=family,
     )
     model = build_tiny_model(config, seed=seed)
     built = save_model_folder(out, model, tokenizer, min_pixels, max_pixels, replace=not if_missing)

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["VideoError", "VideoInfo", "VideoSampling", "probe", "processor_kwargs", "read"]
+__all__ = ["Clip", "VideoError", "VideoInfo", "VideoSampling", "as_clip", "probe", "processor_kwargs", "read"]
 
 
 class VideoError(ValueError):
@@ -68,18 +69,39 @@ class VideoInfo:
     height: int
 
 
-def processor_kwargs(clips: list[tuple[torch.Tensor, float]], size: dict | None = None) -> dict:
-    """The video processor's `videos_kwargs` for `clips` ((frames, fps) pairs whose
-    frames are already chosen, as :func:`read` gives them): sample no frames again, and
-    size each frame within the processor's pixel bounds (or `size`) alone, without
+class Clip(NamedTuple):
+    """Frames taken from a video, and where they came from."""
+
+    frames: torch.Tensor
+    """uint8 [T, 3, H, W] RGB."""
+    fps: float
+    """Frames per second of the frames taken (:meth:`VideoSampling.sampled_fps`)."""
+    indices: list[int]
+    """Which frames of the source they are (into a list of frames, for one)."""
+    rate: float
+    """The source's frame rate (``data.video_fps`` for a list of frames)."""
+
+
+def as_clip(video) -> Clip:
+    """A :class:`Clip`, from one or from a (frames, fps) pair (frames taken at `fps`)."""
+    if isinstance(video, Clip):
+        return video
+    frames, fps = video
+    return Clip(frames, float(fps), list(range(len(frames))), float(fps))
+
+
+def processor_kwargs(clips: list, family, size: dict | None = None) -> dict:
+    """The video processor's `videos_kwargs` for `clips` (:class:`Clip`s, or (frames,
+    fps) pairs, whose frames are already chosen, as :func:`read` gives them): sample no
+    frames again; say where the frames came from as the model's `family` needs it
+    (`ft.families.Family.video_metadata`); and size
+    each frame within the processor's pixel bounds (or `size`) alone, without
     transformers' whole-video budget (`cap_pixels_per_frame`), so a video's token count
     depends on its frames and those bounds only. Empty for no clips."""
     if not clips:
         return {}
-    from transformers.video_utils import VideoMetadata
-
-    kwargs = {"video_metadata": [VideoMetadata(total_num_frames=len(frames), fps=fps) for frames, fps in clips],
-              "do_sample_frames": False, "cap_pixels_per_frame": False}
+    metadata = [family.video_metadata(len(c.frames), c.fps, c.indices, c.rate) for c in map(as_clip, clips)]
+    kwargs = {"video_metadata": metadata, "do_sample_frames": False, "cap_pixels_per_frame": False}
     return {**kwargs, "size": size} if size else kwargs
 
 
@@ -123,9 +145,9 @@ def probe(path: str) -> VideoInfo:
     return VideoInfo(frames=max(frames, 1), rate=rate, width=first.width, height=first.height)
 
 
-def read(path: str, sampling: VideoSampling) -> tuple[torch.Tensor, float]:
+def read(path: str, sampling: VideoSampling) -> Clip:
     """The frames `sampling` takes from the video file `path`, as uint8 [T, 3, H, W]
-    RGB, and their rate in frames per second.
+    RGB, with their rate, their indices in the file and the file's frame rate.
 
     The frames are chosen from the header's count (:func:`probe`), as the data check
     counts them; should the stream end early, its last frame stands in for the missing
@@ -157,4 +179,5 @@ def read(path: str, sampling: VideoSampling) -> tuple[torch.Tensor, float]:
         raise VideoError(f"cannot read video {path}: {e}") from e
     if len({t.shape for t in taken}) > 1:
         raise VideoError(f"{path}: the frame size changes within the video")
-    return torch.stack(taken).permute(0, 3, 1, 2).contiguous(), sampling.sampled_fps(info.frames, info.rate)
+    return Clip(torch.stack(taken).permute(0, 3, 1, 2).contiguous(), sampling.sampled_fps(info.frames, info.rate),
+                wanted, info.rate)

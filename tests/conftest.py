@@ -1,4 +1,5 @@
-"""Shared test setup: offline, isolated caches, and tiny Qwen2.5-VL checkpoints.
+"""Shared test setup: offline, isolated caches, and tiny checkpoints (Qwen2.5-VL, and one
+per family of ft.families).
 
 The environment is set at import time, before any test module imports transformers
 or datasets, because those libraries read it when they are first imported.
@@ -53,6 +54,21 @@ def tiny_model_dir_untied(tmp_path_factory):
 def tiny_model_dir_real(tmp_path_factory):
     """Tiny model with Qwen2's real 151,936-row vocabulary (slower: ~2 s per CPU step)."""
     return save_tiny(tmp_path_factory.mktemp("tiny") / "real", vocab="real", seed=0)["path"]
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory):
+    """`tiny_family_dir(model_type)`: that family's tiny model (small vocabulary, tied
+    embeddings, as `tiny_model_dir`), built once per session."""
+    built: dict[str, str] = {}
+
+    def get(family: str) -> str:
+        if family not in built:
+            built[family] = save_tiny(tmp_path_factory.mktemp("tiny") / family, vocab="small", seed=0,
+                                      family=family)["path"]
+        return built[family]
+
+    return get
 
 
 def write_test_image(path, size=(56, 56), seed=0):

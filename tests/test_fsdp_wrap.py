@@ -1,6 +1,7 @@
 """The wrap plan, and what FSDP builds from it on 2 gloo ranks: units, shard sizes,
 exports that round-trip through from_pretrained, resumable checkpoints that reload."""
 
+import dataclasses
 import json
 import os
 
@@ -12,6 +13,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from conftest import free_port
 from ft.config import ModelConfig
+from ft.families import FAMILIES
 from ft.dryrun import build_on_meta, estimate_memory, main as dry_run
 from ft.fsdp_wrap import WRAP_PLAN, WrapPlanError, WrapRule, format_plan, per_rank_numel, plan_units, root_members
 from ft.parts import apply_freezing
@@ -50,14 +52,19 @@ def test_untied_lm_head_stays_in_root(tiny_model_dir_untied):
     assert root.numel == lm + emb + norm
 
 
-def test_rule_matching_nothing_is_refused(tiny_model_dir):
+def test_rule_matching_nothing_is_refused(tiny_model_dir, monkeypatch):
     model = build_on_meta(tiny_model_dir)
 
-    class NotInQwen(nn.Module):
-        pass
+    with pytest.raises(KeyError, match="Qwen2.5-VL has no role 'decoder_layers'.*decoder_layer"):
+        plan_units(model, WRAP_PLAN + [WrapRule("decoder_layers", "typo")])
 
-    with pytest.raises(WrapPlanError, match="NotInQwen matched no module.*Qwen2_5_VLDecoderLayer"):
-        plan_units(model, WRAP_PLAN + [WrapRule(NotInQwen, "typo")])
+    # A role whose class the model does not hold (transformers renamed it, say).
+    renamed = dataclasses.replace(FAMILIES["qwen2_5_vl"], roles={**FAMILIES["qwen2_5_vl"].roles,
+                                                                "merger": "Qwen2_5_VLPreTrainedModel"})
+    with monkeypatch.context() as m:
+        m.setitem(FAMILIES, "qwen2_5_vl", renamed)
+        with pytest.raises(WrapPlanError, match="wrap rule merger.*matched no module.*Qwen2_5_VLDecoderLayer"):
+            plan_units(model, WRAP_PLAN)
 
 
 def test_shard_numel_pads_to_world_size():

@@ -10,12 +10,6 @@ import subprocess
 import pytest
 import torch
 import torch.multiprocessing as mp
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionTransformerPretrainedModel,
-    Qwen2_5_VLDecoderLayer,
-    Qwen2_5_VLPatchMerger,
-    Qwen2_5_VLVisionBlock,
-)
 
 from conftest import free_port
 from ft import faults
@@ -29,10 +23,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One unit for the whole vision tower (its merger apart: another part), checkpointing
 # per vision block and per decoder layer.
 TOWER_PLAN = [
-    WrapRule(Qwen2_5_VisionTransformerPretrainedModel, "the whole vision tower"),
-    WrapRule(Qwen2_5_VLVisionBlock, "recomputed, not a unit", unit=False, checkpoint=True),
-    WrapRule(Qwen2_5_VLPatchMerger, "merger"),
-    WrapRule(Qwen2_5_VLDecoderLayer, "layer", checkpoint=True),
+    WrapRule("vision_tower", "the whole vision tower"),
+    WrapRule("vision_block", "recomputed, not a unit", unit=False, checkpoint=True),
+    WrapRule("merger", "merger"),
+    WrapRule("decoder_layer", "layer", checkpoint=True),
 ]
 
 
@@ -366,3 +360,64 @@ def test_each_backend_module_satisfies_the_backend_protocol():
             want = list(inspect.signature(getattr(Backend, member)).parameters)[1:]
             have = list(inspect.signature(getattr(module, member)).parameters)
             assert have == want, f"{module.__name__}.{member}{tuple(have)}: the protocol has {tuple(want)}"
+
+
+def _family_class_names() -> set[str]:
+    """Every class name of the families' transformers modules (modeling, configuration,
+    processing, image and video processing), and the names the registry gives."""
+    import importlib
+
+    from ft.families import FAMILIES
+
+    names = set()
+    for family in FAMILIES.values():
+        names.update({family.model, family.inner, family.config, family.processor, family.video_processor,
+                      family.image_processor, *family.roles.values()})
+        for kind in ("modeling", "configuration", "processing", "video_processing", "image_processing"):
+            try:
+                module = importlib.import_module(f"transformers.models.{family.package}.{kind}_{family.package}")
+            except ImportError:
+                continue
+            names.update(n for n, v in vars(module).items() if isinstance(v, type) and n.startswith("Qwen"))
+    return names
+
+
+def _code_names(source: str) -> list[tuple[int, str]]:
+    """(line, name) of every identifier, imported module and non-docstring string of a
+    module: what its code names, its docstrings and comments left out."""
+    tree = ast.parse(source)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            found.append((node.lineno, node.id))
+        elif isinstance(node, ast.Attribute):
+            found.append((node.lineno, node.attr))
+        elif isinstance(node, ast.ImportFrom):
+            found += [(node.lineno, node.module or "")] + [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            found += [(node.lineno, word) for word in re.findall(r"[\w.]+", node.value)]
+    return found
+
+
+def test_no_module_but_the_registry_names_a_family_class():
+    """The loop, backends, optimizers, checkpoints and tools stay family-free: only
+    ft/families.py names a class of a family's transformers modules or imports from
+    them (docstrings and comments may mention them)."""
+    classes = _family_class_names()
+    assert {"Qwen2_5_VLDecoderLayer", "Qwen3VLVisionPatchMerger", "Qwen2VLProcessor"} <= classes
+    offenders = [f"{name}:{line} {word}" for name, source in _ft_sources().items() if name != "ft.families"
+                 for line, word in _code_names(source)
+                 if word in classes or re.match(r"transformers\.models\.qwen", word)]
+    assert offenders == [], "; ".join(offenders)
+
+
+def test_family_registry_matches_the_config_choices():
+    from ft.families import FAMILIES
+
+    assert tuple(FAMILIES) == field_choices("model.tiny_family")

@@ -23,10 +23,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler
 from transformers import Qwen2_5_VLForConditionalGeneration, get_constant_schedule_with_warmup
+from transformers.optimization import Adafactor
 
 from ft.config import DataConfig
 from ft.collate import Collator
 from ft.dataset import ConversationDataset
+from ft.families import read_family
 from ft.rows import load_rows
 from ft.processor import load_processor
 from conftest import as_dataset, free_port, write_test_image, write_test_video
@@ -143,9 +145,11 @@ def finish(out: Path, proc: subprocess.Popen) -> Path:
     return out
 
 
-def reference(model_dir: str, data: Path, freeze_vision_tower: bool = False):
+def reference(model_dir: str, data: Path, freeze_vision_tower: bool = False, optim: str = "adamw"):
+    """`optim`: torch's AdamW, or HF's Adafactor as the Trainer recipe builds it
+    (`optim="adafactor"`: scale_parameter, relative_step and warmup_init off)."""
     torch.manual_seed(SEED)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
+    model = read_family(model_dir).model_class().from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     if freeze_vision_tower:  # the tower, not the merger (its projector into the LLM)
         model.model.visual.requires_grad_(False)
@@ -158,7 +162,10 @@ def reference(model_dir: str, data: Path, freeze_vision_tower: bool = False):
     collate = Collator(processor)
     order = list(DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=SEED, drop_last=True))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    if optim == "adafactor":
+        opt = Adafactor(trainable, lr=LR, scale_parameter=False, relative_step=False, warmup_init=False)
+    else:
+        opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     sched = get_constant_schedule_with_warmup(opt, int(-(-STEPS * WARMUP // 1)))
     losses, norms = [], []
     for step in range(STEPS):

@@ -60,10 +60,11 @@ def test_probe_and_read_take_the_counted_frames(tmp_path, codec):
     path = str(write_test_video(tmp_path / "c.mp4", frames=10, size=(64, 48), fps=4, codec=codec))
     info = probe(path)
     assert (info.frames, info.rate, info.width, info.height) == (10, 4.0, 64, 48)
-    frames, fps = read(path, VideoSampling(fps=2.0, max_frames=32))
+    frames, fps, indices, rate = read(path, VideoSampling(fps=2.0, max_frames=32))
     # 2.5 s at 2 fps: 5 frames, rounded down to 4, spread over the clip: 0, 3, 6 and 9.
     assert frames.shape == (4, 3, 48, 64) and frames.dtype == torch.uint8
     assert fps == pytest.approx(4 / 2.5)
+    assert indices == [0, 3, 6, 9] and rate == 4.0  # what Qwen3-VL's timestamps are made of
     red = frames[:, 0].float().mean((1, 2))
     assert red.tolist() == pytest.approx([40, 100, 160, 220], abs=12)  # frame k's red is 40 + 20k
 
@@ -159,7 +160,7 @@ def test_a_sample_is_what_the_official_processor_makes_at_inference(processor, c
     pixels (the prompt part: up to the assistant's answer)."""
     ds = ConversationDataset(load_rows(clips / "rows.jsonl"), processor, 4096)
     sample = ds[0]
-    frames, fps = read(str(clips / "clip.mp4"), ds.video)
+    frames, fps, _, _ = read(str(clips / "clip.mp4"), ds.video)
     messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     out = processor(text=[text], videos=[frames], return_tensors="pt",

@@ -1,0 +1,307 @@
+"""The Qwen VL families ft trains, and everything that differs between them.
+
+This is the one module that names a family's classes. The loop, the sharding backends,
+the optimizers and the checkpoints ask a :class:`Family` instead; tests/test_structure.py
+fails when any other module of ft names one.
+
+A family says:
+
+- which transformers classes it is built from (`model`, `processor`, ...), by name, in
+  `transformers.models.<package>`: a family that the installed transformers lacks is
+  refused by name when it is first used, not at import;
+- its *roles*: which module classes play the parts ft plans around (the vision tower,
+  its own weights outside blocks and mergers, one vision block, the merger, one decoder
+  layer). The wrap plan (`ft.fsdp_wrap.WRAP_PLAN`) and the freezable parts
+  (`ft.parts.PARTS`) name roles, never classes;
+- how one sample's positions are built (the model's own `get_rope_index`, run on the
+  config alone: :meth:`Family.inner_class`, `ft.packing.RopeIndex`);
+- what its video processor needs to know about the frames (:meth:`video_metadata`);
+- the tiny model's config (:meth:`tiny_config`) and the shapes the FLOP count uses
+  (:meth:`vision_shape`).
+
+The family of a checkpoint is its config.json's `model_type` (:func:`family_of`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from ft.messages import DEFAULT_SYSTEM_PROMPT
+
+__all__ = ["FAMILIES", "DEFAULT_FAMILY", "Family", "FamilyError", "VisionShape", "family_of", "family_named",
+           "processor_family", "read_family"]
+
+
+class FamilyError(ValueError):
+    """A model family ft does not train, or one the installed transformers lacks."""
+
+
+class VisionShape(NamedTuple):
+    """What the FLOP count needs of a vision tower (`ft.metrics`)."""
+
+    width: int  # hidden size of the vision blocks
+    intermediate: int  # their MLP's inner size
+    mlp_matrices: int  # 3 for a gated MLP (gate, up, down), 2 for fc1, fc2
+    full_blocks: int  # blocks attending over a whole frame
+    window_blocks: int  # blocks attending within windows of `window` pixels
+    window: int  # 0 when no block is windowed
+    mergers: int  # merger MLPs run on every merged token (1 + Qwen3-VL's DeepStack mergers)
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    """config.json's `model_type`."""
+    name: str
+    package: str
+    """`transformers.models.<package>` holds the classes."""
+    model: str
+    """The ...ForConditionalGeneration class (top-level in transformers)."""
+    inner: str
+    """The class whose `get_rope_index` builds the M-RoPE positions."""
+    config: str
+    processor: str
+    video_processor: str
+    image_processor: str = "Qwen2VLImageProcessor"
+    roles: dict[str, str] = field(default_factory=dict)
+    """Role -> class name in the modeling module. Roles: `vision_tower`, `vision_own`
+    (the tower's weights outside its blocks and mergers), `vision_block`, `merger`,
+    `decoder_layer`."""
+    timestamps: bool = False
+    """Each temporal patch of a video is written with its time in text
+    (`<1.2 seconds>`) and its own vision start and end tokens (Qwen3-VL): the video
+    processor needs the real frame rate and frame indices."""
+    default_system: str | None = DEFAULT_SYSTEM_PROMPT
+    """The system message the family's chat template inserts when a conversation has
+    none (Qwen2-VL and Qwen2.5-VL's published templates do; Qwen3-VL's inserts none):
+    training renders the same text, so that prompts match those seen at inference."""
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    patch_size: int = 14
+    tiny_vision: Callable[[int, int, int, int], dict] | None = field(default=None, repr=False)
+    """(depth, hidden, heads, out_hidden) -> the tiny model's vision_config."""
+    tiny_text: Callable[[dict], dict] | None = field(default=None, repr=False)
+    """The tiny model's text_config from the common one (None: as it is)."""
+    vision: Callable[[Any], VisionShape] | None = field(default=None, repr=False)
+    video_resize: Callable[..., tuple[int, int]] | None = field(default=None, repr=False)
+    """(frames, height, width, factor, temporal, min_pixels, max_pixels) -> the (height,
+    width) the video processor resizes each frame to: :func:`_per_frame_resize` or
+    :func:`_clip_resize`."""
+
+    # ------------------------------------------------------------- classes
+    def _module(self, kind: str):
+        import transformers
+
+        try:
+            return importlib.import_module(f"transformers.models.{self.package}.{kind}_{self.package}")
+        except ImportError as e:
+            raise FamilyError(f"{self.name} (model_type {self.model_type!r}) needs a transformers that has "
+                              f"{self.package}; transformers {transformers.__version__} does not ({e})") from e
+
+    def cls(self, role: str) -> type:
+        """The module class playing `role` (see :attr:`roles`)."""
+        if role not in self.roles:
+            raise KeyError(f"{self.name} has no role {role!r}; its roles are {', '.join(self.roles)}")
+        return getattr(self._module("modeling"), self.roles[role])
+
+    def model_class(self) -> type:
+        return getattr(self._module("modeling"), self.model)
+
+    def config_class(self) -> type:
+        return getattr(self._module("configuration"), self.config)
+
+    def processor_class(self) -> type:
+        return getattr(self._module("processing"), self.processor)
+
+    def inner_class(self) -> type:
+        """The class whose `get_rope_index` builds the positions (`ft.packing.RopeIndex`
+        runs it on the config alone)."""
+        return getattr(self._module("modeling"), self.inner)
+
+    def rope_takes(self, argument: str) -> bool:
+        """Whether `get_rope_index` takes `argument` (`mm_token_type_ids`,
+        `second_per_grid_ts`)."""
+        return argument in inspect.signature(self.inner_class().get_rope_index).parameters
+
+    # ------------------------------------------------------------- video
+    def video_metadata(self, taken: int, sampled_fps: float, indices: list[int], rate: float):
+        """The video processor's metadata for `taken` frames already chosen from a clip.
+
+        Qwen2-VL and Qwen2.5-VL place frames on M-RoPE's time axis by the rate of the
+        frames taken (`sampled_fps`; Qwen2.5-VL's processor turns it into
+        `second_per_grid_ts`). Qwen3-VL writes each temporal patch's time as text, the
+        mean of its frames' `index / rate`: it needs the source's frame indices and
+        rate (without them its processor warns and assumes 24 fps). A list of frames
+        has the indices into the list and `data.video_fps` as its rate."""
+        from transformers.video_utils import VideoMetadata
+
+        if self.timestamps:
+            return VideoMetadata(total_num_frames=max(indices) + 1, fps=rate, frames_indices=list(indices))
+        return VideoMetadata(total_num_frames=taken, fps=sampled_fps)
+
+    # ------------------------------------------------------------- tiny model
+    def tiny_config(self, text: dict, vision: dict, ids: dict[str, int], tie: bool, init_std: float):
+        """The family's config class built from the tiny text and vision configs."""
+        return self.config_class()(
+            text_config=self.tiny_text(text) if self.tiny_text else text, vision_config=vision,
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"],
+            tie_word_embeddings=tie, initializer_range=init_std,
+        )
+
+    def vision_shape(self, vision_config) -> VisionShape:
+        return self.vision(vision_config)
+
+    def video_frame_size(self, frames: int, height: int, width: int, video_processor, bounds) -> tuple[int, int]:
+        """The (height, width) the video processor gives each of `frames` frames of
+        `height` x `width` within `bounds` (its `size`: shortest_edge, longest_edge).
+        Raises ValueError for an aspect ratio over 200, as the processor does."""
+        factor = video_processor.patch_size * video_processor.merge_size
+        return self.video_resize(frames, height, width, factor, video_processor.temporal_patch_size,
+                                 bounds["shortest_edge"], bounds["longest_edge"])
+
+
+# ================================================================= the families
+def _qwen2_vision(depth: int, hidden: int, heads: int, out: int) -> dict:
+    return {"depth": depth, "embed_dim": hidden, "mlp_ratio": 2, "num_heads": heads, "hidden_size": out,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2}
+
+
+def _qwen2_5_vision(depth: int, hidden: int, heads: int, out: int) -> dict:
+    return {"depth": depth, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_heads": heads,
+            "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            # 56 px = 2x2 merged tokens per window, so 112 px images already span several
+            # windows and the windowed-attention path is exercised.
+            "window_size": 56,
+            # Every second block attends globally, as every 8th does in the real tower.
+            "fullatt_block_indexes": [i for i in range(depth) if i % 2 == 1],
+            "out_hidden_size": out}
+
+
+def _qwen3_vision(depth: int, hidden: int, heads: int, out: int) -> dict:
+    return {"depth": depth, "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_heads": heads,
+            "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": out,
+            # 8x8 learned positions, interpolated to each image's grid (real: 48x48).
+            "num_position_embeddings": 64,
+            # DeepStack: the features after these blocks go to the first decoder layers
+            # (real 8B: [8, 16, 24] of 27 blocks), every block but the last here.
+            "deepstack_visual_indexes": list(range(max(1, depth - 1)))}
+
+
+def _qwen3_text(text: dict) -> dict:
+    """Qwen3's text model states its head size, and interleaves the M-RoPE frequencies."""
+    rope = {**text["rope_parameters"], "mrope_interleaved": True}
+    return {**text, "head_dim": text["hidden_size"] // text["num_attention_heads"], "rope_parameters": rope}
+
+
+def _per_frame_resize(frames, height, width, factor, temporal, min_pixels, max_pixels) -> tuple[int, int]:
+    """Qwen2-VL's and Qwen2.5-VL's video processor: each frame within the bounds."""
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def _clip_resize(frames, height, width, factor, temporal, min_pixels, max_pixels) -> tuple[int, int]:
+    """Qwen3-VL's video processor: the bounds are on the whole clip (frames x height x
+    width), with ft's `cap_pixels_per_frame=False`."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    return smart_resize(frames, height, width, temporal_factor=temporal, factor=factor,
+                        min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def _qwen2_shape(v) -> VisionShape:
+    return VisionShape(v.embed_dim, int(v.embed_dim * v.mlp_ratio), 2, v.depth, 0, 0, 1)
+
+
+def _qwen2_5_shape(v) -> VisionShape:
+    full = len(v.fullatt_block_indexes)
+    return VisionShape(v.hidden_size, v.intermediate_size, 3, full, v.depth - full, v.window_size, 1)
+
+
+def _qwen3_shape(v) -> VisionShape:
+    return VisionShape(v.hidden_size, v.intermediate_size, 2, v.depth, 0, 0, 1 + len(v.deepstack_visual_indexes))
+
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (
+    Family(
+        "qwen2_vl", "Qwen2-VL", "qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLModel", "Qwen2VLConfig",
+        "Qwen2VLProcessor", "Qwen2VLVideoProcessor",
+        roles={"vision_tower": "Qwen2VisionTransformerPretrainedModel", "vision_own": "PatchEmbed",
+               "vision_block": "Qwen2VLVisionBlock", "merger": "PatchMerger", "decoder_layer": "Qwen2VLDecoderLayer"},
+        tiny_vision=_qwen2_vision, vision=_qwen2_shape, video_resize=_per_frame_resize,
+    ),
+    Family(
+        "qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
+        "Qwen2_5_VLConfig", "Qwen2_5_VLProcessor", "Qwen2VLVideoProcessor",
+        roles={"vision_tower": "Qwen2_5_VisionTransformerPretrainedModel", "vision_own": "Qwen2_5_VisionPatchEmbed",
+               "vision_block": "Qwen2_5_VLVisionBlock", "merger": "Qwen2_5_VLPatchMerger",
+               "decoder_layer": "Qwen2_5_VLDecoderLayer"},
+        tiny_vision=_qwen2_5_vision, vision=_qwen2_5_shape, video_resize=_per_frame_resize,
+    ),
+    Family(
+        "qwen3_vl", "Qwen3-VL", "qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLModel", "Qwen3VLConfig",
+        "Qwen3VLProcessor", "Qwen3VLVideoProcessor",
+        # The tower's own weights include its learned position embedding (an
+        # nn.Embedding beside patch_embed), which no class of its own holds: the whole
+        # tower is that unit, its blocks and mergers nested units of their own.
+        roles={"vision_tower": "Qwen3VLVisionModel", "vision_own": "Qwen3VLVisionModel",
+               "vision_block": "Qwen3VLVisionBlock", "merger": "Qwen3VLVisionPatchMerger",
+               "decoder_layer": "Qwen3VLTextDecoderLayer"},
+        timestamps=True, default_system=None, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), patch_size=16,
+        tiny_vision=_qwen3_vision, vision=_qwen3_shape, video_resize=_clip_resize,
+        tiny_text=_qwen3_text,
+    ),
+)}
+
+DEFAULT_FAMILY = "qwen2_5_vl"
+"""The tiny demo model's family unless `model.tiny_family` says otherwise."""
+
+
+def family_named(model_type: str, where: str = "model_type") -> Family:
+    """The family of `model_type`; FamilyError naming `where` and the supported ones."""
+    if model_type not in FAMILIES:
+        supported = ", ".join(f"{t} ({f.name})" for t, f in FAMILIES.items())
+        raise FamilyError(f"{where} is {model_type!r}: ft trains {supported}")
+    return FAMILIES[model_type]
+
+
+def family_of(config: Any) -> Family:
+    """The family of a model config (a transformers config, a config.json dict, or a
+    model whose `.config` is one)."""
+    config = getattr(config, "config", config)
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return family_named(str(model_type))
+
+
+def processor_family(processor) -> Family:
+    """The family whose processor class `processor` is (a subclass counts)."""
+    for cls in type(processor).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ == family.processor:
+                return family
+    raise FamilyError(f"{type(processor).__name__} is the processor of no family ft trains "
+                      f"({', '.join(f.processor for f in FAMILIES.values())})")
+
+
+def read_family(path: str | os.PathLike) -> Family:
+    """The family of the checkpoint folder `path`, from its config.json's `model_type`,
+    read before transformers parses the file (a model_type this transformers lacks
+    fails there with a less useful message), and checked to be importable. FamilyError
+    names the file."""
+    config_file = os.path.join(os.fspath(path), "config.json")
+    with open(config_file, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    family = family_named(str(model_type), f"{config_file}: model_type")
+    try:
+        family.model_class()
+    except FamilyError as e:
+        raise FamilyError(f"{config_file}: {e}") from None
+    return family
