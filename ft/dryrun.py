@@ -33,7 +33,7 @@ from torch import nn
 from ft.backends import BACKENDS, DEFAULT
 from ft.config import Config, ConfigError, TrainConfig, field_choices
 from ft.config_load import load_config
-from ft.families import read_family
+from ft.families import family_of, read_family
 from ft.fsdp_wrap import Unit, fmt_bytes, fmt_count, format_plan, per_rank_numel, plan_units, root_members
 from ft.optim import OPTIMIZERS
 from ft.parts import PARTS, apply_freezing
@@ -181,12 +181,14 @@ def _decoder_layer_bytes(text, tokens: int, cb: int) -> int:
     return tokens * (attention + mlp) * cb
 
 
-def _vision_block_bytes(vision, patches: int, cb: int) -> int:
-    """The same for one vision block: normed input, qkv, rotated q and k (rotated in
-    fp32, then cast back), attention output; normed input, gate, up, act, product and
-    the gradients of gate and up."""
-    h, i = vision.hidden_size, vision.intermediate_size
-    return patches * ((h + 3 * h + 2 * h + h) * cb + 2 * h * 4 + (h + 6 * i) * cb)
+def _vision_block_bytes(shape, patches: int, cb: int) -> int:
+    """The same for one vision block (`shape`: `ft.families.VisionShape`): normed input,
+    qkv, rotated q and k (rotated in fp32, then cast back), attention output; normed
+    input, then a gated MLP's gate, up, act, product and the gradients of gate and up
+    (Qwen2.5-VL), or a plain MLP's fc1 output, its activation and fc1's gradient."""
+    h, i = shape.width, shape.intermediate
+    mlp = h + (6 if shape.mlp_matrices == 3 else 3) * i
+    return patches * ((h + 3 * h + 2 * h + h) * cb + 2 * h * 4 + mlp * cb)
 
 
 def _vision_trains(units: list[Unit]) -> bool:
@@ -229,6 +231,7 @@ def estimate_activations(
     cb = 2 if precision == "bf16" else 4
     text = getattr(config, "text_config", config)
     vision = config.vision_config
+    shape = family_of(config).vision_shape(vision)
     assumed = vision_patches is None
     if assumed:
         vision_patches = tokens * vision.spatial_merge_size**2
@@ -236,7 +239,7 @@ def estimate_activations(
     vision_depth = vision.depth if vision_trains else 0
     hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
     decoder_layer = _decoder_layer_bytes(text, tokens, cb)
-    vision_block = _vision_block_bytes(vision, vision_patches, cb) if vision_trains else 0
+    vision_block = _vision_block_bytes(shape, vision_patches, cb) if vision_trains else 0
     if decoder_layer >= vision_block:
         recompute, recompute_of = decoder_layer, "decoder layer"
     else:
@@ -244,14 +247,16 @@ def estimate_activations(
     rows = min(loss_chunk_size or tokens, tokens)
     loss = rows * vocab * (cb + 8)
     # inputs_embeds and its image-filled copy; the final norm's fp32 upcast and output;
-    # the label rows handed to the loss and their gradient.
-    other = tokens * hidden * (4 * cb + 4)
+    # the label rows handed to the loss and their gradient; Qwen3-VL's DeepStack
+    # features, one per extra merger, added to the first decoder layers' outputs.
+    merged = vision_patches // vision.spatial_merge_size**2
+    other = tokens * hidden * (4 * cb + 4) + (shape.mergers - 1) * merged * hidden * cb
     grad_buffers = _grad_buffers(units, cb)
     without = layers * decoder_layer + vision_depth * vision_block + loss + other + grad_buffers
     return ActivationEstimate(
         tokens=tokens, vision_patches=vision_patches, patches_assumed=assumed, precision=precision,
         checkpointing=checkpointing, decoder_inputs=layers * tokens * hidden * cb,
-        vision_inputs=vision_depth * vision_patches * vision.hidden_size * cb, recompute=recompute,
+        vision_inputs=vision_depth * vision_patches * shape.width * cb, recompute=recompute,
         recompute_of=recompute_of, loss=loss, loss_rows=rows, other=other, grad_buffers=grad_buffers,
         without_checkpointing=without,
     )
