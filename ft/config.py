@@ -77,8 +77,8 @@ class ModelConfig:
     random model. Leave false for real checkpoints."""
 
     tiny_family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
-    """Family (`model_type`) of the tiny model `build_tiny_if_missing` makes: `qwen2_vl`
-    (Qwen2-VL), `qwen2_5_vl` (Qwen2.5-VL) or `qwen3_vl` (Qwen3-VL: DeepStack, timestamps)."""
+    """Family (`model_type`) of the tiny model `build_tiny_if_missing` makes: `qwen2_vl`,
+    `qwen2_5_vl` or `qwen3_vl` (docs/families.md)."""
 
     tiny_vocab: Literal["real", "small"] = "real"
     """Vocabulary of the tiny model made by `build_tiny_if_missing`: `real` uses the full
@@ -160,16 +160,17 @@ class DataConfig:
 
     video_min_pixels: Annotated[int, POSITIVE] = 12544
     """Lower bound on each video frame's pixel count after resizing (12544 = 16 x 28 x 28:
-    at least 16 tokens per two frames); smaller frames are upscaled."""
+    at least 16 tokens per two frames); smaller frames are upscaled. Qwen3-VL's processor
+    bounds the whole clip (frames x height x width) instead: docs/families.md."""
 
     video_max_pixels: Annotated[int, POSITIVE] = 50176
     """Upper bound on each video frame's pixel count after resizing (50176 = 64 x 28 x 28,
-    e.g. 224 x 224: at most 64 tokens per two frames); larger frames are downscaled,
-    keeping their aspect ratio. A sample that would not fit `max_length` gets the largest
-    smaller bound that fits. transformers' whole-video pixel budget
-    (`cap_pixels_per_frame`) is turned off, so a video's token count depends on its
-    frames, these bounds and `max_length` alone, as the data check computes it. Must be
-    at least `video_min_pixels`."""
+    e.g. 224 x 224: at most 64 tokens per two frames; Qwen3-VL: of the whole clip);
+    larger frames are downscaled, keeping their aspect ratio. A sample that would not fit
+    `max_length` gets the largest smaller bound that fits. transformers' whole-video
+    pixel budget (`cap_pixels_per_frame`) is off, so a video's token count depends on
+    its frames, these bounds and `max_length` alone, as the data check computes it. Must
+    be at least `video_min_pixels`."""
 
     on_bad_sample: Literal["error", "skip"] = "error"
     """What to do with rows that cannot be trained on. Before training, every row of

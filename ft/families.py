@@ -89,10 +89,10 @@ class Family:
     tiny_text: Callable[[dict], dict] | None = field(default=None, repr=False)
     """The tiny model's text_config from the common one (None: as it is)."""
     vision: Callable[[Any], VisionShape] | None = field(default=None, repr=False)
-    video_resize: Callable[..., tuple[int, int]] | None = field(default=None, repr=False)
-    """(frames, height, width, factor, temporal, min_pixels, max_pixels) -> the (height,
-    width) the video processor resizes each frame to: :func:`_per_frame_resize` or
-    :func:`_clip_resize`."""
+    video_bounds: str = "frame"
+    """What the video processor's pixel bounds (`data.video_min_pixels`,
+    `video_max_pixels`) bound: each `frame`, or the whole `clip` (frames x height x
+    width: Qwen3-VL)."""
 
     # ------------------------------------------------------------- classes
     def _module(self, kind: str):
@@ -164,8 +164,9 @@ class Family:
         `height` x `width` within `bounds` (its `size`: shortest_edge, longest_edge).
         Raises ValueError for an aspect ratio over 200, as the processor does."""
         factor = video_processor.patch_size * video_processor.merge_size
-        return self.video_resize(frames, height, width, factor, video_processor.temporal_patch_size,
-                                 bounds["shortest_edge"], bounds["longest_edge"])
+        resize = _clip_resize if self.video_bounds == "clip" else _per_frame_resize
+        return resize(frames, height, width, factor, video_processor.temporal_patch_size,
+                      bounds["shortest_edge"], bounds["longest_edge"])
 
 
 # ================================================================= the families
@@ -236,7 +237,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         "Qwen2VLProcessor", "Qwen2VLVideoProcessor",
         roles={"vision_tower": "Qwen2VisionTransformerPretrainedModel", "vision_own": "PatchEmbed",
                "vision_block": "Qwen2VLVisionBlock", "merger": "PatchMerger", "decoder_layer": "Qwen2VLDecoderLayer"},
-        tiny_vision=_qwen2_vision, vision=_qwen2_shape, video_resize=_per_frame_resize,
+        tiny_vision=_qwen2_vision, vision=_qwen2_shape,
     ),
     Family(
         "qwen2_5_vl", "Qwen2.5-VL", "qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel",
@@ -244,7 +245,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         roles={"vision_tower": "Qwen2_5_VisionTransformerPretrainedModel", "vision_own": "Qwen2_5_VisionPatchEmbed",
                "vision_block": "Qwen2_5_VLVisionBlock", "merger": "Qwen2_5_VLPatchMerger",
                "decoder_layer": "Qwen2_5_VLDecoderLayer"},
-        tiny_vision=_qwen2_5_vision, vision=_qwen2_5_shape, video_resize=_per_frame_resize,
+        tiny_vision=_qwen2_5_vision, vision=_qwen2_5_shape,
     ),
     Family(
         "qwen3_vl", "Qwen3-VL", "qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLModel", "Qwen3VLConfig",
@@ -256,7 +257,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                "vision_block": "Qwen3VLVisionBlock", "merger": "Qwen3VLVisionPatchMerger",
                "decoder_layer": "Qwen3VLTextDecoderLayer"},
         timestamps=True, default_system=None, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), patch_size=16,
-        tiny_vision=_qwen3_vision, vision=_qwen3_shape, video_resize=_clip_resize,
+        tiny_vision=_qwen3_vision, vision=_qwen3_shape, video_bounds="clip",
         tiny_text=_qwen3_text,
     ),
 )}

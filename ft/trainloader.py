@@ -17,6 +17,7 @@ from ft.config import ConfigError
 from ft.collate import Collator
 from ft.datacheck import check_data
 from ft.dataset import build_datasets
+from ft.families import family_of
 from ft.messages import IMAGE, MEDIA, VIDEO
 from ft.rows import DataError
 from ft.packing import PackedBatchSampler, PackedRows, RopeIndex, truncates_video_seconds, varlen_refusal
@@ -70,6 +71,13 @@ def _collator(cfg, info: dist.DistInfo, processor, media: frozenset, model_confi
     carried = " and ".join(("an " if kind == IMAGE else "a ") + MEDIA[kind].name for kind in collator.required)
     log(info, f"data checked in {time.perf_counter() - t0:.1f} s; it holds {kinds}: every batch carries "
               f"{carried} (a dummy where it has none)")
+    family = family_of(model_config)
+    if VIDEO in media and family.video_bounds == "clip":
+        per_frame = cfg.data.video_max_pixels // cfg.data.video_max_frames
+        log(info, f"note: {family.name} bounds a video's frames together: data.video_max_pixels="
+                  f"{cfg.data.video_max_pixels} over up to {cfg.data.video_max_frames} frames is about {per_frame} "
+                  f"pixels a frame, data.video_min_pixels={cfg.data.video_min_pixels} the least for a clip "
+                  "(docs/families.md)")
     if VIDEO in media and truncates_video_seconds(model_config):
         log(info, f"note: transformers {transformers.__version__} rounds a video's seconds per two frames "
                   "down to whole seconds in M-RoPE (0.5 s becomes 0: frames share a time position); "
