@@ -58,15 +58,15 @@ def tiny_model_dir_real(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_family_dir(tmp_path_factory):
-    """`tiny_family_dir(model_type)`: that family's tiny model (small vocabulary, tied
+    """`tiny_family_dir(model_type, vocab="small")`: that family's tiny model (tied
     embeddings, as `tiny_model_dir`), built once per session."""
-    built: dict[str, str] = {}
+    built: dict[tuple[str, str], str] = {}
 
-    def get(family: str) -> str:
-        if family not in built:
-            built[family] = save_tiny(tmp_path_factory.mktemp("tiny") / family, vocab="small", seed=0,
-                                      family=family)["path"]
-        return built[family]
+    def get(family: str, vocab: str = "small") -> str:
+        if (family, vocab) not in built:
+            built[family, vocab] = save_tiny(tmp_path_factory.mktemp("tiny") / f"{family}-{vocab}", vocab=vocab,
+                                             seed=0, family=family)["path"]
+        return built[family, vocab]
 
     return get
 

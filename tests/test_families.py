@@ -201,3 +201,28 @@ def test_packed_equals_padded_per_family(tiny_family_dir, rows, family):
     for k in grads_a:
         scale = grads_a[k].abs().max().item()
         assert (grads_a[k] - grads_b[k]).abs().max().item() <= 1e-5 * max(scale, 1.0), k
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_tiny_model_is_a_checkpoint_of_its_family(tiny_family_dir, family):
+    """The tiny model's files name its family's classes, AutoProcessor loads its
+    processor, its special tokens are the config's, and its chat template renders what
+    training renders (Qwen3-VL: no default system message)."""
+    from transformers import AutoConfig, AutoProcessor
+
+    from ft.messages import render_segments
+
+    model_dir = tiny_family_dir(family)
+    fam = FAMILIES[family]
+    config = AutoConfig.from_pretrained(model_dir)
+    assert config.model_type == family and type(config).__name__ == fam.config
+    processor = AutoProcessor.from_pretrained(model_dir)
+    assert type(processor).__name__ == fam.processor
+    assert type(processor.video_processor).__name__ == fam.video_processor
+    assert processor.image_processor.patch_size == config.vision_config.patch_size == fam.patch_size
+    load_processor(model_dir)  # checks the token ids against the config
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A ball."}]}]
+    rendered = processor.apply_chat_template(messages, tokenize=False)
+    assert rendered == "".join(text for text, _, _ in render_segments(messages, fam.default_system))
+    assert rendered.startswith("<|im_start|>system") == (family != "qwen3_vl")
