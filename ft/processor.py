@@ -106,10 +106,10 @@ def load_processor(
     model_dir = Path(model_dir)
     family = family_of(_read_config(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    image_processor = AutoImageProcessor.from_pretrained(model_dir, **_size(min_pixels, max_pixels))
+    image_processor = _sized(AutoImageProcessor, model_dir, min_pixels, max_pixels)
     # A checkpoint without video_preprocessor_config.json (some older exports) gets the
     # video processor's defaults, which share the image processor's patch geometry.
-    video_processor = AutoVideoProcessor.from_pretrained(model_dir, **_size(video_min_pixels, video_max_pixels))
+    video_processor = _sized(AutoVideoProcessor, model_dir, video_min_pixels, video_max_pixels)
     # Processor-level chat template (chat_template.json, older checkpoints) wins over
     # none at all; the tokenizer's own template (chat_template.jinja) is the usual source.
     processor = family.processor_class()(
@@ -129,9 +129,25 @@ def load_processor_for(model_dir: str | os.PathLike, data_cfg):
                           data_cfg.video_min_pixels, data_cfg.video_max_pixels)
 
 
-def _size(low: int | None, high: int | None) -> dict:
-    """Init kwargs that replace a processor's saved pixel bounds (either may stay)."""
-    return {k: v for k, v in (("min_pixels", low), ("max_pixels", high)) if v is not None}
+def _sized(auto_class, model_dir: Path, low: int | None, high: int | None):
+    """`auto_class`'s processor of `model_dir` with its pixel bounds replaced (None keeps
+    the saved one), checked: transformers 5.25's Qwen2-VL processors let the saved flat
+    `min_pixels`/`max_pixels` keys win over a `size` argument, while Qwen3-VL's video
+    processor ignores flat `min_pixels`/`max_pixels` arguments and reads `size` alone.
+    So `size` is tried, then the flat keys, and the one that took is kept."""
+    processor = auto_class.from_pretrained(model_dir)
+    if low is None and high is None:
+        return processor
+    want = (processor.size["shortest_edge"] if low is None else low,
+            processor.size["longest_edge"] if high is None else high)
+    for kwargs in ({"size": {"shortest_edge": want[0], "longest_edge": want[1]}},
+                   {"min_pixels": want[0], "max_pixels": want[1]}):
+        processor = auto_class.from_pretrained(model_dir, **kwargs)
+        if (processor.size["shortest_edge"], processor.size["longest_edge"]) == want:
+            return processor
+    raise ValueError(f"{model_dir}: {type(processor).__name__} keeps its saved pixel bounds "
+                     f"{processor.size['shortest_edge']}..{processor.size['longest_edge']}; asked for "
+                     f"{want[0]}..{want[1]}")
 
 
 def _processor_chat_template(model_dir: Path) -> str | None:

@@ -196,6 +196,8 @@ def test_packed_equals_padded_per_family(tiny_family_dir, rows, family):
             total += s.item()
         results.append((total, _grads(model)))
     (loss_a, grads_a), (loss_b, grads_b) = results
+    worst = max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a)
+    print(f"{family}: packed loss {loss_b:.6f}, padded {loss_a:.6f}, gradients within {worst:.1e}")  # -s shows it
     assert loss_b == pytest.approx(loss_a, rel=1e-6)
     assert grads_a.keys() == grads_b.keys()
     for k in grads_a:
@@ -226,3 +228,14 @@ def test_tiny_model_is_a_checkpoint_of_its_family(tiny_family_dir, family):
     rendered = processor.apply_chat_template(messages, tokenize=False)
     assert rendered == "".join(text for text, _, _ in render_segments(messages, fam.default_system))
     assert rendered.startswith("<|im_start|>system") == (family != "qwen3_vl")
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_pixel_bounds_reach_every_familys_processors(tiny_family_dir, family):
+    """data.min_pixels/max_pixels and video_min_pixels/video_max_pixels replace the saved
+    bounds of each family's image and video processors (Qwen3-VL's video processor
+    ignores the flat min_pixels/max_pixels arguments that Qwen2-VL's need)."""
+    processor = load_processor(tiny_family_dir(family), min_pixels=5000, max_pixels=60000,
+                               video_min_pixels=1000, video_max_pixels=100000)
+    for part, want in ((processor.image_processor, (5000, 60000)), (processor.video_processor, (1000, 100000))):
+        assert (part.size["shortest_edge"], part.size["longest_edge"]) == want, type(part).__name__
