@@ -6,6 +6,7 @@ differ from step to step) and against the same hand-written single-process refer
   loss and final weights (AdamW);
 - ft's Adafactor on 2 ranks reproduces HF's Adafactor in one process (what the HF
   Trainer recipe trains with: the Trainer itself gives exactly that process's losses);
+  with bf16 master weights it trains to the same losses up to the weights' rounding;
 - a checkpoint of the 2-rank run resumes on 1 rank and ends at the same weights;
 - frozen parts stay bit-identical;
 - the export loads with from_pretrained and AutoProcessor and generates from an image
@@ -46,6 +47,8 @@ def _check_against(out, ref, name: str) -> None:
     assert [r["grad_norm"] for r in train] == pytest.approx(ref_norms, rel=1e-4), name
     assert evals[-1]["eval_loss"] == pytest.approx(ref_eval[0], abs=1e-5), name
     worst = _max_diff(_weights(out / "best"), ref_weights)
+    loss_diff = max(abs(r["loss"] - want) for r, want in zip(train, ref_losses))
+    print(f"{name}: losses within {loss_diff:.1e}, weights within {worst:.1e} of one process")  # -s shows it
     assert worst <= 1e-5, f"{name}: weights differ from the reference by {worst:.2e}"
 
 
@@ -72,6 +75,13 @@ def test_family_trains_sharded_as_one_process(family, tiny_family_dir, dataset, 
     hf = reference(model_dir, dataset, optim="adafactor")
     _check_against(launch(tmp_path, model_dir, dataset, 2, *ONE_STEP_BATCH, "train.optim=adafactor"),
                    hf, f"{family} adafactor")
+
+    # bf16 master weights (stochastic rounding) train too: the losses of fp32 weights up to
+    # the rounding of the loaded weights, and the weights move.
+    bf16 = launch(tmp_path, model_dir, dataset, 2, *ONE_STEP_BATCH, "train.optim=adafactor",
+                  "train.master_weights=bf16", "fsdp.backend=fsdp2")
+    assert [r["loss"] for r in read_metrics(bf16)[0]] == pytest.approx(hf[0], abs=2e-2)
+    assert _max_diff(_weights(bf16 / "best"), {k: v.bfloat16().float() for k, v in initial.items()}) > 1e-3
 
     # Only the language model trains: the vision tower and every merger stay bit-identical.
     frozen = launch(tmp_path, model_dir, dataset, 2, *ONE_STEP_BATCH, "model.freeze_vision_tower=true",
