@@ -9,9 +9,13 @@ differ from step to step) and against the same hand-written single-process refer
   with bf16 master weights it trains to the same losses up to the weights' rounding;
 - a checkpoint of the 2-rank run resumes on 1 rank and ends at the same weights;
 - frozen parts stay bit-identical;
+- the export's processor prepares every training row as training did (pixel bounds
+  included: Qwen3-VL's video processor once ignored them in training);
 - the export loads with from_pretrained and AutoProcessor and generates from an image
   and from a video.
 """
+
+import json
 
 import numpy
 import pytest
@@ -20,6 +24,11 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.video_utils import VideoMetadata
 
+from ft.config import DataConfig
+from ft.dataset import ConversationDataset
+from ft.processor import load_processor
+from ft.rows import load_rows
+from conftest import write_test_image, write_test_video
 from test_train_e2e import STEPS, dataset, launch, read_metrics, reference  # noqa: F401 (dataset: a fixture)
 
 # Every test here runs ./launch.sh: the slow tier.
@@ -92,7 +101,27 @@ def test_family_trains_sharded_as_one_process(family, tiny_family_dir, dataset, 
     assert all(torch.equal(got[k], initial[k]) for k in vision)
     assert max((got[k] - initial[k]).abs().max().item() for k in got if k not in vision) > 1e-3
 
+    _export_prepares_inputs_as_training_did(model_dir, fsdp1 / "best", tmp_path)
     _export_generates(fsdp1 / "best", dataset)
+
+
+def _export_prepares_inputs_as_training_did(model_dir, best, tmp) -> None:
+    """The export's processor files carry the run's pixel bounds: a large picture and a
+    large clip (both beyond the default bounds, which the tiny model's saved ones are
+    not) become the same tokens and pixels from the export as in training."""
+    write_test_image(tmp / "big.png", size=(640, 480), seed=3)
+    write_test_video(tmp / "big.mp4", frames=8, size=(320, 240), fps=4, seed=5)
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "big.png"},
+                                                     {"type": "video", "video": "big.mp4"}]},
+                        {"role": "assistant", "content": "Both."}]}
+    (tmp / "big.jsonl").write_text(json.dumps(row) + "\n")
+    defaults = DataConfig()
+    training = load_processor(model_dir, defaults.min_pixels, defaults.max_pixels, defaults.video_min_pixels,
+                              defaults.video_max_pixels)
+    ours, theirs = (ConversationDataset(load_rows(tmp / "big.jsonl"), p, 4096)[0]
+                    for p in (training, load_processor(best)))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(torch.as_tensor(ours[k]), torch.as_tensor(theirs[k])) for k in ours)
 
 
 def _export_generates(best, data) -> None:
