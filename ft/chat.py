@@ -1,9 +1,10 @@
-"""Chat with a Qwen2.5-VL model folder (an ft export such as ``runs/demo/best``, or any
-Hugging Face Qwen2.5-VL folder): one question, or a multi-turn session in the terminal.
+"""Chat with a Qwen VL model folder (an ft export such as ``runs/demo/best``, or any
+Hugging Face Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder): one question, or a multi-turn
+session in the terminal.
 
     python -m ft.chat MODEL_DIR [--image PATH ...] [--video PATH] [PROMPT]
 
-Everything here is plain transformers: ``Qwen2_5_VLForConditionalGeneration`` and
+Everything here is plain transformers: the family's model class (``ft.families``) and
 ``AutoProcessor`` loaded from the folder, the conversation rendered by the processor's
 chat template, ``model.generate``. What ft adds is what makes the answers comparable
 with training: pictures laid on white when transparent (as ``ft.dataset`` does), and a
@@ -141,7 +142,7 @@ class _Printer:
 
 
 class Chat:
-    """A conversation with a Qwen2.5-VL model folder.
+    """A conversation with a Qwen VL model folder.
 
     Loads the model (``attn_implementation="sdpa"``; bf16 on CUDA, fp32 on the CPU)
     and its processor (``AutoProcessor``). :meth:`ask` adds a user turn, generates the
@@ -253,9 +254,9 @@ class Chat:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ft.chat",
-        description="Chat with a Qwen2.5-VL model folder (an ft export such as runs/demo/best). With PROMPT, "
+        description="Chat with a Qwen VL model folder (an ft export such as runs/demo/best). With PROMPT, "
                     "answer once and exit; without, read one message per line (" + HELP + ").")
-    p.add_argument("model_dir", metavar="MODEL_DIR", help="a Qwen2.5-VL model folder (config.json, weights, "
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a Qwen VL model folder (config.json, weights, "
                    "processor files)")
     p.add_argument("prompt", metavar="PROMPT", nargs="?", help="the question; omit it for an interactive session")
     p.add_argument("--image", action="append", default=[], metavar="PATH",

@@ -8,7 +8,7 @@ Pipeline:
 2. :class:`ConversationDataset` turns one row into tensors on access (``__getitem__``),
    so start-up is fast and DataLoader workers do the work. A row is parsed and
    normalised (:func:`ft.messages.parse`, which describes the row formats), rendered in
-   Qwen2.5-VL's chat format, tokenised with the processor, labelled and, if too long,
+   the Qwen VL chat format, tokenised with the processor, labelled and, if too long,
    truncated.
 3. :class:`ft.collate.Collator` pads a list of samples into a batch of model kwargs.
 

@@ -1,4 +1,4 @@
-"""The dry run: print the wrap plan and a per-rank memory estimate for any Qwen2.5-VL
+"""The dry run: print the wrap plan and a per-rank memory estimate for any Qwen VL
 config.json, without loading weights (the model is built on the meta device) and
 without a GPU. The plan's table is `ft.fsdp_wrap.format_plan`, which the loop prints at
 start-up too.
@@ -436,7 +436,7 @@ def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_p
 def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ft.dryrun",
-        description="Print the FSDP wrap plan of a Qwen2.5-VL model and an estimate of "
+        description="Print the FSDP wrap plan of a Qwen VL model and an estimate of "
         "each rank's memory for parameters, gradients, optimizer state and activations, "
         "without loading weights (the model is built on the meta device), and whether it "
         "fits in --gpu-memory-gib.",

@@ -1,4 +1,4 @@
-"""Row formats to normalised messages, and Qwen2.5-VL's chat format.
+"""Row formats to normalised messages, and the Qwen VL chat format.
 
 Imports no torch: reading a row needs only the standard library.
 

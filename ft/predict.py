@@ -65,7 +65,7 @@ def collate(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, to
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ft.predict", description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", help="an export (runs/…/best) or any Qwen2.5-VL folder")
+    parser.add_argument("model_dir", help="an export (runs/…/best) or any Qwen VL model folder")
     parser.add_argument("data", help="JSONL file, save_to_disk folder, or Parquet/Arrow file(s)")
     parser.add_argument("--out", required=True, help="where to write the predictions (JSON lines)")
     parser.add_argument("--batch-size", type=int, default=8)
