@@ -235,3 +235,30 @@ def _install_slow_guard() -> None:
 
 
 _install_slow_guard()
+
+
+def loss_and_grads(model, batches) -> tuple[float, dict]:
+    """The summed loss (`ft.model.loss_sum`, plain path) of `batches` and the gradients it
+    leaves on `model`'s parameters: what packed and padded batches of the same samples
+    must agree on."""
+    from ft.model import loss_sum
+
+    model.zero_grad()
+    total = 0.0
+    for batch in batches:
+        loss, _ = loss_sum(model, batch, 0)
+        loss.backward()
+        total += loss.item()
+    return total, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_loss_and_grads(a: tuple[float, dict], b: tuple[float, dict]) -> float:
+    """Losses within 1e-6 (relative), each gradient within 1e-5 of its largest element
+    (at least 1e-5); returns the largest gradient difference."""
+    (loss_a, grads_a), (loss_b, grads_b) = a, b
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for k in grads_a:
+        scale = grads_a[k].abs().max().item()
+        assert (grads_a[k] - grads_b[k]).abs().max().item() <= 1e-5 * max(scale, 1.0), k
+    return max((grads_a[k] - grads_b[k]).abs().max().item() for k in grads_a)

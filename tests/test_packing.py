@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-from conftest import free_port, write_test_image
+from conftest import assert_same_loss_and_grads, free_port, loss_and_grads, write_test_image
 from ft.collate import Collator
 from ft.dataset import ConversationDataset
 from ft.messages import IGNORE_INDEX, IMAGE
@@ -201,10 +201,6 @@ def test_text_only_pack_gets_the_dummy_image_as_its_own_segment(setup):
     assert bounds[-1] == rows * length and n in bounds and n + dummy in bounds and length in bounds
 
 
-def _grads(model):
-    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_equals_padded_bare_model(setup, tiny_model_dir, attn):
     """Loss and gradients of 6 samples: padded in 3 rows of 2, packed in 2 rows of 3
@@ -217,21 +213,7 @@ def test_packed_equals_padded_bare_model(setup, tiny_model_dir, attn):
     collate = Collator(processor, RopeIndex(model.config))
     packed = [collate([[samples[0], samples[1], samples[2]]]).inputs,
               collate([[samples[3], samples[5]], [samples[4]]]).inputs]  # text only: dummy image
-    results = []
-    for batches in (padded, packed):
-        model.zero_grad()
-        total = 0.0
-        for b in batches:
-            s, _ = loss_sum(model, b, 0)
-            s.backward()
-            total += s.item()
-        results.append((total, _grads(model)))
-    (loss_a, grads_a), (loss_b, grads_b) = results
-    assert loss_b == pytest.approx(loss_a, rel=1e-6)
-    assert grads_a.keys() == grads_b.keys()
-    for k in grads_a:
-        scale = grads_a[k].abs().max().item() + 1e-12
-        assert (grads_a[k] - grads_b[k]).abs().max().item() <= 1e-5 * max(scale, 1.0), k
+    assert_same_loss_and_grads(loss_and_grads(model, padded), loss_and_grads(model, packed))
 
 
 def test_no_attention_across_samples(setup):
