@@ -91,8 +91,17 @@ def test_activation_estimate_within_stated_error_of_measured_peak():
     assert abs(error) <= fit.TOLERANCE, (measured, est)
 
 
-def test_large_configs_build_with_published_sizes():
-    for name, params in (("32b", 33.45e9), ("72b", 73.41e9)):
-        model = build_on_meta(os.path.join(REPO, f"configs/qwen2_5_vl_{name}"))
-        assert abs(sum(p.numel() for p in model.parameters()) - params) < 0.005 * params
-        assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight
+@pytest.mark.parametrize("name, params", [("qwen2_5_vl_32b", 33.45e9), ("qwen2_5_vl_72b", 73.41e9),
+                                          ("qwen2_vl_7b", 8.29e9), ("qwen3_vl_8b", 8.77e9), ("qwen3_vl_32b", 33.4e9)])
+def test_large_configs_build_with_published_sizes(name, params, capsys):
+    """Each shape in configs/ builds its family's model with the published parameter
+    count, untied, and the fit check plans it (every family's roles found)."""
+    folder = os.path.join(REPO, "configs", name)
+    model = build_on_meta(folder)
+    assert abs(sum(p.numel() for p in model.parameters()) - params) < 0.005 * params
+    assert model.lm_head.weight is not model.model.language_model.embed_tokens.weight
+    dry_run([folder, "--world-size", "8", "--tokens", "8192"])
+    out = capsys.readouterr().out
+    layer = type(model.model.language_model.layers[0]).__name__
+    assert "Fit check (80 GiB per GPU): " in out and f"layers.{{0..{model.config.text_config.num_hidden_layers - 1}}}" in out
+    assert layer in out
