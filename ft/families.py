@@ -62,7 +62,7 @@ class Family:
     package: str
     """`transformers.models.<package>` holds the classes."""
     model: str
-    """The ...ForConditionalGeneration class (top-level in transformers)."""
+    """The ...ForConditionalGeneration class."""
     inner: str
     """The class whose `get_rope_index` builds the M-RoPE positions."""
     config: str
@@ -83,12 +83,12 @@ class Family:
     training renders the same text, so that prompts match those seen at inference."""
     image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
-    patch_size: int = 14
     tiny_vision: Callable[[int, int, int, int], dict] | None = field(default=None, repr=False)
     """(depth, hidden, heads, out_hidden) -> the tiny model's vision_config."""
     tiny_text: Callable[[dict], dict] | None = field(default=None, repr=False)
     """The tiny model's text_config from the common one (None: as it is)."""
     vision: Callable[[Any], VisionShape] | None = field(default=None, repr=False)
+    """vision_config -> the shapes the FLOP count and the fit check read."""
     video_bounds: str = "frame"
     """What the video processor's pixel bounds (`data.video_min_pixels`,
     `video_max_pixels`) bound: each `frame`, or the whole `clip` (frames x height x
@@ -256,7 +256,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         roles={"vision_tower": "Qwen3VLVisionModel", "vision_own": "Qwen3VLVisionModel",
                "vision_block": "Qwen3VLVisionBlock", "merger": "Qwen3VLVisionPatchMerger",
                "decoder_layer": "Qwen3VLTextDecoderLayer"},
-        timestamps=True, default_system=None, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), patch_size=16,
+        timestamps=True, default_system=None, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
         tiny_vision=_qwen3_vision, vision=_qwen3_shape, video_bounds="clip",
         tiny_text=_qwen3_text,
     ),
