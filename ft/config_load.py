@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import difflib
 import inspect
+import json
 import math
 import os
 import sys
@@ -59,7 +60,7 @@ from ft.config import (
     literal_choices,
     ranges,
 )
-from ft.families import family_named
+from ft.families import FamilyError, family_named
 
 __all__ = [
     "HF_ADAFACTOR_CRASH", "builds_tiny_model", "config_reference_markdown", "config_to_dict", "config_to_yaml",
@@ -354,8 +355,22 @@ def model_dir_refusal(path: str | os.PathLike) -> str | None:
     elif not (folder / "config.json").is_file():
         problem = "has no config.json"
     else:
-        return None
+        return _family_refusal(folder / "config.json")
     return f"{os.fspath(path)!r} {problem}: expected a folder with a Qwen VL checkpoint (config.json and weights)"
+
+
+def _family_refusal(config_file: Path) -> str | None:
+    """Why the checkpoint of `config_file` is of no family ft trains (its `model_type`,
+    read without transformers), or None."""
+    try:
+        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        return f"{config_file}: cannot be read as a model config: {e}"
+    try:
+        family_named(str(model_type), f"{config_file}: model_type")
+    except FamilyError as e:
+        return str(e)
+    return None
 
 
 def model_path_refusal(model: ModelConfig) -> str | None:

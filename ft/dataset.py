@@ -29,9 +29,9 @@ import numpy
 import torch
 from PIL import Image
 
+from ft.families import processor_family
 from ft.messages import ASSISTANT_HEADER, IGNORE_INDEX, MEDIA, VIDEO_PLACEHOLDER, VISION_END, parse, render_segments
 from ft.rows import Rows, Where, load_rows
-from ft.families import processor_family
 from ft.video import Clip, VideoError, VideoSampling, processor_kwargs
 from ft.video import probe as probe_video
 from ft.video import read as read_video

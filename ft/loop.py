@@ -46,6 +46,7 @@ from ft.config import ConfigError
 from ft.config_load import builds_tiny_model, config_to_dict, load_config, model_path_refusal, save_config
 from ft.collate import Batch
 from ft.evaluation import eval_plan, evaluate, export_model, improves
+from ft.families import FamilyError
 from ft.fsdp_wrap import checkpoint_summary, format_plan, plan_units, root_members, wrap_model
 from ft.metrics import train_flops
 from ft.model import load_model, loss_sum, to_device
@@ -522,7 +523,7 @@ class RunRefused(RuntimeError):
 
 # The same on every rank, and not fixed by a restart: bad config, data, plan or checkpoint.
 REFUSALS = {ConfigError: "config error", DataError: "data error", MissingDependency: "missing dependency",
-            ResumeError: "cannot resume",
+            ResumeError: "cannot resume", FamilyError: "model family",
             CheckpointMismatch: "cannot resume", WrapPlanError: "wrap plan error"}
 
 

@@ -130,6 +130,29 @@ def test_model_path_typo_is_refused_and_creates_nothing(tmp_path, make, monkeypa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler:UserWarning")
+def test_a_model_of_another_family_is_refused_by_name(tmp_path, monkeypatch, capsys):
+    """A checkpoint whose config.json names a model_type ft does not train (Qwen3-VL-MoE,
+    here) is refused in one line naming the file, the model_type and the families ft
+    trains, before anything is created; so are `ft.chat` and `ft.predict` on it."""
+    from ft.chat import main as chat_main
+    from ft.loop import main as train_main
+
+    model = tmp_path / "moe"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as exit:
+        train_main([str(REPO / "configs/demo.yaml"), f"model.path={model}", f"train.output_dir={tmp_path / 'out'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit.value.code == 2 and len(lines) == 1, lines
+    assert (f"{model / 'config.json'}: model_type is 'qwen3_vl_moe': ft trains qwen2_vl (Qwen2-VL), "
+            "qwen2_5_vl (Qwen2.5-VL), qwen3_vl (Qwen3-VL)") in lines[0]
+    assert not (tmp_path / "out").exists()
+    assert chat_main([str(model), "Hi"]) == 2
+    assert "model_type is 'qwen3_vl_moe'" in capsys.readouterr().err
+
+
 FAKE_SRUN = r"""#!/bin/bash
 # Fake srun: runs the command once per node ($SLURM_NNODES) on this machine, with
 # SLURM_NODEID set, and sends a signal it gets to every process under it, as
