@@ -115,6 +115,7 @@ def chat_template(default_system: bool = True) -> str:
     (`ft.families.Family.default_system`)."""
     return _CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", _DEFAULT_SYSTEM if default_system else "")
 
+
 # Training text for the small vocabulary, written for this project: captions, questions
 # and training vocabulary, so typical test strings tokenize into few pieces.
 SMALL_VOCAB_TEXT = """\
