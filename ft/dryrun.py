@@ -33,7 +33,7 @@ from torch import nn
 from ft.backends import BACKENDS, DEFAULT
 from ft.config import Config, ConfigError, TrainConfig, field_choices
 from ft.config_load import load_config
-from ft.families import family_of, read_family
+from ft.families import family_of, head_dim, read_family
 from ft.fsdp_wrap import Unit, fmt_bytes, fmt_count, format_plan, per_rank_numel, plan_units, root_members
 from ft.optim import OPTIMIZERS
 from ft.parts import PARTS, apply_freezing
@@ -173,9 +173,8 @@ def _decoder_layer_bytes(text, tokens: int, cb: int) -> int:
     q, k, v, the rotated q and k, the attention output; the MLP's normed input, gate,
     up, act(gate) and act(gate) * up, and the gradients of gate and up, alive together
     in the MLP's backward (its peak); in the compute dtype."""
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    q = text.num_attention_heads * head_dim
-    kv = text.num_key_value_heads * head_dim
+    q = text.num_attention_heads * head_dim(text)
+    kv = text.num_key_value_heads * head_dim(text)
     attention = text.hidden_size + 2 * (q + kv) + kv + q
     mlp = text.hidden_size + 6 * text.intermediate_size
     return tokens * (attention + mlp) * cb

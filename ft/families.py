@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 from ft.messages import DEFAULT_SYSTEM_PROMPT
 
 __all__ = ["FAMILIES", "DEFAULT_FAMILY", "Family", "FamilyError", "VisionShape", "family_of", "family_named",
-           "processor_family", "read_family"]
+           "head_dim", "processor_family", "read_family"]
 
 
 class FamilyError(ValueError):
@@ -52,6 +52,7 @@ class VisionShape(NamedTuple):
     window_blocks: int  # blocks attending within windows of `window` pixels
     window: int  # 0 when no block is windowed
     mergers: int  # merger MLPs run on every merged token (1 + Qwen3-VL's DeepStack mergers)
+    out: int  # the mergers' output width: the language model's hidden size
 
 
 @dataclass(frozen=True)
@@ -219,16 +220,18 @@ def _clip_resize(frames, height, width, factor, temporal, min_pixels, max_pixels
 
 
 def _qwen2_shape(v) -> VisionShape:
-    return VisionShape(v.embed_dim, int(v.embed_dim * v.mlp_ratio), 2, v.depth, 0, 0, 1)
+    return VisionShape(v.embed_dim, int(v.embed_dim * v.mlp_ratio), 2, v.depth, 0, 0, 1, v.hidden_size)
 
 
 def _qwen2_5_shape(v) -> VisionShape:
     full = len(v.fullatt_block_indexes)
-    return VisionShape(v.hidden_size, v.intermediate_size, 3, full, v.depth - full, v.window_size, 1)
+    return VisionShape(v.hidden_size, v.intermediate_size, 3, full, v.depth - full, v.window_size, 1,
+                       v.out_hidden_size)
 
 
 def _qwen3_shape(v) -> VisionShape:
-    return VisionShape(v.hidden_size, v.intermediate_size, 2, v.depth, 0, 0, 1 + len(v.deepstack_visual_indexes))
+    return VisionShape(v.hidden_size, v.intermediate_size, 2, v.depth, 0, 0, 1 + len(v.deepstack_visual_indexes),
+                       v.out_hidden_size)
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -264,6 +267,12 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 
 DEFAULT_FAMILY = "qwen2_5_vl"
 """The tiny demo model's family unless `model.tiny_family` says otherwise."""
+
+
+def head_dim(text_config) -> int:
+    """The attention head size of a family's language model: Qwen3 states it (64 heads
+    of 128 on the 5120-wide 32B), Qwen2 derives it from the hidden size."""
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
 
 def family_named(model_type: str, where: str = "model_type") -> Family:

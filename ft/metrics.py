@@ -49,7 +49,7 @@ from typing import Any, Collection
 import torch
 
 from ft.collate import BatchStats
-from ft.families import family_of
+from ft.families import family_of, head_dim
 from ft.parts import PART_NAMES, backward_reaches
 
 __all__ = [
@@ -80,24 +80,22 @@ def matmul_params(config: Any) -> dict[str, int]:
     """
     text, vision = config.text_config, config.vision_config
     hidden, heads, kv_heads = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
-    # Qwen3 states its head size (64 heads of 128 on a 5120-wide 32B); Qwen2 derives it.
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    size = head_dim(text)
     per_layer = (
-        hidden * heads * head_dim  # q_proj
-        + 2 * hidden * kv_heads * head_dim  # k_proj, v_proj (grouped-query attention)
-        + heads * head_dim * hidden  # o_proj
+        hidden * heads * size  # q_proj
+        + 2 * hidden * kv_heads * size  # k_proj, v_proj (grouped-query attention)
+        + heads * size * hidden  # o_proj
         + 3 * hidden * text.intermediate_size  # gate_proj, up_proj, down_proj
     )
     shape = family_of(config).vision_shape(vision)
     dim, merge = shape.width, vision.spatial_merge_size
     merged = dim * merge**2
-    out_hidden = getattr(vision, "out_hidden_size", None) or vision.hidden_size  # Qwen2-VL: hidden_size
     return {
         "text_layers": per_layer * text.num_hidden_layers,
         "lm_head": hidden * text.vocab_size,
         "vision_patch_embed": vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * dim,
         "vision_blocks": (4 * dim * dim + shape.mlp_matrices * dim * shape.intermediate) * vision.depth,
-        "vision_merger": (merged * merged + merged * out_hidden) * shape.mergers,
+        "vision_merger": (merged * merged + merged * shape.out) * shape.mergers,
     }
 
 
@@ -126,17 +124,17 @@ def _window_sizes(length: int, window: int) -> list[int]:
     return [window] * (length // window) + ([length % window] if length % window else [])
 
 
-def _vision_attention_pairs(config: Any, grid: tuple[int, int, int]) -> tuple[int, int]:
+def _vision_attention_pairs(config: Any, grid: tuple[int, int, int], window_px: int) -> tuple[int, int]:
     """(query, key) pairs of one image in a full-attention block and in a window block.
 
-    Attention never crosses a frame (t) boundary. A window (Qwen2.5-VL) is window_size
-    pixels square, cut on the grid of merged tokens (merge × merge patches each);
-    windows at the right and bottom edges are smaller.
+    Attention never crosses a frame (t) boundary. A window (Qwen2.5-VL) is `window_px`
+    pixels square (`ft.families.VisionShape.window`; 0: no block is windowed), cut on
+    the grid of merged tokens (merge × merge patches each); windows at the right and
+    bottom edges are smaller.
     """
     vision = config.vision_config
     t, h, w = grid
     merge = vision.spatial_merge_size
-    window_px = family_of(config).vision_shape(vision).window
     if not window_px:
         return t * (h * w) ** 2, 0
     window = window_px // merge // vision.patch_size  # in merged tokens
@@ -157,8 +155,7 @@ def forward_flops(config: Any, stats: BatchStats, *, causal: bool = True) -> Flo
     text, vision = config.text_config, config.vision_config
 
     # One QKᵀ and one AV per (query, key) pair and head: 2·2·head_dim·heads FLOPs.
-    heads = text.num_attention_heads
-    text_width = heads * (getattr(text, "head_dim", None) or text.hidden_size // heads)  # heads × head_dim
+    text_width = text.num_attention_heads * head_dim(text)
     if causal:
         pairs = sum(n * (n + 1) // 2 for n in stats.seq_lens)
     else:
@@ -170,7 +167,7 @@ def forward_flops(config: Any, stats: BatchStats, *, causal: bool = True) -> Flo
     full_blocks, window_blocks = shape.full_blocks, shape.window_blocks
     full_pairs = window_pairs = 0
     for grid in stats.vision_grids:
-        f, w = _vision_attention_pairs(config, grid)
+        f, w = _vision_attention_pairs(config, grid, shape.window)
         full_pairs += f
         window_pairs += w
     vision_attention = 4 * shape.width * (full_pairs * full_blocks + window_pairs * window_blocks)

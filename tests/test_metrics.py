@@ -199,7 +199,7 @@ def test_window_pairs_match_hf_window_index(grid):
     _, cu = get_vision_window_index(torch.tensor([grid]), spatial_merge_size=v.spatial_merge_size,
                                     window_size=v.window_size, patch_size=v.patch_size)
     window_lengths = cu.diff().tolist()
-    full, windowed = _vision_attention_pairs(config, grid)
+    full, windowed = _vision_attention_pairs(config, grid, config.vision_config.window_size)
     assert windowed == sum(s * s for s in window_lengths)
     assert full == grid[0] * (grid[1] * grid[2]) ** 2
 
