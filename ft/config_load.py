@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import difflib
 import inspect
-import json
 import math
 import os
 import sys
@@ -60,7 +59,7 @@ from ft.config import (
     literal_choices,
     ranges,
 )
-from ft.families import FamilyError, family_named
+from ft.families import FamilyError, config_family, family_named
 
 __all__ = [
     "HF_ADAFACTOR_CRASH", "builds_tiny_model", "config_reference_markdown", "config_to_dict", "config_to_yaml",
@@ -363,13 +362,11 @@ def _family_refusal(config_file: Path) -> str | None:
     """Why the checkpoint of `config_file` is of no family ft trains (its `model_type`,
     read without transformers), or None."""
     try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        return f"{config_file}: cannot be read as a model config: {e}"
-    try:
-        family_named(str(model_type), f"{config_file}: model_type")
+        config_family(config_file)
     except FamilyError as e:
         return str(e)
+    except (OSError, ValueError) as e:
+        return f"{config_file}: cannot be read as a model config: {e}"
     return None
 
 

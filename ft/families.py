@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 from ft.messages import DEFAULT_SYSTEM_PROMPT
 
 __all__ = ["FAMILIES", "DEFAULT_FAMILY", "Family", "FamilyError", "VisionShape", "family_of", "family_named",
-           "head_dim", "processor_family", "read_family"]
+           "config_family", "head_dim", "processor_family", "read_family"]
 
 
 class FamilyError(ValueError):
@@ -301,15 +301,23 @@ def processor_family(processor) -> Family:
                       f"({', '.join(f.processor for f in FAMILIES.values())})")
 
 
-def read_family(path: str | os.PathLike) -> Family:
-    """The family of the checkpoint folder `path`, from its config.json's `model_type`,
-    read before transformers parses the file (a model_type this transformers lacks
-    fails there with a less useful message), and checked to be importable. FamilyError
-    names the file."""
-    config_file = os.path.join(os.fspath(path), "config.json")
+def config_family(config_file: str | os.PathLike) -> Family:
+    """The family a checkpoint's config.json names (its `model_type`), read without
+    transformers. FamilyError naming the file, for a model_type of no family ft trains;
+    OSError or ValueError for a file that cannot be read as JSON."""
     with open(config_file, encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
-    family = family_named(str(model_type), f"{config_file}: model_type")
+        config = json.load(f)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return family_named(str(model_type), f"{os.fspath(config_file)}: model_type")
+
+
+def read_family(path: str | os.PathLike) -> Family:
+    """The family of the checkpoint folder `path` (:func:`config_family`), read before
+    transformers parses its config.json (a model_type this transformers lacks fails
+    there with a less useful message), and checked to be importable. FamilyError names
+    the file."""
+    config_file = os.path.join(os.fspath(path), "config.json")
+    family = config_family(config_file)
     try:
         family.model_class()
     except FamilyError as e:
