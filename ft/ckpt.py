@@ -428,7 +428,7 @@ def export_hf(
         # Training runs without a KV cache; the export is for inference, which wants it.
         config.use_cache = True
         try:
-            hf_model.save_pretrained(tmp, state_dict=state_dict)
+            _on_meta(hf_model).save_pretrained(tmp, state_dict=state_dict)
             # save_pretrained records the in-memory model's dtype (the fp32 master
             # weights): record the export's, on the config and its sub-configs, as
             # from_pretrained sets it.
@@ -445,6 +445,19 @@ def export_hf(
         _swap_into_place(tmp, path)
     del state_dict
     barrier()  # SYNC
+
+
+def _on_meta(hf_model: torch.nn.Module) -> torch.nn.Module:
+    """The model's architecture on the meta device, with its config and generation
+    config: what `save_pretrained` reads besides the state dict. transformers converts
+    some weights back to the layout the family's checkpoints store (Qwen3-VL-MoE's
+    fused experts are stored transposed) and asks the model each parameter's shape;
+    under FSDP1 the wrapped model holds its weights as plain tensors (views into the
+    flat parameter), which that lookup refuses."""
+    with torch.device("meta"):
+        twin = type(hf_model)._from_config(hf_model.config)
+    twin.generation_config = hf_model.generation_config
+    return twin
 
 
 # =====================================================================================

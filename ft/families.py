@@ -34,12 +34,23 @@ from typing import Any, NamedTuple
 
 from ft.messages import DEFAULT_SYSTEM_PROMPT
 
-__all__ = ["FAMILIES", "DEFAULT_FAMILY", "Family", "FamilyError", "VisionShape", "family_of", "family_named",
+__all__ = ["FAMILIES", "DEFAULT_FAMILY", "Family", "FamilyError", "MoeShape", "VisionShape", "family_of", "family_named",
            "config_family", "head_dim", "processor_family", "read_family"]
 
 
 class FamilyError(ValueError):
     """A model family ft does not train, or one the installed transformers lacks."""
+
+
+class MoeShape(NamedTuple):
+    """What ft needs of a language model whose MLPs are mixtures of experts: the FLOP
+    count, the fit check and the load-balancing loss (`ft.moe`) read it."""
+
+    experts: int  # experts per MoE layer
+    top_k: int  # experts each token is routed to
+    intermediate: int  # one expert's MLP inner size (gated: gate, up, down)
+    layers: tuple[int, ...]  # the decoder layers whose MLP is a mixture (the rest are dense)
+    aux_coef: float  # the checkpoint's load-balancing loss weight (`router_aux_loss_coef`)
 
 
 class VisionShape(NamedTuple):
@@ -69,11 +80,16 @@ class Family:
     config: str
     processor: str
     video_processor: str
+    processor_package: str = ""
+    """`transformers.models.<processor_package>` holds the processor when the family
+    shares another's (Qwen3-VL-MoE takes Qwen3-VL's); empty: `package`."""
     image_processor: str = "Qwen2VLImageProcessor"
     roles: dict[str, str] = field(default_factory=dict)
     """Role -> class name in the modeling module. Roles: `vision_tower`, `vision_own`
     (the tower's weights outside its blocks and mergers), `vision_block`, `merger`,
-    `decoder_layer`."""
+    `decoder_layer`; a mixture-of-experts family also has `router` (the module whose
+    forward returns the router logits, the scores and the chosen experts) and
+    `experts` (the fused expert weights)."""
     timestamps: bool = False
     """Each temporal patch of a video is written with its time in text
     (`<1.2 seconds>`) and its own vision start and end tokens (Qwen3-VL): the video
@@ -99,8 +115,9 @@ class Family:
     def _module(self, kind: str):
         import transformers
 
+        package = (self.processor_package or self.package) if kind == "processing" else self.package
         try:
-            return importlib.import_module(f"transformers.models.{self.package}.{kind}_{self.package}")
+            return importlib.import_module(f"transformers.models.{package}.{kind}_{package}")
         except ImportError as e:
             raise FamilyError(f"{self.name} (model_type {self.model_type!r}) needs a transformers that has "
                               f"{self.package}; transformers {transformers.__version__} does not ({e})") from e
@@ -160,6 +177,22 @@ class Family:
     def vision_shape(self, vision_config) -> VisionShape:
         return self.vision(vision_config)
 
+    @property
+    def is_moe(self) -> bool:
+        return "router" in self.roles
+
+    def moe_shape(self, text_config) -> MoeShape | None:
+        """The experts of a mixture-of-experts language model (None for a dense one).
+        A layer is sparse unless listed in `mlp_only_layers`, every
+        `decoder_sparse_step`-th layer (Qwen3-VL-MoE: all of them)."""
+        if not self.is_moe:
+            return None
+        dense = set(getattr(text_config, "mlp_only_layers", None) or ())
+        step = getattr(text_config, "decoder_sparse_step", 1) or 1
+        layers = tuple(i for i in range(text_config.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
+        return MoeShape(text_config.num_experts, text_config.num_experts_per_tok, text_config.moe_intermediate_size,
+                        layers, float(getattr(text_config, "router_aux_loss_coef", 0.0) or 0.0))
+
     def video_frame_size(self, frames: int, height: int, width: int, video_processor, bounds) -> tuple[int, int]:
         """The (height, width) the video processor gives each of `frames` frames of
         `height` x `width` within `bounds` (its `size`: shortest_edge, longest_edge).
@@ -201,6 +234,15 @@ def _qwen3_text(text: dict) -> dict:
     """Qwen3's text model states its head size, and interleaves the M-RoPE frequencies."""
     rope = {**text["rope_parameters"], "mrope_interleaved": True}
     return {**text, "head_dim": text["hidden_size"] // text["num_attention_heads"], "rope_parameters": rope}
+
+
+def _qwen3_moe_text(text: dict) -> dict:
+    """Top-2 of 8 experts in every layer, each expert `hidden` wide: the active MLP is
+    2 x hidden, as the dense tiny Qwen3-VL's (its dense twin). The real 30B-A3B routes
+    to 8 of 128."""
+    return {**_qwen3_text(text), "num_experts": 8, "num_experts_per_tok": 2,
+            "moe_intermediate_size": text["hidden_size"], "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "router_aux_loss_coef": 0.001, "output_router_logits": False}
 
 
 def _per_frame_resize(frames, height, width, factor, temporal, min_pixels, max_pixels) -> tuple[int, int]:
@@ -263,6 +305,17 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
         tiny_vision=_qwen3_vision, vision=_qwen3_shape, video_bounds="clip",
         tiny_text=_qwen3_text,
     ),
+    Family(
+        "qwen3_vl_moe", "Qwen3-VL-MoE", "qwen3_vl_moe", "Qwen3VLMoeForConditionalGeneration", "Qwen3VLMoeModel",
+        "Qwen3VLMoeConfig", "Qwen3VLProcessor", "Qwen3VLVideoProcessor", processor_package="qwen3_vl",
+        roles={"vision_tower": "Qwen3VLMoeVisionModel", "vision_own": "Qwen3VLMoeVisionModel",
+               "vision_block": "Qwen3VLMoeVisionBlock", "merger": "Qwen3VLMoeVisionPatchMerger",
+               "decoder_layer": "Qwen3VLMoeTextDecoderLayer", "router": "Qwen3VLMoeTextTopKRouter",
+               "experts": "Qwen3VLMoeTextExperts"},
+        timestamps=True, default_system=None, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+        tiny_vision=_qwen3_vision, vision=_qwen3_shape, video_bounds="clip",
+        tiny_text=_qwen3_moe_text,
+    ),
 )}
 
 DEFAULT_FAMILY = "qwen2_5_vl"
@@ -292,7 +345,9 @@ def family_of(config: Any) -> Family:
 
 
 def processor_family(processor) -> Family:
-    """The family whose processor class `processor` is (a subclass counts)."""
+    """The family whose processor class `processor` is (a subclass counts); of families
+    sharing a processor (Qwen3-VL and Qwen3-VL-MoE), the first: they share its data
+    rules too (timestamps, video bounds, the default system message)."""
     for cls in type(processor).__mro__:
         for family in FAMILIES.values():
             if cls.__name__ == family.processor:
