@@ -85,6 +85,10 @@ class Batch(NamedTuple):
 
     inputs: dict[str, torch.Tensor]
     stats: BatchStats
+    real: torch.Tensor | None = None
+    """[rows, length] bool: the positions holding a sample's token (not a pad, a pack's
+    pad segment or the collator's dummy image or video). The MoE load-balancing loss
+    counts these only (`ft.moe`)."""
 
 
 class Collator:
@@ -154,7 +158,8 @@ class Collator:
             "mm_token_type_ids": _pad([s["mm_token_type_ids"] for s in rows], length, 0),
             **vision_inputs(list(samples) + dummies),
         }
-        return Batch(inputs, _stats(samples, dummies, len(samples), length))
+        real = _pad([torch.ones(len(s["input_ids"]), dtype=torch.bool) for s in samples], length, False)
+        return Batch(inputs, _stats(samples, dummies, len(samples), length), real)
 
     def _packed(self, packs: list[list[dict[str, torch.Tensor]]]) -> Batch:
         samples = [s for p in packs for s in p]
@@ -164,6 +169,10 @@ class Collator:
         used = [sum(len(s["input_ids"]) for s in row) for row in rows]
         length = -(-max(used) // ROW_MULTIPLE) * ROW_MULTIPLE
         ids, labels, mm_types, positions, segments = [], [], [], [], []
+        real = torch.zeros(len(rows), length, dtype=torch.bool)
+        real[0, :sum(len(s["input_ids"]) for s in packs[0])] = True  # row 0's dummies follow its samples
+        for r, n in enumerate(used[1:], 1):
+            real[r, :n] = True
         for row, n in zip(rows, used):
             for s in row:
                 if s["labels"][0] != IGNORE_INDEX:  # what keeps the loss inside each sample
@@ -189,7 +198,7 @@ class Collator:
         }
         if self.varlen:
             inputs.update(varlen_kwargs(segments))
-        return Batch(inputs, _stats(samples, dummies, len(rows), length))
+        return Batch(inputs, _stats(samples, dummies, len(rows), length), real)
 
     def _dummies(self, samples: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """A small black image (two black frames, for a video) for each kind of vision

@@ -61,12 +61,11 @@ class ModelConfig:
     """The checkpoint to fine-tune and how its attention is computed."""
 
     path: str = "runs/tiny-qwen2.5-vl"
-    """Local directory holding a Hugging Face-format checkpoint of Qwen2-VL, Qwen2.5-VL
-    or Qwen3-VL (config.json, whose `model_type` says which; safetensors weights,
-    tokenizer and processor files), e.g. a downloaded Qwen2.5-VL-7B-Instruct. Nothing is
-    fetched from the Hub. A relative path resolves against the working directory. Left
-    unset, the tiny model of `tiny_family`: `runs/tiny-qwen2.5-vl`, `runs/tiny-qwen2-vl`
-    or `runs/tiny-qwen3-vl`."""
+    """Local directory holding a Hugging Face-format checkpoint of Qwen2-VL, Qwen2.5-VL,
+    Qwen3-VL or Qwen3-VL-MoE (config.json, whose `model_type` says which; safetensors
+    weights, tokenizer and processor files), e.g. a downloaded Qwen2.5-VL-7B-Instruct.
+    Nothing is fetched from the Hub. A relative path resolves against the working
+    directory. Left unset, the tiny model of `tiny_family` (`runs/tiny-qwen3-vl-moe`)."""
 
     build_tiny_if_missing: bool = False
     """Build a tiny randomly initialised model of `tiny_family` (for the demo) when
@@ -76,9 +75,9 @@ class ModelConfig:
     written, so that a typo in `path` is an error rather than a silent fine-tune of a
     random model. Leave false for real checkpoints."""
 
-    tiny_family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
-    """Family (`model_type`) of the tiny model `build_tiny_if_missing` makes: `qwen2_vl`,
-    `qwen2_5_vl` or `qwen3_vl` (docs/families.md)."""
+    tiny_family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"] = "qwen2_5_vl"
+    """Family of the tiny model `build_tiny_if_missing` makes: `qwen2_vl`, `qwen2_5_vl`,
+    `qwen3_vl` or `qwen3_vl_moe` (docs/families.md)."""
 
     tiny_vocab: Literal["real", "small"] = "real"
     """Vocabulary of the tiny model made by `build_tiny_if_missing`: `real` uses the full
@@ -100,11 +99,14 @@ class ModelConfig:
     """Keep the merger (the projector from vision features into the language model's
     embeddings) at its loaded weights."""
 
+    freeze_router: bool = False
+    """Keep the MoE routers (each decoder layer's `gate`) at their loaded weights while
+    the experts train (Qwen3-VL-MoE only)."""
+
     freeze_llm: bool = False
-    """Keep the language model (token embeddings, decoder layers, final norm, lm_head) at
-    its loaded weights and train only the vision side. Gradients still flow back through
-    it to the merger, so it keeps activation checkpointing. At most two of the three
-    `freeze_*` switches may be true."""
+    """Keep the language model (token embeddings, decoder layers but their MoE routers,
+    final norm, lm_head) at its loaded weights. Gradients still flow back through it to
+    the merger, so it keeps activation checkpointing. Not every part may be frozen."""
 
 
 @dataclass
@@ -253,6 +255,14 @@ class TrainConfig:
     merger_lr: Annotated[float, PART_LR] = -1.0
     """Peak learning rate of the merger (vision-to-language projector), on the same
     warmup schedule. -1 means `learning_rate`."""
+
+    router_lr: Annotated[float, PART_LR] = -1.0
+    """Peak learning rate of the MoE routers (Qwen3-VL-MoE), as `merger_lr`."""
+
+    router_aux_loss_coef: Annotated[float, PART_LR] = -1.0
+    """Weight of the MoE load-balancing loss, computed over the whole global batch
+    without pads (docs/families.md); -1 takes the checkpoint's `router_aux_loss_coef`
+    (0.001 in Qwen3-VL-MoE's), 0 turns it off. Dense families ignore it."""
 
     warmup_ratio: Annotated[float, FRACTION] = 0.0
     """Fraction of `max_steps` over which the learning rate rises linearly from 0 to
@@ -539,12 +549,8 @@ def literal_choices(typ: Any) -> tuple[str, ...] | None:
 
 
 def choices(cls_or_section: type | str, name: str) -> tuple[str, ...] | None:
-    """The allowed values of field `name` of a section, from its ``Literal[...]`` type.
-
-    `cls_or_section` is a section dataclass (e.g. ``TrainConfig``) or a section name
-    (``"train"``). Returns None for a field that is not typed with a Literal; raises
-    KeyError for an unknown section or field.
-    """
+    """The allowed values of field `name` of a section (a dataclass or its name), from
+    its ``Literal[...]`` type; None for other types, KeyError for an unknown field."""
     cls = SECTIONS[cls_or_section] if isinstance(cls_or_section, str) else cls_or_section
     types = field_types(cls)
     if name not in types:
@@ -563,11 +569,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def field_choices(key: str) -> tuple[str, ...]:
-    """The allowed values of the field ``section.key``, e.g. for argparse's ``choices=``.
-
-    Raises KeyError for an unknown key or a field that is not typed with a Literal (use
-    ``CHOICES.get(key)`` to get None for those instead).
-    """
+    """The allowed values of the field ``section.key`` (argparse's ``choices=``);
+    KeyError for an unknown key or a field not typed with a Literal."""
     section, dot, name = key.partition(".")
     if not dot or section not in SECTIONS:
         raise KeyError(f"unknown config key {key!r}")
@@ -579,11 +582,8 @@ def field_choices(key: str) -> tuple[str, ...]:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Map each field of the dataclass `cls` to its docstring (cleaned, "" if missing).
-
-    Python discards a string literal that follows an annotated assignment, so the docs
-    are recovered by parsing the class's source.
-    """
+    """Each field of the dataclass `cls` to its docstring ("" if none), parsed from the
+    source: Python discards a string literal that follows an annotated assignment."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {f.name: "" for f in dataclasses.fields(cls)}

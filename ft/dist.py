@@ -114,6 +114,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over all ranks, in place (a collective; `t` unchanged on one rank)."""
+    if is_distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
 def all_reduce_max(values: list[float], device: torch.device) -> list[float]:
     """Element-wise maximum of a few scalars over all ranks, in one collective."""
     t = torch.tensor(values, dtype=torch.float64, device=device)

@@ -36,7 +36,7 @@ from torch import nn
 
 from ft.backends import BACKENDS, DEFAULT
 from ft.dist import DistInfo
-from ft.families import family_of
+from ft.families import FAMILIES, family_of
 from ft.parts import (PART_NAMES, WrapPlanError, backward_reaches, few, module_parts, parameters_by_part,
                       trainable_parts)
 
@@ -73,6 +73,11 @@ WRAP_PLAN: list[WrapRule] = [
         "merger",
         "vision-to-language projector (the 'merger'; Qwen3-VL also has one per DeepStack "
         "level): frozen or trained on its own",
+    ),
+    WrapRule(
+        "router",
+        "an MoE router (Qwen3-VL-MoE's gate in each decoder layer): a small unit of its own, so "
+        "that it can be frozen or get its own learning rate while its layer's experts train",
     ),
     WrapRule(
         "decoder_layer",
@@ -145,6 +150,10 @@ def plan_units(model: nn.Module, rules: list[WrapRule] = WRAP_PLAN) -> list[Unit
     """The FSDP units `wrap_model` will create for the unwrapped `model`, root last, with
     the modules each recomputes. Freeze parts (`ft.parts.apply_freezing`) first: whether
     backward reaches a module depends on it."""
+    # A role this family lacks but another has (a dense family's `router`) plans nothing;
+    # a role no family has is a typo, refused in `_matches`.
+    roles = family_of(model).roles
+    rules = [r for r in rules if r.role in roles or not any(r.role in f.roles for f in FAMILIES.values())]
     matched = [(name, mod, rule) for rule in rules for name, mod in _matches(model, rule)]
     by_part = parameters_by_part(model)
     names = {id(p): name for name, p, _ in by_part}
@@ -318,6 +327,8 @@ def _parts_row(units: list[Unit]) -> str:
     for name in PART_NAMES:
         in_part = [p for u in units for n, p in u.params.items() if u.part_of[n] == name]
         size = sum(p.numel() for p in in_part)
+        if not size:  # a part this family lacks (a dense model's router)
+            continue
         trainable = sum(p.numel() for p in in_part if p.requires_grad)
         state = {0: "frozen", size: "trainable"}.get(trainable, f"{fmt_count(trainable)} trainable")
         per_part.append(f"{name} {fmt_count(size)} {state}")

@@ -15,13 +15,12 @@ an image-less batch a dummy image, and why every decision to skip or stop a step
 taken from the step's one all-reduce (`agree`), which all ranks see alike.
 
 A reader follows a whole step, its skips, logs, eval and save here; what they call lives
-in library modules: the data and its loader in `ft.trainloader`, the metrics and the
-progress display in `ft.progress`, evaluation and the export of the best model in
-`ft.evaluation`, checkpoints and the `TrainState` in `ft.ckpt`.
+in library modules (`ft.trainloader`, `ft.progress`, `ft.evaluation`, `ft.ckpt`, `ft.moe`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import math
@@ -43,22 +42,21 @@ from ft import ckpt, dist, faults, watchdog
 from ft.backends import BACKENDS
 from ft.ckpt import CheckpointMismatch, ResumeError, TrainState
 from ft.config import ConfigError
-from ft.config_load import builds_tiny_model, config_to_dict, load_config, model_path_refusal, save_config
+from ft.config_load import config_to_dict, load_config, save_config
 from ft.collate import Batch
 from ft.evaluation import eval_plan, evaluate, export_model, improves
 from ft.families import FamilyError
 from ft.fsdp_wrap import checkpoint_summary, format_plan, plan_units, root_members, wrap_model
 from ft.metrics import train_flops
 from ft.model import load_model, loss_sum, to_device
+from ft.moe import Balancer, balancer_for, tap_routers
 from ft.optim import build_optimizer, clip_grad_norm, lr_scale, set_lr
 from ft.parts import PARTS, WrapPlanError, apply_freezing, param_groups
 from ft.deps import MissingDependency
-from ft.processor import load_processor_for
 from ft.progress import Progress, clock, log, warn_all
 from ft.rounding import MASTER_DTYPES
 from ft.rows import DataError
-from ft.tinymodel import save_tiny
-from ft.trainloader import TrainData, build_data, packed_length
+from ft.trainloader import TrainData, build_data, packed_length, prepare_processor
 from ft.track import Tracker
 
 USAGE = "usage: python -m ft.loop [CONFIG.yaml] [section.key=value ...]"
@@ -67,10 +65,9 @@ USAGE = "usage: python -m ft.loop [CONFIG.yaml] [section.key=value ...]"
 # _get_pg_default_device); users can do nothing about them and they bury the log.
 for _pattern in (".*ShardedTensor.*", ".*_get_pg_default_device.*", ".*Multiple backends are registered.*"):
     warnings.filterwarnings("ignore", message=_pattern)
-# FSDP2 warns that a unit returned a view that an in-place op could detach from its
-# pre-backward hook: the patch embedding's `.view` output (in Qwen3-VL's vision tower
-# unit) and the root's empty logits slice, neither of which is modified in place (the
-# equivalence tests would see it).
+# FSDP2 warns that a unit returned a view an in-place op could detach from its hook: the
+# patch embedding's `.view` (Qwen3-VL's tower unit) and the root's empty logits slice,
+# neither modified in place (the equivalence tests would see it).
 warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w+(Patch\w+|VisionModel|ForConditional"
                                           r"Generation)\) returned a view tensor")
 
@@ -79,12 +76,11 @@ warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDP\w+(Patch
 # Loop state
 # =====================================================================================
 class StopRequest:
-    """The SIGTERM (cluster preemption; launch.sh forwards it) and SIGUSR1 (SLURM's
-    warning signal) handler: finish the current step, checkpoint, exit 0. It only sets
-    a flag; the ranks agree on it in the step's all-reduce, so they all stop at the same
-    step. A small object of its own, not a closure over the `Run`: the interpreter keeps
-    signal handlers until its very end, and a handler holding the model would keep the
-    process group alive into interpreter shutdown (see `dist.cleanup`)."""
+    """The SIGTERM (preemption; launch.sh forwards it) and SIGUSR1 (SLURM's warning)
+    handler: finish the step, checkpoint, exit 0. It only sets a flag, agreed on in the
+    step's all-reduce. Not a closure over the `Run`: the interpreter keeps signal
+    handlers to its end, and one holding the model would keep the process group alive
+    into shutdown (see `dist.cleanup`)."""
 
     signum: int = 0
 
@@ -108,6 +104,7 @@ class Run:
     # model, optimizer, metrics
     model: torch.nn.Module | None = None
     flops_of: object = None  # BatchStats -> training FLOPs of this model (frozen parts known)
+    balancer: Balancer | None = None  # the MoE load-balancing loss; None: dense, or its weight is 0
     optimizer: torch.optim.Optimizer | None = None
     progress: Progress | None = None
 
@@ -131,10 +128,11 @@ class Run:
 def train(cfg) -> None:
     run = setup(cfg)  # SYNC: process group, signals, run folder, seeds
     # ---- data, checked row by row before any weight is read (it needs the processor only)
-    processor = prepare_processor(run)  # SYNC (the tiny demo model is built once per node)
+    processor = prepare_processor(cfg, run.info)  # SYNC (the tiny demo model is built once per node)
     run.data = build_data(cfg, run.info, processor)  # SYNC setup/data (the ranks share the row check)
     # ---- model: rank 0 reads the weights; freeze, plan, wrap (root last), checkpointing
     run.model = build_model(run)  # SYNC setup/model (rank 0's weights broadcast)
+    run.balancer = balancer_for(run.model, cfg.train, run.info, lambda m: log(run.info, m))  # MoE only
     # ---- optimizer: FSDP's flat shards, one group per trainable part and its own lr
     run.optimizer = build_optimizer(param_groups(run.model, cfg.train), cfg.train, model=run.model)
     # ---- resume: weights, optimizer state, train state, data position, RNG
@@ -166,7 +164,7 @@ def train(cfg) -> None:
                 state.step += 1
                 state.skips_in_a_row = 0
                 state.tokens_seen += int(counts.tokens)
-                run.progress.step_done(result.loss_sum, counts.summable(), result.timings)
+                run.progress.step_done(result.loss_sum, counts.summable(), result.timings, result.moe)
                 faults.hook("crash", state.step, run.info.rank)
                 if state.step % cfg.train.logging_steps == 0 or state.step == cfg.train.max_steps:
                     run.progress.log_window(state.step, state.skipped_steps,  # SYNC (peak memory over ranks)
@@ -225,21 +223,6 @@ def resolve_precision(precision: str, info: dist.DistInfo) -> str:
     if precision == "auto":
         return "bf16" if info.on_gpu else "fp32"
     return precision
-
-
-def prepare_processor(run: Run):
-    cfg, info = run.cfg, run.info
-    refusal = model_path_refusal(cfg.model)  # `main` refused it already; `train(cfg)` from code
-    if refusal:
-        raise ConfigError(refusal)
-    # Only at the demo model's default place: a typo in model.path is refused above.
-    if builds_tiny_model(cfg.model) and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
-        if info.local_rank == 0:  # one builder per node: the folder may not be shared
-            log(info, f"building the tiny demo model at {cfg.model.path} "
-                      f"({cfg.model.tiny_family}, {cfg.model.tiny_vocab} vocab)")
-            save_tiny(cfg.model.path, vocab=cfg.model.tiny_vocab, if_missing=True, family=cfg.model.tiny_family)
-        dist.barrier()  # SYNC: the model folder exists for everyone
-    return load_processor_for(cfg.model.path, cfg.data)
 
 
 @watchdog.at("setup/model", watch=False)
@@ -387,16 +370,22 @@ class StepResult:
     lr: float = 0.0
     timings: dict = field(default_factory=dict)
     skipped: str = ""
+    moe: tuple | None = None  # (the step's load-balancing loss, its [layers, experts] routing counts)
 
 
 def train_step(run: Run, micro: list[Batch], global_labels: float, t_start: float) -> StepResult:
     """Forward/backward over the micro-batches, clip, update; when the loss or the
     gradient is not finite on some rank, the step is skipped with its reason (nothing
     non-finite then reaches the weights or the optimizer). Collectives inside: FSDP's
-    all-gathers and reduce-scatters, the clip's norm, the loss sum, the optimizer's."""
+    all-gathers and reduce-scatters, the MoE routing counts', the clip's norm, the loss
+    sum, the optimizer's."""
     cfg, info = run.cfg, run.info
     inputs = [to_device(b.inputs, info.device) for b in micro]
+    real = [b.real.to(info.device) for b in micro] if run.balancer else [None] * len(micro)
     t_data = clock(info)
+    if run.balancer and len(inputs) > 1:
+        # SYNC step/route-count (forwards), step/route (the counts' sum)
+        run.balancer.counting_pass(run.model, inputs, real, cfg.train.loss_chunk_size)
     # FSDP averages gradients over ranks (divides by world size); multiplying back by it
     # makes the result the gradient of sum(token losses) / global_labels.
     scale = info.world_size / max(global_labels, 1.0)
@@ -404,12 +393,11 @@ def train_step(run: Run, micro: list[Batch], global_labels: float, t_start: floa
     # keeps only sharded gradients, which is what lets large models accumulate at all
     # (no_sync would hold a full unsharded gradient copy).
     step_loss = torch.zeros((), dtype=torch.float64, device=info.device)
+    step_aux = torch.zeros((), dtype=torch.float64, device=info.device)
     for i, batch in enumerate(inputs):
-        with watchdog.at(f"step/forward-backward {i}"):
-            s, _ = loss_sum(run.model, batch, cfg.train.loss_chunk_size)  # SYNC step/forward-backward (all-gathers)
-            s = faults.poison_loss(s, run.state.step + 1, info.rank)
-            (s * scale).backward()  # SYNC step/forward-backward (reduce-scatters)
-        step_loss += s.detach()
+        s, aux = forward_backward(run, batch, real[i], scale, i, len(inputs))  # SYNC step/forward-backward
+        step_loss += s
+        step_aux += aux
     del inputs, batch, s
     t_fwd_bwd = clock(info)
 
@@ -418,10 +406,12 @@ def train_step(run: Run, micro: list[Batch], global_labels: float, t_start: floa
     with watchdog.at("step/clip"):
         grad_norm = clip_grad_norm(run.model, cfg.train.max_grad_norm)  # SYNC step/clip
     with watchdog.at("step/loss_sum"):
-        (loss_total,) = dist.all_reduce_sum([float(step_loss)], info.device)  # SYNC step/loss_sum
-    if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+        loss_total, aux_total = dist.all_reduce_sum([float(step_loss), float(step_aux)],  # SYNC step/loss_sum
+                                                    info.device)
+    if not (math.isfinite(loss_total) and math.isfinite(aux_total) and math.isfinite(grad_norm)):
         run.optimizer.zero_grad(set_to_none=True)
-        return StepResult(skipped=f"non-finite loss ({loss_total}) or gradient norm ({grad_norm})")
+        return StepResult(skipped=f"non-finite loss ({loss_total}, MoE balance {aux_total}) or gradient norm "
+                                  f"({grad_norm})")
     lr_factor = lr_scale(run.state.step, cfg.train.max_steps, cfg.train.warmup_ratio)
     set_lr(run.optimizer, lr_factor)  # every group: its own base lr x the schedule
     with watchdog.at("step/optimizer"):
@@ -430,7 +420,31 @@ def train_step(run: Run, micro: list[Batch], global_labels: float, t_start: floa
     t_end = clock(info)
     return StepResult(loss_total, grad_norm, cfg.train.learning_rate * lr_factor,
                       {"data_s": t_data - t_start, "fwd_bwd_s": t_fwd_bwd - t_data,
-                       "optim_s": t_end - t_fwd_bwd, "step_s": t_end - t_start})
+                       "optim_s": t_end - t_fwd_bwd, "step_s": t_end - t_start},
+                      moe=(aux_total, run.balancer.counts) if run.balancer else None)
+
+
+def forward_backward(run: Run, batch: dict, real, scale: float, i: int, micro_batches: int):
+    """One micro-batch's forward and backward: returns its summed token loss and (MoE)
+    its share of the step's load-balancing loss, detached (0 for a dense model). With
+    one micro-batch per rank, the routing counts are summed over the ranks between its
+    forward and its backward; with more, `Balancer.counting_pass` summed them before."""
+    cfg, info, balancer = run.cfg, run.info, run.balancer
+    aux = torch.zeros((), device=info.device)
+    with watchdog.at(f"step/forward-backward {i}"):
+        with tap_routers(run.model, real) if balancer else contextlib.nullcontext() as routed:
+            s, _ = loss_sum(run.model, batch, cfg.train.loss_chunk_size)  # SYNC step/forward-backward (all-gathers)
+        s = faults.poison_loss(s, run.state.step + 1, info.rank)
+        total = s * scale
+        if balancer:
+            if micro_batches == 1:
+                with watchdog.at("step/route"):
+                    balancer.agree([routed[0].counts])  # SYNC step/route
+            aux = balancer.loss(routed[0])
+            # FSDP averages over ranks: x world size, as for the token loss.
+            total = total + aux * (balancer.coef * info.world_size)
+        total.backward()  # SYNC step/forward-backward (reduce-scatters)
+    return s.detach(), aux.detach()
 
 
 def skip_bad_data(run: Run, bad: DataError | None, counts: StepCounts) -> None:

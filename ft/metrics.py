@@ -4,7 +4,7 @@ accelerator (hence MFU), and peak memory.
 All of it is plain arithmetic on the model config and on a batch's CPU tensors, cheap
 enough to run every micro-batch before the host-to-device copy:
 
-    inputs, stats = collator(samples)                 # ft.collate.Batch: stats counted there
+    inputs, stats, real = collator(samples)           # ft.collate.Batch: stats counted there
     step_flops += train_flops(hf_config, stats, frozen)  # over the step's micro-batches
     ...
     mfu(step_flops, step_seconds, peak_flops(device))   # this device's; None on CPU
@@ -73,7 +73,9 @@ def matmul_params(config: Any) -> dict[str, int]:
     `text_config` and `vision_config` fields), without building the model.
 
     Keys: `text_layers` (all decoder layers: q, k, v, o projections and the gated MLP,
-    per token), `lm_head` (per label token), `vision_patch_embed` (the Conv3d, per
+    per token; in a mixture-of-experts layer, the MLPs of the `top_k` experts a token
+    is routed to, not all experts), `router` (the MoE routers, per token; 0 for a dense
+    model), `lm_head` (per label token), `vision_patch_embed` (the Conv3d, per
     patch), `vision_blocks` (all blocks: qkv, proj and the MLP, per patch),
     `vision_merger` (the two linear layers of every merger, per merged token of merge²
     patches: Qwen3-VL runs its DeepStack mergers on every merged token too).
@@ -81,17 +83,23 @@ def matmul_params(config: Any) -> dict[str, int]:
     text, vision = config.text_config, config.vision_config
     hidden, heads, kv_heads = text.hidden_size, text.num_attention_heads, text.num_key_value_heads
     size = head_dim(text)
-    per_layer = (
+    attention = (
         hidden * heads * size  # q_proj
         + 2 * hidden * kv_heads * size  # k_proj, v_proj (grouped-query attention)
         + heads * size * hidden  # o_proj
-        + 3 * hidden * text.intermediate_size  # gate_proj, up_proj, down_proj
     )
-    shape = family_of(config).vision_shape(vision)
+    family = family_of(config)
+    moe = family.moe_shape(text)
+    sparse = len(moe.layers) if moe else 0
+    mlps = 3 * hidden * text.intermediate_size * (text.num_hidden_layers - sparse)  # gate, up, down
+    if moe:
+        mlps += 3 * hidden * moe.intermediate * moe.top_k * sparse
+    shape = family.vision_shape(vision)
     dim, merge = shape.width, vision.spatial_merge_size
     merged = dim * merge**2
     return {
-        "text_layers": per_layer * text.num_hidden_layers,
+        "text_layers": attention * text.num_hidden_layers + mlps,
+        "router": hidden * moe.experts * sparse if moe else 0,
         "lm_head": hidden * text.vocab_size,
         "vision_patch_embed": vision.in_channels * vision.temporal_patch_size * vision.patch_size**2 * dim,
         "vision_blocks": (4 * dim * dim + shape.mlp_matrices * dim * shape.intermediate) * vision.depth,
@@ -111,11 +119,13 @@ class Flops:
     """Patch embedding and the vision blocks' linear layers."""
     vision_attention: float
     merger: float
+    router: float = 0.0
+    """The MoE routers' linear layers (0 for a dense model)."""
 
     @property
     def total(self) -> float:
         return (self.text_matmuls + self.text_attention + self.lm_head
-                + self.vision_matmuls + self.vision_attention + self.merger)
+                + self.vision_matmuls + self.vision_attention + self.merger + self.router)
 
 
 def _window_sizes(length: int, window: int) -> list[int]:
@@ -174,6 +184,7 @@ def forward_flops(config: Any, stats: BatchStats, *, causal: bool = True) -> Flo
 
     return Flops(
         text_matmuls=float(2 * params["text_layers"] * stats.tokens),
+        router=float(2 * params["router"] * stats.tokens),
         text_attention=float(text_attention),
         lm_head=float(2 * params["lm_head"] * stats.label_tokens),
         vision_matmuls=float(2 * (params["vision_patch_embed"] + params["vision_blocks"]) * patches),
@@ -198,8 +209,9 @@ def train_flops(config: Any, stats: BatchStats, frozen: Collection[str] = ()) ->
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; parts are {', '.join(PART_NAMES)}")
     f = forward_flops(config, stats)
-    matmuls = {"vision_tower": f.vision_matmuls, "merger": f.merger, "llm": f.text_matmuls + f.lm_head}
-    attention = {"vision_tower": f.vision_attention, "merger": 0.0, "llm": f.text_attention}
+    matmuls = {"vision_tower": f.vision_matmuls, "merger": f.merger, "router": f.router,
+               "llm": f.text_matmuls + f.lm_head}
+    attention = {"vision_tower": f.vision_attention, "merger": 0.0, "router": 0.0, "llm": f.text_attention}
     trainable = {part for part in PART_NAMES if part not in frozen}
     total = f.total
     for part in PART_NAMES:

@@ -2,8 +2,8 @@
 follows from freezing: `requires_grad`, the optimizer's parameter groups, and which
 parts a backward pass still runs through.
 
-- `PARTS`: the vision tower, the merger and the language model (`model.freeze_*`,
-  `train.vision_lr`, `train.merger_lr`), matched by the class that plays the part's
+- `PARTS`: the vision tower, the merger, the MoE routers and the language model
+  (`model.freeze_*`, `train.vision_lr`, `train.merger_lr`, `train.router_lr`), matched by the class that plays the part's
   role in the model's family (`ft.families`), never by attribute path (transformers 4.x
   and 5.x nest the towers differently). Qwen3-VL's DeepStack mergers are mergers.
 - `apply_freezing` sets `requires_grad` from the config, before wrapping (FSDP1 fixes
@@ -21,6 +21,7 @@ from typing import Collection
 from torch import nn
 
 from ft.backends import backend_of
+from ft.config import ConfigError
 from ft.families import family_of
 
 
@@ -49,6 +50,10 @@ PARTS: list[Part] = [
         "the projectors from vision features to the language model's embeddings (Qwen3-VL: also DeepStack's)",
     ),
     Part(
+        "router", "router", "freeze_router", "router_lr",
+        "the MoE routers, each decoder layer's gate (Qwen3-VL-MoE only; no dense family has the part)",
+    ),
+    Part(
         "llm", None, "freeze_llm", "learning_rate",
         "everything else: embed_tokens, decoder layers, final norm, lm_head",
     ),
@@ -70,7 +75,7 @@ def module_parts(model: nn.Module) -> dict[int, str]:
     the same on the wrapped model (FSDP1's and the checkpoint wrappers, FSDP2's
     in-place subclasses)."""
     family = family_of(model)
-    by_cls = {family.cls(p.role): p.name for p in PARTS if p.role is not None}
+    by_cls = {family.cls(p.role): p.name for p in PARTS if p.role is not None and p.role in family.roles}
     rest = next(p.name for p in PARTS if p.role is None)
     parts: dict[int, str] = {}
     found: set[type] = set()
@@ -117,8 +122,13 @@ def apply_freezing(model: nn.Module, model_cfg) -> dict[str, dict[str, int | boo
     """Set `requires_grad` of every parameter from `model_cfg.freeze_*`, before wrapping.
     Returns {part: {"params": count, "frozen": bool}} in `PARTS` order."""
     frozen = {p.name for p in PARTS if getattr(model_cfg, p.freeze_field)}
+    family = family_of(model)
+    lacking = [p for p in PARTS if p.name in frozen and p.role is not None and p.role not in family.roles]
+    if lacking:
+        raise ConfigError(f"model.{lacking[0].freeze_field}=true, but {family.name} has no {lacking[0].name} "
+                          f"({lacking[0].what})")
     summary: dict[str, dict[str, int | bool]] = {
-        name: {"params": 0, "frozen": name in frozen} for name in PART_NAMES
+        p.name: {"params": 0, "frozen": p.name in frozen} for p in PARTS if p.role is None or p.role in family.roles
     }
     for _, param, held in parameters_by_part(model):
         (part,) = held  # unwrapped: one weight per parameter

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from ft import dist, watchdog
 from ft.metrics import memory_stats, mfu, peak_flops
+from ft.moe import load_metrics
 
 
 def log(info: dist.DistInfo, msg: str) -> None:
@@ -105,16 +106,19 @@ class Progress:
         self.bar = (tqdm(total=self.max_steps, initial=step, desc="train", dynamic_ncols=True)
                     if info.is_main and sys.stderr.isatty() else None)
         self.last_line = 0.0  # when the last progress line was printed (no terminal)
+        self.moe: list = []  # the window's (load-balancing loss, routing counts) per step (MoE)
 
     def record(self, rec: dict) -> None:
         """One record to metrics.jsonl and wandb (rank 0's tracker)."""
         if self.tracker:
             self.tracker.log(rec)
 
-    def step_done(self, loss_sum: float, counts: dict, timings: dict) -> None:
+    def step_done(self, loss_sum: float, counts: dict, timings: dict, moe: tuple | None = None) -> None:
         if self.bar is not None:
             self.bar.update(1)
         self.meter.add(loss_sum=loss_sum, **counts, **timings)
+        if moe is not None:
+            self.moe.append((moe[0], moe[1].cpu()))
 
     def log_window(self, step: int, skipped_steps: int, lr: float, grad_norm: float) -> None:
         """One metrics record per logging window (the same steps on every rank: peak memory
@@ -129,6 +133,10 @@ class Progress:
             **peak_memory(self.info),  # SYNC
             "skipped_steps": skipped_steps,
         }
+        if self.moe:  # the MoE load-balancing loss (mean over the window's steps) and the experts' load
+            rec["aux_loss"] = sum(aux for aux, _ in self.moe) / len(self.moe)
+            rec.update(load_metrics(sum(counts for _, counts in self.moe)))
+            self.moe = []
         self.record(rec)
         if not self.info.is_main:
             return
@@ -136,6 +144,8 @@ class Progress:
                  "tok_s_dev": f"{rec['tokens_per_s_per_device']:.0f}"}
         if "mfu" in rec:
             shown["mfu"] = f"{rec['mfu']:.1%}"
+        if "aux_loss" in rec:
+            shown.update(aux_loss=f"{rec['aux_loss']:.4f}", load_max_mean=f"{rec['expert_load_max_over_mean']:.2f}")
         if self.bar is not None:
             self.bar.set_postfix(shown)
         elif time.monotonic() - self.last_line >= PROGRESS_LINE_S or step == self.max_steps:

@@ -14,6 +14,7 @@ from transformers import AutoConfig
 
 from ft import dist, watchdog
 from ft.config import ConfigError
+from ft.config_load import builds_tiny_model, model_path_refusal
 from ft.collate import Collator
 from ft.datacheck import check_data
 from ft.dataset import build_datasets
@@ -21,8 +22,10 @@ from ft.families import family_of
 from ft.messages import IMAGE, MEDIA, VIDEO
 from ft.rows import DataError
 from ft.packing import PackedBatchSampler, PackedRows, RopeIndex, truncates_video_seconds, varlen_refusal
+from ft.processor import load_processor_for
 from ft.progress import log
 from ft.sampler import ShardedBatchSampler
+from ft.tinymodel import save_tiny
 
 
 @dataclass
@@ -38,6 +41,22 @@ class TrainData:
     sampler: ShardedBatchSampler | PackedBatchSampler
     loader: DataLoader
     run_shape: dict = field(default_factory=dict)
+
+
+def prepare_processor(cfg, info: dist.DistInfo):
+    """The run's processor; first the tiny demo model, once per node, when the config
+    asks for it and its folder is empty. A collective (a barrier) in that case."""
+    refusal = model_path_refusal(cfg.model)  # `main` refused it already; `train(cfg)` from code
+    if refusal:
+        raise ConfigError(refusal)
+    # Only at the demo model's default place: a typo in model.path is refused above.
+    if builds_tiny_model(cfg.model) and not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        if info.local_rank == 0:  # one builder per node: the folder may not be shared
+            log(info, f"building the tiny demo model at {cfg.model.path} "
+                      f"({cfg.model.tiny_family}, {cfg.model.tiny_vocab} vocab)")
+            save_tiny(cfg.model.path, vocab=cfg.model.tiny_vocab, if_missing=True, family=cfg.model.tiny_family)
+        dist.barrier()  # SYNC: the model folder exists for everyone
+    return load_processor_for(cfg.model.path, cfg.data)
 
 
 def packed_length(data_cfg) -> int:

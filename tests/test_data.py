@@ -298,7 +298,7 @@ def test_collator_pads_and_concatenates(data_dir, processor, tiny_model):
     ds = dataset(path, processor)
     samples = [ds[0], ds[1], ds[2]]
     collator = Collator(processor)
-    batch, stats = collator(samples)
+    batch, stats, _ = collator(samples)
     assert set(batch) == BATCH_KEYS
     lengths = [len(s["input_ids"]) for s in samples]
     assert batch["input_ids"].shape == (3, max(lengths))
@@ -329,7 +329,7 @@ def test_dummy_image_changes_no_output_and_no_gradient(data_dir, processor, tiny
     samples = [ds[0], ds[1]]
     lengths = [len(s["input_ids"]) for s in samples]
     collator = Collator(processor)
-    batch, stats = collator(samples)
+    batch, stats, _ = collator(samples)
 
     # The dummy image follows the first sample's last token, unlearned but attended to.
     dummy = collator.dummies[IMAGE]["input_ids"]

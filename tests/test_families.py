@@ -81,6 +81,13 @@ def test_flop_count_reads_each_familys_shapes(tiny_family_dir, family):
                   and not any(m is b for b in visual.blocks.modules()))
     layers = sum(m.weight.numel() for m in model.model.language_model.layers.modules()
                  if isinstance(m, torch.nn.Linear))
+    moe = read_family(tiny_family_dir(family)).moe_shape(model.config.text_config)
+    routers = 0
+    if moe:  # a token meets top_k of the experts' fused weights, and its layer's router
+        experts = [m.mlp.experts for m in model.model.language_model.layers]
+        layers += sum(e.gate_up_proj.numel() + e.down_proj.numel() for e in experts) * moe.top_k // moe.experts
+        routers = sum(m.mlp.gate.weight.numel() for m in model.model.language_model.layers)
+    assert params["router"] == routers
     assert params["vision_blocks"] == blocks
     assert params["vision_merger"] == mergers
     assert params["text_layers"] == layers
@@ -204,13 +211,14 @@ def test_tiny_model_is_a_checkpoint_of_its_family(tiny_family_dir, family):
     processor = AutoProcessor.from_pretrained(model_dir)
     assert type(processor).__name__ == fam.processor
     assert type(processor.video_processor).__name__ == fam.video_processor
-    assert processor.image_processor.patch_size == config.vision_config.patch_size == (16 if family == "qwen3_vl" else 14)
+    patch = 16 if family.startswith("qwen3") else 14
+    assert processor.image_processor.patch_size == config.vision_config.patch_size == patch
     load_processor(model_dir)  # checks the token ids against the config
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "A ball."}]}]
     rendered = processor.apply_chat_template(messages, tokenize=False)
     assert rendered == "".join(text for text, _, _ in render_segments(messages, fam.default_system))
-    assert rendered.startswith("<|im_start|>system") == (family != "qwen3_vl")
+    assert rendered.startswith("<|im_start|>system") == (fam.default_system is not None)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -24,6 +24,7 @@ from ft.fsdp_wrap import WRAP_PLAN, WrapPlanError, check_uniform_requires_grad, 
 from ft.parts import PART_NAMES, apply_freezing, part_learning_rates
 
 SWITCHES = ("freeze_vision_tower", "freeze_merger", "freeze_llm")
+DENSE_PARTS = [p for p in PART_NAMES if p != "router"]  # the parts of the dense model these tests train
 
 
 def part_of(name: str) -> str:
@@ -40,7 +41,7 @@ def part_of(name: str) -> str:
 def test_config_freeze_switches_and_part_learning_rates():
     cfg = load_config(None, ["model.freeze_vision_tower=true", "train.merger_lr=3e-5"])
     assert cfg.model.freeze_vision_tower and not cfg.model.freeze_merger and not cfg.model.freeze_llm
-    assert part_learning_rates(cfg.train) == {"vision_tower": 1e-4, "merger": 3e-5, "llm": 1e-4}
+    assert part_learning_rates(cfg.train) == {"vision_tower": 1e-4, "merger": 3e-5, "router": 1e-4, "llm": 1e-4}
     assert part_learning_rates(load_config(None, ["train.vision_lr=0"]).train)["vision_tower"] == 0.0
 
     with pytest.raises(ConfigError, match="all true.*nothing would be trained"):
@@ -58,7 +59,7 @@ def test_every_switch_combination_gives_uniform_units(tiny_model_dir):
     for flags in itertools.product([False, True], repeat=3):
         if all(flags):
             continue  # refused by the config
-        frozen = {part for part, flag in zip(PART_NAMES, flags) if flag}
+        frozen = {part for part, flag in zip(DENSE_PARTS, flags) if flag}
         summary = apply_freezing(model, ModelConfig(**dict(zip(SWITCHES, flags))))
         assert {p for p, s in summary.items() if s["frozen"]} == frozen
         assert sum(s["params"] for s in summary.values()) == total
@@ -72,7 +73,7 @@ def test_every_switch_combination_gives_uniform_units(tiny_model_dir):
         # The root holds language-model weights only: the vision tower left none behind.
         assert units[-1].parts == ("llm",)
         last = format_plan(units, 2).splitlines()[-1]
-        for part in PART_NAMES:
+        for part in DENSE_PARTS:
             state = "frozen" if part in frozen else "trainable"
             assert re.search(rf"\b{part} \S+ {state}\b", last), (flags, last)
 
@@ -288,7 +289,7 @@ def test_freezing_on_two_ranks(backend, tiny_model_dir, two_rank_results):
     for name, freeze, lrs, unchanged, *mixed in CASES + (FSDP2_CASES if backend == "fsdp2" else []):
         hand_frozen = mixed[0][0] if mixed else ()
         r = results[name]
-        frozen = {part for part, switch in zip(PART_NAMES, SWITCHES) if freeze.get(switch)}
+        frozen = {part for part, switch in zip(DENSE_PARTS, SWITCHES) if freeze.get(switch)}
         # Frozen vision blocks are not checkpointed; frozen decoder layers are when the
         # vision side trains, since the gradient flows through them.
         assert r["checkpointed"] == expected_checkpointed[name], name
@@ -298,7 +299,7 @@ def test_freezing_on_two_ranks(backend, tiny_model_dir, two_rank_results):
         # One optimizer group per trainable part, holding exactly that part's weights,
         # at that part's learning rate.
         lrs_by_part = part_learning_rates(TrainConfig(learning_rate=LR, **lrs))
-        assert [g[0] for g in r["groups"]] == [p for p in PART_NAMES if p not in frozen], name
+        assert [g[0] for g in r["groups"]] == [p for p in DENSE_PARTS if p not in frozen], name
         for group, lr, fqns in r["groups"]:
             assert lr == lrs_by_part[group] and {part_of(f) for f in fqns} == {group}, (name, group)
 

@@ -132,25 +132,25 @@ def test_model_path_typo_is_refused_and_creates_nothing(tmp_path, make, monkeypa
 
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler:UserWarning")
 def test_a_model_of_another_family_is_refused_by_name(tmp_path, monkeypatch, capsys):
-    """A checkpoint whose config.json names a model_type ft does not train (Qwen3-VL-MoE,
+    """A checkpoint whose config.json names a model_type ft does not train (Qwen3.5,
     here) is refused in one line naming the file, the model_type and the families ft
     trains, before anything is created; so are `ft.chat` and `ft.predict` on it."""
     from ft.chat import main as chat_main
     from ft.loop import main as train_main
 
-    model = tmp_path / "moe"
+    model = tmp_path / "qwen3_5"
     model.mkdir()
-    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_vl_moe"}))
+    (model / "config.json").write_text(json.dumps({"model_type": "qwen3_5"}))
     monkeypatch.chdir(REPO)
     with pytest.raises(SystemExit) as exit:
         train_main([str(REPO / "configs/demo.yaml"), f"model.path={model}", f"train.output_dir={tmp_path / 'out'}"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit.value.code == 2 and len(lines) == 1, lines
-    assert (f"{model / 'config.json'}: model_type is 'qwen3_vl_moe': ft trains qwen2_vl (Qwen2-VL), "
-            "qwen2_5_vl (Qwen2.5-VL), qwen3_vl (Qwen3-VL)") in lines[0]
+    assert (f"{model / 'config.json'}: model_type is 'qwen3_5': ft trains qwen2_vl (Qwen2-VL), "
+            "qwen2_5_vl (Qwen2.5-VL), qwen3_vl (Qwen3-VL), qwen3_vl_moe (Qwen3-VL-MoE)") in lines[0]
     assert not (tmp_path / "out").exists()
     assert chat_main([str(model), "Hi"]) == 2
-    assert "model_type is 'qwen3_vl_moe'" in capsys.readouterr().err
+    assert "model_type is 'qwen3_5'" in capsys.readouterr().err
 
 
 FAKE_SRUN = r"""#!/bin/bash

@@ -83,7 +83,7 @@ def eager_model(tiny_model_dir):
 def test_text_batch_flops_equal_flop_counter(eager_model, data):
     ds, collate = data
     sample = ds[0]
-    collated, stats = collate([sample])  # a text-only batch: the collator adds its dummy image
+    collated, stats, _ = collate([sample])  # a text-only batch: the collator adds its dummy image
     n = len(sample["input_ids"])
     assert stats == BatchStats((n,), int((sample["labels"][1:] != -100).sum()), (), dummy_image=True,
                                rows=1, row_length=collated["input_ids"].shape[1])
@@ -102,7 +102,7 @@ def test_text_batch_flops_equal_flop_counter(eager_model, data):
 
 def test_image_batch_flops_equal_flop_counter(eager_model, data):
     ds, collate = data
-    batch, stats = collate([ds[1]])
+    batch, stats, _ = collate([ds[1]])
     assert len(stats.image_grids) == 2 and stats.tokens == len(ds[1]["input_ids"])
     flops = forward_flops(eager_model.config, stats, causal=False)
     assert flops.vision_attention > 0 and flops.lm_head > 0
@@ -130,7 +130,7 @@ def test_image_batch_flops_equal_flop_counter(eager_model, data):
 def test_frozen_parts_flops_equal_flop_counter(tiny_model_dir, data, frozen):
     """With frozen parts, the backward work train_flops counts is what autograd does."""
     ds, collate = data
-    batch, stats = collate([ds[1]])
+    batch, stats, _ = collate([ds[1]])
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         tiny_model_dir, dtype=torch.float32, attn_implementation="eager")
     visual = model.model.visual
@@ -162,7 +162,7 @@ def test_parts_are_the_freezable_parts():
 
 def test_padded_batch_counts_real_tokens_only(data):
     ds, collate = data
-    batch, stats = collate([ds[0], ds[1]])
+    batch, stats, _ = collate([ds[0], ds[1]])
     assert stats.seq_lens == (len(ds[0]["input_ids"]), len(ds[1]["input_ids"]))
     assert stats.tokens == int(batch["attention_mask"].sum()) < batch["input_ids"].numel()
     assert stats.label_tokens == int((batch["labels"][:, 1:] != -100).sum())
@@ -185,6 +185,7 @@ def test_matmul_params_match_the_3b_modules():
         "vision_patch_embed": weights(visual.patch_embed),
         "vision_blocks": weights(visual.blocks),
         "vision_merger": weights(visual.merger),
+        "router": 0,  # dense
     }
     # Sanity at the real shapes: ~2.8B decoder weights, ~6 x that per trained token.
     assert 2.7e9 < matmul_params(config)["text_layers"] < 2.8e9
