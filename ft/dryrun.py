@@ -33,7 +33,7 @@ from torch import nn
 from ft.backends import BACKENDS, DEFAULT
 from ft.config import Config, ConfigError, TrainConfig, field_choices
 from ft.config_load import load_config
-from ft.families import family_of, head_dim, read_family
+from ft.families import MoeShape, family_of, head_dim, read_family
 from ft.fsdp_wrap import Unit, fmt_bytes, fmt_count, format_plan, per_rank_numel, plan_units, root_members
 from ft.optim import OPTIMIZERS
 from ft.parts import PARTS, apply_freezing
@@ -158,26 +158,62 @@ class ActivationEstimate(NamedTuple):
     other: int  # embeddings, final norm, the label rows fed to the loss and their gradient
     grad_buffers: int  # unsharded compute-dtype gradients: the root's, and one unit's
     without_checkpointing: int  # the same total with every layer's intermediates kept
+    routing: int = 0  # MoE: every MoE layer's router logits and probabilities, for the balancing loss
 
     @property
     def total(self) -> int:
         # The loss runs (forward and backward) before any layer is recomputed: the two
         # peaks are at different times, so the larger one counts.
-        stored = self.decoder_inputs + self.vision_inputs + self.other
+        stored = self.decoder_inputs + self.vision_inputs + self.other + self.routing
         return stored + max(self.recompute, self.loss) + self.grad_buffers if self.checkpointing \
             else self.without_checkpointing
 
 
-def _decoder_layer_bytes(text, tokens: int, cb: int) -> int:
+def _decoder_layer_bytes(text, tokens: int, cb: int, moe: MoeShape | None = None) -> int:
     """Intermediates one decoder layer keeps for its backward (sdpa): its normed input,
     q, k, v, the rotated q and k, the attention output; the MLP's normed input, gate,
     up, act(gate) and act(gate) * up, and the gradients of gate and up, alive together
-    in the MLP's backward (its peak); in the compute dtype."""
+    in the MLP's backward (its peak); in the compute dtype.
+
+    A mixture-of-experts MLP (`moe`: the layer is one of `moe.layers`) runs that gated
+    MLP, `moe.intermediate` wide, once per token and chosen expert: top_k times per
+    token, not intermediate_size wide. Each of those runs also holds its own copy of the
+    token (gathered by expert), the expert's output (kept for the product with the
+    routing weight) and that product's gradient; the router adds `_router_bytes`."""
     q = text.num_attention_heads * head_dim(text)
     kv = text.num_key_value_heads * head_dim(text)
     attention = text.hidden_size + 2 * (q + kv) + kv + q
-    mlp = text.hidden_size + 6 * text.intermediate_size
-    return tokens * (attention + mlp) * cb
+    if moe is None:
+        return tokens * (attention + text.hidden_size + 6 * text.intermediate_size) * cb
+    routes = moe.top_k * (3 * text.hidden_size + 6 * moe.intermediate)
+    return tokens * (attention + text.hidden_size + routes) * cb + _router_bytes(moe, tokens, cb)
+
+
+def _router_bytes(moe: MoeShape, tokens: int, cb: int) -> int:
+    """One MoE layer's routing tensors: the router logits [tokens, experts] in the
+    compute dtype and their softmax in fp32; per token and chosen expert, the top-k
+    probability and its renormalised value (fp32), the routing weight in the compute
+    dtype and its copy sorted by expert, and four int64 indices (the chosen expert, the
+    sorted expert, the sort's permutation and its inverse: transformers' grouped_mm
+    experts kernel, the default on a GPU)."""
+    return tokens * (moe.experts * (cb + 4) + moe.top_k * (4 + 4 + 2 * cb + 4 * 8))
+
+
+def _decoder_layers(config, tokens: int, cb: int) -> tuple[int, int, int]:
+    """(one decoder layer's intermediates, the largest kind's; all layers' together;
+    what the load-balancing loss (`ft.moe`) keeps of every MoE layer: the router logits
+    in the compute dtype, held by `tap_routers` until the forward ends, and their fp32
+    softmax, held until the backward; both counted, an upper bound, and counted even
+    when train.router_aux_loss_coef is 0). The MoE layers are the family's
+    (`ft.families.Family.moe_shape`); the others are dense."""
+    text = getattr(config, "text_config", config)
+    moe = family_of(config).moe_shape(text)
+    sparse = len(moe.layers) if moe else 0
+    dense = text.num_hidden_layers - sparse
+    dense_layer = _decoder_layer_bytes(text, tokens, cb) if dense else 0
+    sparse_layer = _decoder_layer_bytes(text, tokens, cb, moe) if sparse else 0
+    routing = sparse * tokens * moe.experts * (cb + 4) if sparse else 0
+    return max(dense_layer, sparse_layer), dense * dense_layer + sparse * sparse_layer, routing
 
 
 def _vision_block_bytes(shape, patches: int, cb: int) -> int:
@@ -213,7 +249,7 @@ def estimate_activations(
     vision_patches: int | None = None,
 ) -> ActivationEstimate:
     """Activation memory of one micro-batch of `tokens` tokens (all of them labelled,
-    the worst case), for the model of `config` (a Qwen2_5_VLConfig) planned as `units`.
+    the worst case), for the model of `config` (a family's ...Config) planned as `units`.
 
     With activation checkpointing: the input of every decoder layer (tokens x hidden)
     and of every vision block (patches x vision hidden), kept from forward to backward;
@@ -225,7 +261,9 @@ def estimate_activations(
     and label rows; and the unsharded gradient buffers (`_grad_buffers`). Vision
     patches: `vision_patches`, else assumed to be every token an image token, each
     merged from spatial_merge_size**2 (4) patches (an upper bound for an image-heavy
-    batch). A frozen vision tower that backward never reaches keeps nothing.
+    batch). A frozen vision tower that backward never reaches keeps nothing. An MoE
+    layer counts the MLPs of the top_k experts a token is routed to, not of all experts,
+    and its routing (`_decoder_layers`); estimate_memory counts all experts' weights.
     """
     cb = 2 if precision == "bf16" else 4
     text = getattr(config, "text_config", config)
@@ -237,7 +275,7 @@ def estimate_activations(
     vision_trains = _vision_trains(units)
     vision_depth = vision.depth if vision_trains else 0
     hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
-    decoder_layer = _decoder_layer_bytes(text, tokens, cb)
+    decoder_layer, decoder_layers, routing = _decoder_layers(config, tokens, cb)
     vision_block = _vision_block_bytes(shape, vision_patches, cb) if vision_trains else 0
     if decoder_layer >= vision_block:
         recompute, recompute_of = decoder_layer, "decoder layer"
@@ -251,13 +289,13 @@ def estimate_activations(
     merged = vision_patches // vision.spatial_merge_size**2
     other = tokens * hidden * (4 * cb + 4) + (shape.mergers - 1) * merged * hidden * cb
     grad_buffers = _grad_buffers(units, cb)
-    without = layers * decoder_layer + vision_depth * vision_block + loss + other + grad_buffers
+    without = decoder_layers + routing + vision_depth * vision_block + loss + other + grad_buffers
     return ActivationEstimate(
         tokens=tokens, vision_patches=vision_patches, patches_assumed=assumed, precision=precision,
         checkpointing=checkpointing, decoder_inputs=layers * tokens * hidden * cb,
         vision_inputs=vision_depth * vision_patches * shape.width * cb, recompute=recompute,
         recompute_of=recompute_of, loss=loss, loss_rows=rows, other=other, grad_buffers=grad_buffers,
-        without_checkpointing=without,
+        without_checkpointing=without, routing=routing,
     )
 
 
@@ -275,6 +313,7 @@ def format_activations(act: ActivationEstimate) -> str:
         f"the larger of one {act.recompute_of} recomputed {fmt_bytes(act.recompute)} "
         f"and the loss chunk ({act.loss_rows} rows) {fmt_bytes(act.loss)}",
         f"embeddings/norm/label rows {fmt_bytes(act.other)}",
+        *([f"MoE router logits/probabilities of every MoE layer {fmt_bytes(act.routing)}"] if act.routing else []),
         f"unsharded grads {fmt_bytes(act.grad_buffers)}",
     ]
     return (f"  {'activations':<11} {fmt_bytes(act.total):>10}  {act.tokens} tokens, {patches}, "

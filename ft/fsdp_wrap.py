@@ -281,34 +281,39 @@ def _status(u: Unit) -> str:
     return "frozen" if u.trainable_numel == 0 else "MIXED"
 
 
+_NUMBERED = re.compile(r"^(.*)\.(\d+)((?:\.(?!\d+(?:\.|$))[^.]+)*)$")
+"""A path's last numbered component, with what comes before and after it:
+`model.language_model.layers.3.mlp.gate` -> (`model.language_model.layers`, 3, `.mlp.gate`)."""
+
+
 def _runs(units: list[Unit]) -> list[tuple[Unit, int]]:
-    """The units with each run of identical layers (same class, size and status,
-    numbered children of one module) folded into (its first unit, its length)."""
-    runs: list[tuple[Unit, int]] = []
+    """The units with each run of identical layers (same class, size and status, at
+    consecutive numbers of one module list) folded into (its first unit, its length),
+    at its first unit's place. Runs may interleave: an MoE decoder layer and the router
+    unit inside it fold into a row each."""
+    runs: list[list] = []  # [first unit, length, last number]
+    open_runs: dict[tuple, int] = {}
     for u in units:
-        base = re.sub(r"\.(\d+)$", "", u.fqn)
-        last = runs[-1][0] if runs else None
-        if (
-            last
-            and last.cls_name == u.cls_name
-            and last.numel == u.numel
-            and _status(last) == _status(u)
-            and re.sub(r"\.(\d+)$", "", last.fqn) == base
-            and base != u.fqn
-        ):
-            runs[-1] = (last, runs[-1][1] + 1)
-        else:
-            runs.append((u, 1))
-    return runs
+        m = _NUMBERED.match(u.fqn)
+        key = (m[1], m[3], u.cls_name, u.numel, _status(u)) if m else None
+        at = open_runs.get(key)
+        if at is not None and runs[at][2] + 1 == int(m[2]):
+            runs[at][1] += 1
+            runs[at][2] += 1
+            continue
+        if key is not None:
+            open_runs[key] = len(runs)
+        runs.append([u, 1, int(m[2]) if m else 0])
+    return [(u, n) for u, n, _ in runs]
 
 
 def _unit_row(u: Unit, count: int, world_size: int, param_bytes: int) -> str:
     label = u.fqn or "<root>"
     if count > 1:
-        i0 = int(u.fqn.rsplit(".", 1)[1])
-        label = f"{u.fqn.rsplit('.', 1)[0]}.{{{i0}..{i0 + count - 1}}} x{count}"
+        before, i0, after = _NUMBERED.match(u.fqn).groups()
+        label = f"{before}.{{{i0}..{int(i0) + count - 1}}}{after} x{count}"
     per_rank = per_rank_numel(u.numel, world_size) * param_bytes
-    return (f"  {label:<44} {u.cls_name:<34} {'+'.join(u.parts):<12} {fmt_count(u.numel):>9} "
+    return (f"  {label:<50} {u.cls_name:<34} {'+'.join(u.parts):<12} {fmt_count(u.numel):>9} "
             f"{fmt_bytes(per_rank):>10}  {_checkpoint_label(u):<4}  {_status(u)}")
 
 
@@ -352,7 +357,7 @@ def format_plan(
     lines = [
         f"FSDP units (world size {world_size}; per rank = ceil(params / {world_size}) "
         f"x {param_bytes} B master weights):",
-        f"  {'unit':<44} {'class':<34} {'part':<12} {'params':>9} {'per rank':>10}  ckpt  status",
+        f"  {'unit':<50} {'class':<34} {'part':<12} {'params':>9} {'per rank':>10}  ckpt  status",
     ]
     lines += [_unit_row(u, count, world_size, param_bytes) for u, count in _runs(units)]
     if root_names:

@@ -92,7 +92,8 @@ def test_activation_estimate_within_stated_error_of_measured_peak():
 
 
 @pytest.mark.parametrize("name, params", [("qwen2_5_vl_32b", 33.45e9), ("qwen2_5_vl_72b", 73.41e9),
-                                          ("qwen2_vl_7b", 8.29e9), ("qwen3_vl_8b", 8.77e9), ("qwen3_vl_32b", 33.4e9)])
+                                          ("qwen2_vl_7b", 8.29e9), ("qwen3_vl_8b", 8.77e9), ("qwen3_vl_32b", 33.4e9),
+                                          ("qwen3_vl_30b_a3b", 31.1e9), ("qwen3_vl_235b_a22b", 236e9)])
 def test_large_configs_build_with_published_sizes(name, params, capsys):
     """Each shape in configs/ builds its family's model with the published parameter
     count, untied, and the fit check plans it (every family's roles found)."""

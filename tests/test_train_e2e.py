@@ -145,12 +145,24 @@ def finish(out: Path, proc: subprocess.Popen) -> Path:
     return out
 
 
-def reference(model_dir: str, data: Path, freeze_vision_tower: bool = False, optim: str = "adamw"):
+def reference(model_dir: str, data: Path, freeze_vision_tower: bool = False, optim: str = "adamw",
+              aux_coef: float = 0.0, auxes: list | None = None):
     """`optim`: torch's AdamW, or HF's Adafactor as the Trainer recipe builds it
-    (`optim="adafactor"`: scale_parameter, relative_step and warmup_init off)."""
+    (`optim="adafactor"`: scale_parameter, relative_step and warmup_init off).
+
+    An MoE model with `aux_coef` > 0 adds that times transformers' load-balancing loss
+    of the whole step's batch, its sample tokens only (the collator's dummies are not
+    samples), and appends each step's to `auxes`; the returned losses stay the
+    language model's."""
     torch.manual_seed(SEED)
-    model = read_family(model_dir).model_class().from_pretrained(model_dir, dtype=torch.float32)
+    family = read_family(model_dir)
+    model = family.model_class().from_pretrained(model_dir, dtype=torch.float32)
     model.train()
+    if aux_coef:
+        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
+
+        model.config.text_config.router_aux_loss_coef = 0.0  # the model's own term: added below instead
+        moe = family.moe_shape(model.config.text_config)
     if freeze_vision_tower:  # the tower, not the merger (its projector into the LLM)
         model.model.visual.requires_grad_(False)
         model.model.visual.merger.requires_grad_(True)
@@ -169,9 +181,16 @@ def reference(model_dir: str, data: Path, freeze_vision_tower: bool = False, opt
     sched = get_constant_schedule_with_warmup(opt, int(-(-STEPS * WARMUP // 1)))
     losses, norms = [], []
     for step in range(STEPS):
-        batch = collate([ds[i] for i in order[2 * step: 2 * step + 2]]).inputs
-        loss = model(**batch).loss  # HF's mean over every label token of the global batch
-        loss.backward()
+        collated = collate([ds[i] for i in order[2 * step: 2 * step + 2]])
+        batch = collated.inputs
+        out = model(**batch, output_router_logits=True) if aux_coef else model(**batch)
+        loss = out.loss  # HF's mean over every label token of the global batch
+        if aux_coef:
+            aux = load_balancing_loss_func(out.router_logits, moe.experts, moe.top_k, collated.real)
+            auxes.append(aux.item())
+            (loss + aux_coef * aux).backward()
+        else:
+            loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(trainable, CLIP).item())
         opt.step()
         sched.step()
