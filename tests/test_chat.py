@@ -219,9 +219,9 @@ def test_sampling_overrides_a_greedy_generation_config(tiny_model_dir, tmp_path)
     assert sampled != greedy
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def test_chat_on_each_family(family, tiny_family_dir, tmp_path, monkeypatch):
-    """ft.chat loads any family's folder; on Qwen3-VL a video's frames reach the processor
+    """ft.chat loads any family's folder; on Qwen3-VL (and its MoE) a video's frames reach the processor
     with their real times (a 10-frame clip at 4 fps: patches at 0.4 s and 1.9 s), never
     the processor's 24 fps fallback."""
     from transformers.models.qwen3_vl import processing_qwen3_vl
@@ -232,7 +232,7 @@ def test_chat_on_each_family(family, tiny_family_dir, tmp_path, monkeypatch):
     chat.ask(PROMPT, images=[str(write_test_image(tmp_path / "a.png", size=(64, 64)))])
     chat.ask("And this?", video=str(write_test_video(tmp_path / "clip.mp4", frames=10, fps=4)))
     text = chat.processor.tokenizer.decode(chat.last_inputs["input_ids"][0])
-    if family == "qwen3_vl":
+    if family.startswith("qwen3"):
         assert "<0.4 seconds>" in text and "<1.9 seconds>" in text, text
     assert not [w for w in warned if "fps=24" in w]
     assert len(chat.messages) == 4

@@ -21,13 +21,13 @@ import torch
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import load_balancing_loss_func
 
 from ft.collate import Collator
-from ft.config import ConfigError, DataConfig, ModelConfig
+from ft.config import ConfigError, DataConfig, ModelConfig, TrainConfig
 from ft.dataset import ConversationDataset
 from ft.families import read_family
 from ft.fsdp_wrap import check_uniform_requires_grad, plan_units
 from ft.moe import Balancer, load_metrics, tap_routers
 from ft.packing import RopeIndex
-from ft.parts import apply_freezing
+from ft.parts import apply_freezing, param_groups
 from ft.processor import load_processor
 from ft.rows import load_rows
 from conftest import write_test_image, write_test_video
@@ -152,6 +152,10 @@ def test_routers_are_a_part_and_a_unit_of_their_own(setup, tiny_family_dir):
     experts = [n for n, p in model.named_parameters() if ".experts." in n]
     assert experts and all(p.requires_grad for n, p in model.named_parameters() if n in experts)
     apply_freezing(model, ModelConfig())
+    groups = {g["name"]: g for g in param_groups(model, TrainConfig(learning_rate=1e-4, router_lr=1e-5))}
+    assert groups["router"]["lr"] == 1e-5 and groups["llm"]["lr"] == 1e-4
+    assert {id(p) for p in groups["router"]["params"]} == {id(m.mlp.gate.weight)
+                                                          for m in model.model.language_model.layers}
 
     dense = read_family(tiny_family_dir("qwen3_vl")).model_class().from_pretrained(tiny_family_dir("qwen3_vl"))
     with pytest.raises(ConfigError, match="model.freeze_router=true, but Qwen3-VL has no router"):

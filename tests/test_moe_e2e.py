@@ -5,9 +5,10 @@ load-balancing loss of each step's whole batch (its sample tokens) to the
 language-model loss:
 
 - 2 ranks on fsdp1 and on fsdp2, and 1 rank accumulating 2 micro-batches (the counting
-  pass), reproduce the reference's language-model losses, load-balancing losses,
+  pass), with AdamW, and ft's Adafactor on 2 ranks against HF's, reproduce the reference's language-model losses, load-balancing losses,
   gradient norms, eval loss and final weights: the loss is over the global batch,
   whatever the split;
+- bf16 master weights train to the fp32 losses up to their rounding;
 - a checkpoint of the 2-rank run resumes on 1 rank and ends at the same weights;
 - a frozen router stays bit-identical while the experts train;
 - the export loads with from_pretrained and AutoProcessor and generates from an image
@@ -57,6 +58,19 @@ def test_moe_trains_sharded_as_one_process(tiny_family_dir, dataset, tmp_path): 
                          "train.gradient_accumulation_steps=2")
     _check_against(accumulated, ref, "moe 1 rank x 2 micro-batches")
     _check_aux(accumulated, auxes, "moe 1 rank x 2 micro-batches")
+
+    # ft's Adafactor (the recipe's optimizer) on the fused 3-D expert weights: HF's in one
+    # process, which factors each expert's matrix over its last two dimensions.
+    hf_auxes: list = []
+    hf = reference(model_dir, dataset, optim="adafactor", aux_coef=COEF, auxes=hf_auxes)
+    adafactor = launch(tmp_path, model_dir, dataset, 2, *ONE_STEP_BATCH, *BALANCE, "train.optim=adafactor")
+    _check_against(adafactor, hf, "moe adafactor")
+    _check_aux(adafactor, hf_auxes, "moe adafactor")
+    # bf16 master weights train too: the losses of fp32 weights up to the rounding.
+    bf16 = launch(tmp_path, model_dir, dataset, 2, *ONE_STEP_BATCH, *BALANCE, "train.optim=adafactor",
+                  "train.master_weights=bf16", "fsdp.backend=fsdp2")
+    assert [r["loss"] for r in read_metrics(bf16)[0]] == pytest.approx(hf[0], abs=2e-2)
+    assert _max_diff(_weights(bf16 / "best"), {k: v.bfloat16().float() for k, v in initial.items()}) > 1e-3
 
     # Step 2's checkpoint of the 2-rank run, resumed on 1 rank (global batch 2 either way).
     resumed = launch(tmp_path, model_dir, dataset, 1, "train.per_device_train_batch_size=2", *BALANCE,
