@@ -10,7 +10,7 @@
 #                                    # the wheels the GPU image may lack
 #   benchmarks/gpu_check.sh          # on the GPU machine (carry .cache/gpu-wheels there)
 #
-# Budget: about 6 minutes on an H100 (an estimate: no GPU has run it yet), model build
+# Budget: about 7 minutes on an H100 (an estimate: no GPU has run it yet), model build
 # included; compare.py rewrites its JSON after every run, so a cut keeps what finished.
 # Results (environment, build log, compare log and JSON) go to $OUT, or runs/gpu-check.
 #
@@ -106,6 +106,10 @@ PATHS=${PATHS:-padded/fsdp1/fp32,padded/fsdp2/fp32,padded/fsdp1/bf16,packed/fsdp
 
 # Stochastic rounding's cost on the GPU and its bits against the CPU's (seconds).
 timeout 60 "$PY" benchmarks/rounding.py --repeats 3 2>&1 | tee "$OUT/rounding.log" || true
+
+# The MoE experts kernels against the dense twin, at 30B-A3B's routing (seconds).
+timeout 90 "$PY" benchmarks/moe.py --device cuda --dtype bf16 --hidden 1024 --experts 128 --top-k 8 \
+  --tokens 8192 --kernels grouped_mm eager 2>&1 | tee "$OUT/moe.log" || true
 
 # compare.py rewrites compare.json after every run: a run cut short keeps what finished.
 timeout 330 "$PY" benchmarks/compare.py --model "$MODEL" --nproc 1 --precision "$PRECISION" \

@@ -3,6 +3,7 @@ process, the language model's forward and backward on one row of text tokens.
 
     python benchmarks/moe.py [--hidden 256] [--layers 2] [--experts 32] [--top-k 4]
         [--tokens 2048] [--steps 5] [--kernels grouped_mm batched_mm eager]
+        [--device cpu|cuda] [--dtype fp32|bf16]
 
 The MoE model is the tiny Qwen3-VL-MoE config at the given sizes, each expert `hidden`
 wide; its dense twin is the tiny Qwen3-VL with an MLP `top_k x hidden` wide: the same
@@ -37,17 +38,21 @@ def _model(family: str, args, kernel: str | None):
         text.intermediate_size = args.top_k * args.hidden
     kwargs = {"experts_implementation": kernel} if kernel else {}
     torch.manual_seed(0)
-    model = family_named(family).model_class()._from_config(config, dtype=torch.float32, **kwargs)
-    return model.train()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    model = family_named(family).model_class()._from_config(config, dtype=dtype, **kwargs)
+    return model.to(args.device).train()
 
 
 def _seconds(model, args) -> float:
-    ids = torch.randint(0, 1000, (1, args.tokens))
+    ids = torch.randint(0, 1000, (1, args.tokens), device=args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     times = []
     for _ in range(args.steps + 1):  # the first one warms up
+        sync()
         start = time.perf_counter()
         out = model.model.language_model(input_ids=ids, use_cache=False)
         out.last_hidden_state.float().square().mean().backward()
+        sync()
         times.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
     return statistics.median(times[1:])
@@ -62,8 +67,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--kernels", nargs="+", default=["grouped_mm", "batched_mm", "eager"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; hidden {args.hidden}, "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, {args.dtype}; hidden {args.hidden}, "
           f"{args.layers} layers, {args.experts} experts, top-{args.top_k}, {args.tokens} tokens")
     dense = _seconds(_model("qwen3_vl", args, None), args)
     print(f"{'dense twin (MLP ' + str(args.top_k * args.hidden) + ' wide)':<32} {dense:8.3f} s  1.00x")
