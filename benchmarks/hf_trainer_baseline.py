@@ -110,7 +110,8 @@ class MeasuredCollator:
     def __call__(self, samples):
         from ft.metrics import train_flops
 
-        batch, stats = self.collator(samples)
+        made = self.collator(samples)
+        batch, stats = made.inputs, made.stats
         batch["num_real_tokens"] = torch.tensor(stats.tokens)
         batch["bench_flops"] = torch.tensor(train_flops(self.model_config, stats), dtype=torch.float64)
         return batch
