@@ -101,9 +101,7 @@ class Balancer:
     def agree(self, counts: list[torch.Tensor]) -> None:
         """Sum the step's per-forward counts over the micro-batches and the ranks. A
         collective: every rank calls it at the same point of the step."""
-        total = torch.stack(counts).sum(0).to(self.device) if counts else torch.zeros(
-            len(self.shape.layers), self.shape.experts, dtype=torch.float64, device=self.device)
-        self.counts = all_reduce_tensor_sum(total)
+        self.counts = all_reduce_tensor_sum(torch.stack(counts).sum(0).to(self.device))
 
     def counting_pass(self, model, inputs: list[dict], real: list[torch.Tensor], chunk_size: int) -> None:
         """With gradient accumulation: a forward without gradients over each of the
@@ -121,11 +119,10 @@ class Balancer:
 
     def loss(self, routing: Routing) -> torch.Tensor:
         """This forward's share of the step's loss (unweighted: `aux_loss`). The
-        shares of all micro-batches on all ranks add up to the global loss."""
+        shares of all micro-batches on all ranks add up to the global loss. A step has
+        sample tokens (every micro-batch holds a sample), so `pairs` is never 0."""
         pooled = self.counts.sum(0)  # [E] choices over all layers
         pairs = pooled.sum() / self.shape.top_k  # (token, layer) pairs of the step
-        if pairs == 0:
-            return routing.prob_sums.sum() * 0.0
         share = (pooled / pairs).to(routing.prob_sums.dtype)  # f_e
         return self.shape.experts * (share * routing.prob_sums).sum() / pairs.to(routing.prob_sums.dtype)
 
