@@ -3,9 +3,9 @@ follows from freezing: `requires_grad`, the optimizer's parameter groups, and wh
 parts a backward pass still runs through.
 
 - `PARTS`: the vision tower, the merger, the MoE routers and the language model
-  (`model.freeze_*`, `train.vision_lr`, `train.merger_lr`, `train.router_lr`), matched by the class that plays the part's
-  role in the model's family (`ft.families`), never by attribute path (transformers 4.x
-  and 5.x nest the towers differently). Qwen3-VL's DeepStack mergers are mergers.
+  (`model.freeze_*`, `train.vision_lr`, `train.merger_lr`, `train.router_lr`), matched
+  by the class that plays the part's role in the model's family (`ft.families`), never
+  by attribute path (transformers 4.x and 5.x nest the towers differently). Qwen3-VL's DeepStack mergers are mergers.
 - `apply_freezing` sets `requires_grad` from the config, before wrapping (FSDP1 fixes
   each flat parameter's `requires_grad` when it builds it).
 - `param_groups` builds the optimizer's groups from the wrapped model, one per part.
@@ -36,6 +36,10 @@ class Part:
     freeze_field: str  # in ModelConfig
     lr_field: str  # in TrainConfig; a negative value there means train.learning_rate
     what: str
+
+    def in_family(self, family) -> bool:
+        """Whether models of `family` have this part (a dense family has no router)."""
+        return self.role is None or self.role in family.roles
 
 
 # In forward data-flow order (pixels -> tower -> merger -> language model): a frozen part
@@ -75,7 +79,7 @@ def module_parts(model: nn.Module) -> dict[int, str]:
     the same on the wrapped model (FSDP1's and the checkpoint wrappers, FSDP2's
     in-place subclasses)."""
     family = family_of(model)
-    by_cls = {family.cls(p.role): p.name for p in PARTS if p.role is not None and p.role in family.roles}
+    by_cls = {family.cls(p.role): p.name for p in PARTS if p.role is not None and p.in_family(family)}
     rest = next(p.name for p in PARTS if p.role is None)
     parts: dict[int, str] = {}
     found: set[type] = set()
@@ -123,12 +127,12 @@ def apply_freezing(model: nn.Module, model_cfg) -> dict[str, dict[str, int | boo
     Returns {part: {"params": count, "frozen": bool}} in `PARTS` order."""
     frozen = {p.name for p in PARTS if getattr(model_cfg, p.freeze_field)}
     family = family_of(model)
-    lacking = [p for p in PARTS if p.name in frozen and p.role is not None and p.role not in family.roles]
+    lacking = [p for p in PARTS if p.name in frozen and not p.in_family(family)]
     if lacking:
         raise ConfigError(f"model.{lacking[0].freeze_field}=true, but {family.name} has no {lacking[0].name} "
                           f"({lacking[0].what})")
     summary: dict[str, dict[str, int | bool]] = {
-        p.name: {"params": 0, "frozen": p.name in frozen} for p in PARTS if p.role is None or p.role in family.roles
+        p.name: {"params": 0, "frozen": p.name in frozen} for p in PARTS if p.in_family(family)
     }
     for _, param, held in parameters_by_part(model):
         (part,) = held  # unwrapped: one weight per parameter
