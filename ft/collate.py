@@ -10,6 +10,7 @@ the batch's real work, for the loop and :mod:`ft.metrics`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
@@ -112,13 +113,15 @@ class Collator:
     other. Then ``inputs`` has ``position_ids`` [4, rows, length] (text positions and
     M-RoPE, restarting at 0 for every sample) and no ``attention_mask``; a shorter row
     ends in a pad segment whose positions also restart at 0, and the row length is a
-    multiple of ``ft.packing.ROW_MULTIPLE``. With `varlen`, also flash-attention's
+    multiple of ``ft.packing.ROW_MULTIPLE``. Every row length is a multiple of `multiple`
+    (more padding at the end), so that a sequence-parallel group splits it evenly. With `varlen`, also flash-attention's
     ``cu_seq_lens_q/k`` and ``max_length_q/k`` over the flattened rows.
     """
 
     def __init__(self, processor: Any, rope_index: Callable | None = None, varlen: bool = False,
-                 media: Iterable[int] = (IMAGE,)):
+                 media: Iterable[int] = (IMAGE,), multiple: int = 1):
         self.rope_index, self.varlen = rope_index, varlen
+        self.multiple = multiple  # row lengths a multiple of it: the sequence-parallel group size
         self.required = sorted(set(media)) or [IMAGE]
         tokenizer = processor.tokenizer
         # Padded positions are masked out of attention and loss, so any valid id will
@@ -150,7 +153,7 @@ class Collator:
         first = {key: torch.cat([samples[0][key]] + [d[key] for d in dummies])
                  for key in ("input_ids", "labels", "mm_token_type_ids")}
         rows = [first] + list(samples[1:])
-        length = max(len(s["input_ids"]) for s in rows)
+        length = -(-max(len(s["input_ids"]) for s in rows) // self.multiple) * self.multiple
         inputs = {
             "input_ids": _pad([s["input_ids"] for s in rows], length, self.pad_id),
             "attention_mask": _pad([torch.ones_like(s["input_ids"]) for s in rows], length, 0),
@@ -167,7 +170,8 @@ class Collator:
         dummies = self._dummies(samples)
         rows[0] += dummies  # segments of their own, after the first row's last sample
         used = [sum(len(s["input_ids"]) for s in row) for row in rows]
-        length = -(-max(used) // ROW_MULTIPLE) * ROW_MULTIPLE
+        step = math.lcm(ROW_MULTIPLE, self.multiple)
+        length = -(-max(used) // step) * step
         ids, labels, mm_types, positions, segments = [], [], [], [], []
         real = torch.zeros(len(rows), length, dtype=torch.bool)
         real[0, :sum(len(s["input_ids"]) for s in packs[0])] = True  # row 0's dummies follow its samples

@@ -1,17 +1,11 @@
 """The job config's schema: typed sections whose fields carry their own documentation.
 
-A config is a :class:`Config` made of five sections (``model``, ``data``, ``train``,
-``fsdp``, ``wandb``). Each field is documented by the string literal that follows it
-(torchtitan's convention); :func:`field_docs` reads those strings back so that the
-Markdown reference (``ft.config_load.config_reference_markdown``) and the code cannot
-drift apart. What a field accepts is written beside it, in its annotation:
-
-* fields typed ``Literal["a", "b", ...]`` select between alternatives (:data:`CHOICES`,
-  :func:`field_choices`);
-* numeric fields annotated ``Annotated[int, Range(...)]`` have a range (:func:`ranges`).
-
-Loading a YAML file plus ``section.key=value`` overrides, coercing and validating them,
-is ``ft.config_load`` (``python -m ft.config_load CONFIG [section.key=value ...]``).
+A :class:`Config` is made of sections (:data:`SECTIONS`). Each field is documented by
+the string literal that follows it (torchtitan's convention); :func:`field_docs` reads
+them back, so that the Markdown reference (``ft.config_load``) and the code cannot drift
+apart. A field typed ``Literal[...]`` selects between alternatives (:data:`CHOICES`); a
+numeric field annotated ``Annotated[int, Range(...)]`` has a range (:func:`ranges`).
+Loading YAML plus ``section.key=value`` overrides is ``ft.config_load``.
 """
 
 from __future__ import annotations
@@ -27,7 +21,7 @@ from typing import Annotated, Any, Callable, Literal
 
 __all__ = [
     "CHOICES", "SECTIONS", "Config", "ConfigError", "DataConfig", "FSDPConfig",
-    "ModelConfig", "Range", "TrainConfig", "WandbConfig", "choices", "field_choices", "field_docs",
+    "ModelConfig", "ParallelConfig", "Range", "TrainConfig", "WandbConfig", "choices", "field_choices", "field_docs",
     "field_types", "literal_choices", "ranges",
 ]
 
@@ -428,25 +422,20 @@ class FSDPConfig:
     refused with the reason (docs/sharding.md), and `train.optim=hf_adafactor` is
     refused on fsdp2."""
 
-    sharding_strategy: Literal[
-        "FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"
-    ] = "FULL_SHARD"
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = "FULL_SHARD"
     """What FSDP shards across ranks: `FULL_SHARD` (parameters, gradients and optimizer
     state; least memory), `SHARD_GRAD_OP` (gradients and optimizer state; parameters
     stay gathered between forward and backward, trading memory for less communication),
     `NO_SHARD` (plain data parallelism), `HYBRID_SHARD` (full sharding within a node,
     replication across nodes)."""
 
-    backward_prefetch: Literal[
-        "BACKWARD_PRE", "BACKWARD_POST", "NONE"
-    ] = "BACKWARD_PRE"
+    backward_prefetch: Literal["BACKWARD_PRE", "BACKWARD_POST", "NONE"] = "BACKWARD_PRE"
     """When FSDP gathers the next layer's parameters during backward: `BACKWARD_PRE`
     (before the current layer's gradient computation; fastest, most memory),
     `BACKWARD_POST` (after it), or `NONE` (no prefetch)."""
 
     forward_prefetch: bool = False
-    """Issue the next layer's all-gather before the current layer's forward computation,
-    overlapping communication with compute at the cost of memory."""
+    """All-gather the next unit before the current unit's forward (more overlap, more memory)."""
 
     limit_all_gathers: bool = True
     """Allow at most two all-gathers in flight, bounding peak GPU memory when the CPU
@@ -458,25 +447,33 @@ class FSDPConfig:
     just before wrapping."""
 
     use_orig_params: bool = False
-    """Expose the original parameters instead of FSDP's flattened ones. Needed when
-    parameters within one wrapped module must be treated differently (e.g. some frozen);
-    costs some memory and speed."""
+    """Expose the original parameters instead of FSDP's flattened ones (for parameters
+    of one unit treated differently, e.g. some frozen); costs some memory and speed."""
 
     cpu_offload: bool = False
-    """Keep sharded parameters and gradients in CPU memory, moving parameters to the GPU
-    only when needed; the optimizer step then runs on the CPU. Saves GPU memory at a
-    large cost in speed; only meaningful for GPU runs."""
+    """Keep sharded parameters and gradients in CPU memory (the optimizer step runs
+    there): saves GPU memory at a large cost in speed."""
 
     activation_checkpointing: bool = True
-    """Recompute activations during backward instead of storing them, wrapping each
-    language-model decoder layer and each vision-encoder block in a non-reentrant
-    checkpoint wrapper (applied after FSDP wrapping). Saves a lot of memory for roughly a
-    third more compute."""
+    """Recompute activations during backward instead of storing them: the wrap plan's
+    modules (decoder layers, vision blocks) in a non-reentrant checkpoint wrapper. Saves
+    a lot of memory for roughly a third more compute."""
 
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the gradient reduce-scatter/all-reduce under `bf16` precision: `fp32`
     (exact sums, twice the traffic) or `bf16` (half the traffic, rounding error grows
     with world size). Under `fp32` precision gradients are always reduced in fp32."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallelism besides FSDP's sharding."""
+
+    sequence_parallel_size: Annotated[int, AT_LEAST_1] = 1
+    """N ranks share one micro-batch, each running the language model on 1/N of every
+    row's tokens (Ulysses: two all-to-alls around attention; docs/sharding.md). Groups are
+    N consecutive ranks; N must divide the world size and the query heads; data
+    parallelism runs over world size / N groups. 1: off."""
 
 
 @dataclass
@@ -513,6 +510,9 @@ class Config:
 
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     """FSDP sharding and memory-saving options."""
+
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Sequence parallelism."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
     """Weights & Biases logging."""

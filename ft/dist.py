@@ -19,6 +19,17 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    sequence_parallel: int = 1  # ranks per sequence-parallel group (`ft.sequence`): they share micro-batches
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of every global batch this rank reads: its sequence-parallel group's."""
+        return self.rank // self.sequence_parallel
+
+    @property
+    def data_world(self) -> int:
+        """How many shares a global batch is dealt in: the sequence-parallel groups."""
+        return self.world_size // self.sequence_parallel
 
     @property
     def is_main(self) -> bool:

@@ -38,13 +38,14 @@ def eval_plan(n_rows: int, lengths: list | None, pack_length: int, batch_size: i
     real, and how many forwards every rank runs: the most any rank has. Padded, each
     rank takes every world_size-th row; packed (`pack_length`), all rows (of `lengths`
     tokens) are packed and the packs dealt to the ranks evening out tokens. A rank with
-    no rows gets row 0 to run, uncounted."""
+    no rows gets row 0 to run, uncounted. With sequence parallelism, read "group" for
+    "rank" (`DistInfo.data_rank`): a group's ranks share its rows, each its tokens."""
     bs = batch_size
     if pack_length:
-        batches, n_batches = eval_batches(lengths, pack_length, bs, info.world_size, info.rank)
+        batches, n_batches = eval_batches(lengths, pack_length, bs, info.data_world, info.data_rank)
         return batches or [[[0]]], len(batches), n_batches
-    local = list(range(info.rank, n_rows, info.world_size))
-    n_batches = math.ceil(math.ceil(n_rows / info.world_size) / bs)  # rank 0's count
+    local = list(range(info.data_rank, n_rows, info.data_world))
+    n_batches = math.ceil(math.ceil(n_rows / info.data_world) / bs)  # rank 0's count
     batches = [local[i:i + bs] for i in range(0, len(local), bs)]
     return batches or [[0]], len(batches), n_batches
 

@@ -38,7 +38,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 from transformers.utils import logging as hf_logging
 
-from ft import ckpt, dist, faults, watchdog
+from ft import ckpt, dist, faults, sequence, watchdog
 from ft.backends import BACKENDS
 from ft.ckpt import CheckpointMismatch, ResumeError, TrainState
 from ft.config import ConfigError
@@ -195,6 +195,7 @@ def setup(cfg) -> Run:
     if refusals:
         raise ConfigError("; ".join(refusals))
     hf_logging.disable_progress_bar()  # per-rank "Loading weights" bars: noise under torchrun
+    info = sequence.grouped(info, cfg.parallel.sequence_parallel_size)
     run = Run(cfg, info, resolve_precision(cfg.train.precision, info), None)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -235,6 +236,7 @@ def build_model(run: Run) -> torch.nn.Module:
     log(info, f"best/ exports in {ckpt.export_dtype_name(cfg.train.export_dtype, cfg.model.path)} "
               f"(train.export_dtype={cfg.train.export_dtype})")
     apply_freezing(model, cfg.model)
+    log(info, sequence.apply(model, info, cfg.model.attn_implementation))  # SYNC (its groups); "" when off
     units = plan_units(model)
     log(info, format_plan(units, info.world_size, root_names=root_members(model, units),
                           param_bytes=MASTER_DTYPES[cfg.train.master_weights].itemsize))
@@ -340,12 +342,14 @@ def agree(run: Run, micro: list[Batch], bad: DataError | None, unloaded: int = 0
     over all ranks (samples include the `unloaded` ones of micro-batches that failed),
     and two flags every rank must agree on: "a sample failed to load", "a stop signal
     arrived". A collective."""
-    stats = [b.stats for b in micro]
+    # A sequence-parallel group's ranks hold the same micro-batches: one of them counts.
+    counted = run.info.rank % run.info.sequence_parallel == 0
+    stats = [b.stats for b in micro] if counted else []
     counts = [
         sum(s.label_tokens for s in stats),
         sum(s.tokens for s in stats),
         sum(run.flops_of(s) for s in stats),
-        sum(s.samples for s in stats) + unloaded,
+        sum(s.samples for s in stats) + unloaded * counted,
         sum(s.rows for s in stats),
         sum(s.slots for s in stats),
         bad is not None,

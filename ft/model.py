@@ -16,6 +16,7 @@ from ft.dist import DistInfo
 from ft.families import read_family
 from ft.messages import IGNORE_INDEX
 from ft.rounding import MASTER_DTYPES
+from ft.sequence import shard_of
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -103,8 +104,12 @@ def loss_sum_and_correct(
 def _forward(model, batch, chunk_size: int, count_correct: bool) -> tuple[torch.Tensor, int, torch.Tensor | None]:
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
-    # Position t predicts token t+1.
-    targets = labels[:, 1:]
+    # Position t predicts token t+1 (the last position nothing). Shifted before a
+    # sequence-parallel rank takes its slice of the positions.
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    shard = shard_of(backend_of(model).unwrap(model))
+    if shard is not None:
+        targets = shard.local(targets)
     keep = targets != IGNORE_INDEX
     if chunk_size > 0:
         correct: dict[str, torch.Tensor] = {}
@@ -120,7 +125,7 @@ def _forward(model, batch, chunk_size: int, count_correct: bool) -> tuple[torch.
     logits = model(**inputs, use_cache=False).logits
     # Select the label positions before the fp32 upcast so the [tokens x vocab] fp32
     # copy only exists for tokens that are learned.
-    picked = logits[:, :-1][keep].float()
+    picked = logits[keep].float()
     loss = F.cross_entropy(picked, targets[keep], reduction="sum")
     right = (picked.argmax(-1) == targets[keep]).sum() if count_correct else None
     return loss, int(keep.sum()), right
@@ -152,7 +157,7 @@ def _chunked_loss_hooks(model: torch.nn.Module, keep: torch.Tensor, targets: tor
         captured["hidden"] = output.last_hidden_state
 
     def add_loss(module, args, kwargs, output):
-        hidden = captured.pop("hidden")[:, :-1][keep]
+        hidden = captured.pop("hidden")[keep]
         loss, right = _ChunkedCrossEntropySum.apply(hidden, hf_model.lm_head.weight, targets, chunk_size,
                                                     correct is not None)
         output["loss"] = loss

@@ -16,7 +16,8 @@ from ft.moe import load_metrics
 
 
 def log(info: dist.DistInfo, msg: str) -> None:
-    if info.is_main:
+    """`msg` on rank 0 (nothing for an empty one)."""
+    if info.is_main and msg:
         tqdm.write(f"[ft] {msg}", file=sys.stdout)
 
 

@@ -85,7 +85,7 @@ def _collator(cfg, info: dist.DistInfo, processor, media: frozenset, model_confi
     others: the data's kinds, which every rank knows alike."""
     rope_index = RopeIndex(model_config) if packed_length(cfg.data) else None  # packed rows: positions per sample
     collator = Collator(processor, rope_index, varlen=cfg.model.attn_implementation == "flash_attention_2",
-                        media=media)
+                        media=media, multiple=info.sequence_parallel)
     kinds = " and ".join(MEDIA[kind].name + "s" for kind in sorted(media)) or "no images or videos"
     carried = " and ".join(("an " if kind == IMAGE else "a ") + MEDIA[kind].name for kind in collator.required)
     log(info, f"data checked in {time.perf_counter() - t0:.1f} s; it holds {kinds}: every batch carries "
@@ -111,8 +111,9 @@ def build_data(cfg, info: dist.DistInfo, processor) -> TrainData:
     line, or is dropped (data.on_bad_sample), instead of killing one rank hours in. The
     check also measures each row's length, for length grouping. Then the loader: each
     rank reads its slice of every step's global batch."""
-    bs, world, accum = cfg.train.per_device_train_batch_size, info.world_size, cfg.train.gradient_accumulation_steps
-    pack_length, global_batch = packed_length(cfg.data), global_batch_size(cfg.train, info.world_size)
+    # The ranks of a sequence-parallel group read the same rows: the batch is dealt to groups.
+    bs, world, accum = cfg.train.per_device_train_batch_size, info.data_world, cfg.train.gradient_accumulation_steps
+    pack_length, global_batch = packed_length(cfg.data), global_batch_size(cfg.train, world)
     refusal = pack_length and varlen_refusal(cfg.model.attn_implementation)
     if refusal:
         raise ConfigError(refusal)
@@ -134,18 +135,19 @@ def build_data(cfg, info: dist.DistInfo, processor) -> TrainData:
     # resuming sets the position (in steps), nothing else.
     if pack_length:
         sampler = PackedBatchSampler(train_lengths, pack_length, batch_size=bs, num_replicas=world,
-                                     rank=info.rank, seed=cfg.train.seed, accumulation=accum)
+                                     rank=info.data_rank, seed=cfg.train.seed, accumulation=accum)
         check_packs(cfg, info, sampler, train_lengths, pack_length)
         train_ds, eval_ds = PackedRows(train_ds), eval_ds and PackedRows(eval_ds)
     else:
-        sampler = ShardedBatchSampler(train_lengths, batch_size=bs, num_replicas=world, rank=info.rank,
+        sampler = ShardedBatchSampler(train_lengths, batch_size=bs, num_replicas=world, rank=info.data_rank,
                                       seed=cfg.train.seed, group_by_length=cfg.data.group_by_length,
                                       accumulation=accum)
     loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collator,
                         num_workers=cfg.train.dataloader_num_workers, pin_memory=info.on_gpu)
     log(info, f"train rows {len(train_ds)}, eval rows {len(eval_ds) if eval_ds else 0}; global batch "
               f"{global_batch} {'packs' if pack_length else 'rows'} = {bs} per device x "
-              f"{accum} accumulation x {world} ranks")
+              f"{accum} accumulation x {world} " + (f"groups of {info.sequence_parallel} sequence-parallel ranks"
+                                                     if info.sequence_parallel > 1 else "ranks"))
     return TrainData(train_ds, eval_ds, eval_lengths, collator, sampler, loader,
                      run_shape(cfg, world, len(train_ds)))
 

@@ -1,0 +1,227 @@
+"""Sequence parallelism (`ft.sequence`): the head split and its refusals, the packed
+rows' mask, the collator's row lengths (fast); and on 2 gloo ranks, the Ulysses
+attention against one process's sdpa on the whole sequence, and each family's loss and
+gradients with the language model split over 2 ranks against one process on the same
+rows: a long video row, a row with two images and a text-only row, padded and packed."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from transformers import AutoConfig
+
+from conftest import free_port, write_test_image, write_test_video
+from ft import sequence
+from ft.collate import Collator
+from ft.config import ConfigError
+from ft.dataset import ConversationDataset
+from ft.dist import DistInfo
+from ft.families import read_family
+from ft.messages import IMAGE, VIDEO
+from ft.model import loss_sum
+from ft.packing import RopeIndex
+from ft.processor import load_processor
+from ft.rows import load_rows
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def heads(q: int, kv: int) -> SimpleNamespace:
+    return SimpleNamespace(num_attention_heads=q, num_key_value_heads=kv)
+
+
+def test_head_split_of_qwen2_5_vl_7b_and_the_refusal_with_the_numbers():
+    seven_b = heads(28, 4)  # Qwen2.5-VL-7B: 28 query heads, 4 key/value heads
+    assert sequence.head_split(seven_b, 2) == 1 and sequence.head_split(seven_b, 4) == 1
+    assert sequence.head_split(seven_b, 7) == 7  # 4 key/value heads repeated to 28: 4 per rank
+    assert sequence.head_split(heads(32, 8), 16) == 2  # 8 -> 16 key/value heads
+    with pytest.raises(ConfigError, match=r"sequence_parallel_size=8 does not divide the 28 query heads.*"
+                                          r"\[1, 2, 4, 7, 14, 28\]"):
+        sequence.head_split(seven_b, 8)
+
+
+def test_groups_must_divide_the_world_size():
+    info = DistInfo(rank=3, world_size=4, local_rank=3, device=torch.device("cpu"))
+    two = sequence.grouped(info, 2)
+    assert (two.data_rank, two.data_world) == (1, 2)
+    assert (info.data_rank, info.data_world) == (3, 4)
+    with pytest.raises(ConfigError, match="sequence_parallel_size=3 does not divide the world size 4"):
+        sequence.grouped(info, 3)
+
+
+def test_apply_refuses_eager_attention_and_moe_by_name(tiny_family_dir):
+    info = sequence.grouped(DistInfo(0, 2, 0, torch.device("cpu")), 2)
+    dense = read_family(tiny_family_dir("qwen2_5_vl")).model_class()._from_config(
+        AutoConfig.from_pretrained(tiny_family_dir("qwen2_5_vl")))
+    with pytest.raises(ConfigError, match="model.attn_implementation='eager' is not one of"):
+        sequence.apply(dense, info, "eager")
+    moe_dir = tiny_family_dir("qwen3_vl_moe")
+    moe = read_family(moe_dir).model_class()._from_config(AutoConfig.from_pretrained(moe_dir))
+    with pytest.raises(ConfigError, match="not wired for Qwen3-VL-MoE"):
+        sequence.apply(moe, info, "sdpa")
+    assert sequence.apply(dense, sequence.grouped(info, 1), "sdpa") == ""  # off: nothing changed
+    assert sequence.shard_of(dense) is None
+
+
+def test_segment_mask_keeps_packed_samples_apart():
+    # Two rows: samples of 3 and 2 tokens, then a pad segment restarting at 0; one sample.
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    mask = sequence.segment_mask(positions)
+    segments = torch.tensor([0, 0, 0, 1, 1, 2])
+    expected = (segments[:, None] == segments[None, :]) & torch.ones(6, 6, dtype=torch.bool).tril()
+    assert torch.equal(mask[0, 0], expected)
+    assert torch.equal(mask[1, 0], torch.ones(6, 6, dtype=torch.bool).tril())
+    assert sequence.segment_mask(positions[1:]) is None  # one sample a row: plain causal attention
+
+
+def test_shard_local_takes_the_rank_s_slice_and_refuses_an_uneven_row():
+    t = torch.arange(12).view(2, 6)
+    assert sequence.SequenceShard(3, 1, None, "sdpa").local(t).tolist() == [[2, 3], [8, 9]]
+    with pytest.raises(RuntimeError, match="does not split over 4 ranks"):
+        sequence.SequenceShard(4, 0, None, "sdpa").local(t)
+
+
+def _rows(data_dir):
+    """A long video row (24 frames), a row with two images, a text-only row."""
+    write_test_video(data_dir / "long.mp4", frames=24, size=(64, 48), fps=4, seed=5)
+    write_test_image(data_dir / "a.png", size=(84, 56), seed=1)
+    write_test_image(data_dir / "b.png", size=(56, 56), seed=2)
+    row = lambda user, answer: {"messages": [  # noqa: E731
+        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+    rows = [
+        row([{"type": "video", "video": "long.mp4"}, {"type": "text", "text": "What happens?"}],
+            "The noise drifts slowly while the clip gets brighter, frame after frame."),
+        row([{"type": "image", "image": "a.png"}, {"type": "image", "image": "b.png"},
+             {"type": "text", "text": "Which is wider?"}], "The first one."),
+        row("Count to five.", "One, two, three, four, five."),
+    ]
+    (data_dir / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data_dir / "rows.jsonl"
+
+
+def _batches(model_dir, rows_file, multiple):
+    """The rows padded into one batch, and packed into one row."""
+    processor = load_processor(model_dir, video_min_pixels=12544, video_max_pixels=50176)
+    ds = ConversationDataset(load_rows(rows_file), processor, 4096)
+    samples = [ds[i] for i in range(len(ds))]
+    kinds = (IMAGE, VIDEO)
+    padded = Collator(processor, media=kinds, multiple=multiple)(samples).inputs
+    packed = Collator(processor, RopeIndex(AutoConfig.from_pretrained(model_dir)), media=kinds,
+                      multiple=multiple)([samples]).inputs
+    return {"padded": padded, "packed": packed}
+
+
+def _attention_worker(rank, world, port, out_dir):
+    """Ulysses attention against sdpa on the whole sequence, with 1 key/value head (so
+    it is repeated to split) and with a packed row's mask."""
+    _join(rank, world, port)
+    info = sequence.grouped(DistInfo(rank, world, rank, torch.device("cpu")), world)
+    shard = sequence.SequenceShard(world, rank, sequence.new_group(info), "sdpa", kv_repeat=2)
+    torch.manual_seed(0)
+    b, hq, hkv, length, d = 2, 4, 1, 12, 8
+    q, k, v = (torch.randn(b, h, length, d, dtype=torch.float64, requires_grad=True) for h in (hq, hkv, hkv))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2], list(range(12))])
+    result = {}
+    for name, mask in (("causal", None), ("packed", sequence.segment_mask(positions))):
+        shard.mask = mask
+        local = [shard.local(t, 2).detach().requires_grad_() for t in (q, k, v)]
+        module = SimpleNamespace(training=True, num_key_value_groups=hq // hkv, is_causal=True)
+        out, _ = sequence.attention(shard, module, *local, None, scaling=d ** -0.5)
+        (out * shard.local(_weights(b, length, hq, d), 1)).sum().backward()
+        result[name] = {"out": out.detach(), "grads": [t.grad for t in local]}
+    torch.save(result, os.path.join(out_dir, f"attention{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _weights(*shape):
+    """Fixed weights of a sum over the attention output: a loss whose gradient differs
+    by position and head."""
+    return torch.arange(torch.Size(shape).numel(), dtype=torch.float64).view(shape).sin()
+
+
+def _join(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+
+
+# slow: 2 gloo ranks are processes of their own (mp.spawn)
+@pytest.mark.slow
+def test_ulysses_attention_equals_sdpa_on_the_whole_sequence(tmp_path):
+    mp.spawn(_attention_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    b, hq, hkv, length, d = 2, 4, 1, 12, 8
+    q, k, v = (torch.randn(b, h, length, d, dtype=torch.float64, requires_grad=True) for h in (hq, hkv, hkv))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2], list(range(12))])
+    ranks = [torch.load(tmp_path / f"attention{r}.pt") for r in range(2)]
+    for name, mask in (("causal", None), ("packed", sequence.segment_mask(positions))):
+        for t in (q, k, v):
+            t.grad = None
+        out = F.scaled_dot_product_attention(q, k.repeat_interleave(hq, 1), v.repeat_interleave(hq, 1),
+                                             attn_mask=mask, is_causal=mask is None, scale=d ** -0.5)
+        out = out.transpose(1, 2)  # transformers' output layout [B, L, H, D]
+        (out * _weights(b, length, hq, d)).sum().backward()
+        # Each rank holds its half of the tokens and weighs it as the whole output's
+        # half: the gradients of the halves are the whole one's halves.
+        got = torch.cat([r[name]["out"] for r in ranks], dim=1)
+        assert (got - out).abs().max().item() < 1e-12, name
+        for i, t in enumerate((q, k, v)):
+            grad = torch.cat([r[name]["grads"][i] for r in ranks], dim=2)
+            assert (grad - t.grad).abs().max().item() < 1e-12, (name, i)
+        assert name != "packed" or not torch.equal(out, F.scaled_dot_product_attention(
+            q, k.repeat_interleave(hq, 1), v.repeat_interleave(hq, 1), is_causal=True,
+            scale=d ** -0.5).transpose(1, 2))  # the mask matters: the test can tell
+
+
+def _model_worker(rank, world, port, rows_file, dirs, out_dir):
+    """Per family: loss sum and gradients of each batch with the language model split
+    over the 2 ranks (summed over them), and on one process without the split."""
+    _join(rank, world, port)
+    info = sequence.grouped(DistInfo(rank, world, rank, torch.device("cpu")), world)
+    result = {}
+    for family, model_dir in dirs.items():
+        reference = read_family(model_dir).model_class().from_pretrained(model_dir, dtype=torch.float32)
+        split = read_family(model_dir).model_class().from_pretrained(model_dir, dtype=torch.float32)
+        sequence.apply(split, info, "sdpa")
+        for kind, batch in _batches(model_dir, rows_file, world).items():
+            runs = {}
+            for name, model in (("reference", reference), ("split", split)):
+                model.zero_grad()
+                s, n = loss_sum(model, batch, 5)
+                s.backward()
+                grads = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
+                if name == "split":  # each rank's slice of the tokens: the sums over the group
+                    s, n = s.detach().clone(), torch.tensor(float(n))
+                    for t in [s, n, *grads.values()]:
+                        torch.distributed.all_reduce(t)
+                runs[name] = (float(s), int(n), grads)
+            result[family, kind] = runs
+    if rank == 0:
+        torch.save(result, os.path.join(out_dir, "models.pt"))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    return _rows(tmp_path_factory.mktemp("sp-data"))
+
+
+@pytest.mark.slow
+def test_two_ranks_split_the_language_model_like_one_process(tiny_family_dir, rows_file, tmp_path):
+    dirs = {family: tiny_family_dir(family) for family in FAMILIES}
+    mp.spawn(_model_worker, args=(2, free_port(), rows_file, dirs, str(tmp_path)), nprocs=2, join=True)
+    result = torch.load(tmp_path / "models.pt")
+    for (family, kind), runs in result.items():
+        (loss, n, grads), (sp_loss, sp_n, sp_grads) = runs["reference"], runs["split"]
+        what = f"{family} {kind}"
+        assert sp_n == n > 20, what  # every label token counted once
+        assert sp_loss == pytest.approx(loss, rel=1e-6, abs=1e-5), what
+        assert grads.keys() == sp_grads.keys(), what
+        assert any(k.startswith("model.visual") for k in grads), what  # the vision tower learns through the split
+        worst = max((grads[k] - sp_grads[k]).abs().max().item() for k in grads)
+        assert worst <= 1e-5, f"{what}: gradients differ by {worst:.2e}"
