@@ -405,3 +405,54 @@ def test_best_export_follows_token_accuracy_when_asked(tiny_model_dir, dataset, 
     # Here the loss keeps falling after the accuracy peaks (measured: best accuracy at
     # step 2, lowest loss at step 8), so the two metrics pick different models.
     assert info["step"] != min(evals, key=lambda e: e["eval_loss"])["step"]
+
+
+def _assert_matches_reference(out: Path, ref, name: str) -> None:
+    """Per-step losses (1e-5), gradient norms, the final eval and weights (1e-5) of a run
+    with the reference's global batch of 2."""
+    ref_losses, ref_norms, ref_eval, ref_weights = ref
+    train, evals = read_metrics(out)
+    assert [r["loss"] for r in train] == pytest.approx(ref_losses, abs=1e-5), name
+    assert [r["grad_norm"] for r in train] == pytest.approx(ref_norms, rel=1e-4), name
+    assert evals[-1]["eval_loss"] == pytest.approx(ref_eval[0], abs=1e-5), name
+    assert evals[-1]["eval_token_accuracy"] == pytest.approx(ref_eval[1], abs=1e-9), name
+    got = Qwen2_5_VLForConditionalGeneration.from_pretrained(out / "best", dtype=torch.float32).state_dict()
+    worst = max((got[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
+    assert worst <= 1e-5, f"{name}: weights differ from the reference by {worst:.2e}"
+
+
+def test_sequence_parallel_equals_unsharded(tiny_model_dir, dataset, ref, tmp_path):
+    """parallel.sequence_parallel_size=2: the 2 ranks of a group share each micro-batch of
+    2 rows (video, images, text-only; with the dummies), each with half of every row's
+    tokens in the language model; on 4 ranks, 2 groups of 2 take one row each. Both
+    reproduce the one-process reference (as the 2-rank run without sequence parallelism
+    does above), on fsdp1 and fsdp2, and count every token once."""
+    runs = {
+        "2 ranks, one group, batch 2": launch(tmp_path, tiny_model_dir, dataset, 2,
+                                              "parallel.sequence_parallel_size=2"),
+        "fsdp2, 2 ranks, one group, batch 2": launch(tmp_path, tiny_model_dir, dataset, 2,
+                                                     "parallel.sequence_parallel_size=2", "fsdp.backend=fsdp2"),
+        "4 ranks, 2 groups, batch 1": launch(tmp_path, tiny_model_dir, dataset, 4,
+                                             "parallel.sequence_parallel_size=2",
+                                             "train.per_device_train_batch_size=1"),
+    }
+    for name, out in runs.items():
+        _assert_matches_reference(out, ref, name)
+    plain = launch(tmp_path, tiny_model_dir, dataset, 2, "train.per_device_train_batch_size=1")
+    tokens = [r["tokens_per_s"] * r["step_time_s"] for r in read_metrics(plain)[0]]
+    for name, out in runs.items():  # tokens counted once, not once per rank of a group
+        assert [r["tokens_per_s"] * r["step_time_s"] for r in read_metrics(out)[0]] == pytest.approx(tokens), name
+
+
+def test_sequence_parallel_packed_equals_packed(tiny_model_dir, dataset, tmp_path):
+    """Packed rows keep their samples apart across the split: the mask of each rank's
+    heads is built from the whole row's positions. 2 ranks in one group against one
+    process, with the same packs."""
+    packed = ("data.packing=true", f"data.pack_length={2 * MAX_LEN}", "train.per_device_train_batch_size=1")
+    one = launch(tmp_path, tiny_model_dir, dataset, 1, *packed)
+    split = launch(tmp_path, tiny_model_dir, dataset, 2, *packed, "parallel.sequence_parallel_size=2")
+    (want, want_eval), (got, got_eval) = read_metrics(one), read_metrics(split)
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], abs=1e-5)
+    assert got_eval[-1]["eval_loss"] == pytest.approx(want_eval[-1]["eval_loss"], abs=1e-5)
+    a, b = (load_file(str(out / "best" / "model.safetensors")) for out in (one, split))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
