@@ -80,6 +80,7 @@ class SequenceShard:
     kernel: str  # "sdpa" or "flash_attention_2"
     kv_repeat: int = 1  # key/value heads repeated to split evenly (`head_split`)
     mask: torch.Tensor | None = field(default=None, repr=False)  # [B, 1, L, L] packed rows; None: causal
+    frames: list[int] | None = None  # the vision tower's merged tokens per rank this call; None: not split
 
     def local(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """This rank's slice of `t` along its sequence dimension `dim`."""
@@ -134,12 +135,17 @@ def apply(hf_model, info: DistInfo, kernel: str) -> str:
     text_config._attn_implementation = ATTENTION
     hf_model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: split_inputs(shard, args, kwargs), with_kwargs=True)
+    visual = hf_model.model.visual
+    visual.register_forward_pre_hook(
+        lambda module, args, kwargs: split_frames(shard, visual.spatial_merge_size, args, kwargs), with_kwargs=True)
+    visual.register_forward_hook(lambda module, args, output: gather_frames(shard, output))
     setattr(hf_model, SHARD_ATTRIBUTE, shard)
     heads = (f"{text_config.num_attention_heads // size} query and "
              f"{text_config.num_key_value_heads * repeat // size} key/value heads per rank"
              + (f" (key/value heads repeated {repeat}x to split evenly)" if repeat > 1 else ""))
     return (f"sequence parallelism: groups of {size} consecutive ranks share each micro-batch, each with 1/{size} "
-            f"of every row's tokens in the language model; attention ({kernel}) on all tokens with {heads}")
+            f"of every row's tokens in the language model and of its images' and videos' frames in the vision "
+            f"tower; attention ({kernel}) on all tokens with {heads}")
 
 
 def shard_of(hf_model) -> SequenceShard | None:
@@ -162,6 +168,81 @@ def split_inputs(shard: SequenceShard, args: tuple, kwargs: dict) -> tuple[tuple
         kwargs["visual_pos_masks"] = shard.local(visual, -1)
         kwargs["deepstack_visual_embeds"] = [e[keep] for e in kwargs["deepstack_visual_embeds"]]
     return args, kwargs
+
+
+def frame_split(grid_thw: torch.Tensor, size: int, merge: int) -> list[tuple[int, int, torch.Tensor, int]] | None:
+    """How the vision tower's input is dealt to `size` ranks: each image or video is cut
+    into its temporal patches (grid (t, h, w) -> t pieces (1, h, w)), and each rank takes
+    a run of consecutive pieces, about the same number of patches each. Per rank: its
+    patch rows [start, end), its pieces' grids and the merged tokens they give; None when
+    there are fewer pieces than ranks.
+
+    Exact because the tower attends within a temporal patch only (Qwen2-VL, Qwen2.5-VL
+    and Qwen3-VL cut their attention at every h x w frame patch, and their windows, rotary
+    and learned positions are per frame): a piece computes what it would inside its
+    video, and the merged tokens come out in the order of the pieces."""
+    t, hw = grid_thw[:, 0].tolist(), (grid_thw[:, 1] * grid_thw[:, 2]).tolist()
+    rows = [n for ti, n in zip(t, hw) for _ in range(ti)]  # patches per piece
+    if len(rows) < size:
+        return None
+    ends = torch.tensor(rows).cumsum(0)
+    starts = [0, *ends.tolist()]
+    cut = [0]
+    for r in range(1, size):  # the piece boundary nearest the share r/size of the patches, 1 piece a rank at least
+        target = starts[-1] * r / size
+        i = int(torch.searchsorted(ends, target))  # the first piece that reaches it
+        at = i if target - starts[i] <= starts[i + 1] - target else i + 1
+        cut.append(min(max(at, cut[-1] + 1), len(rows) - (size - r)))
+    cut.append(len(rows))
+    pieces = torch.repeat_interleave(grid_thw, torch.tensor(t, device=grid_thw.device), dim=0)
+    pieces[:, 0] = 1
+    return [(starts[a], starts[b], pieces[a:b], (starts[b] - starts[a]) // merge ** 2)
+            for a, b in zip(cut, cut[1:])]
+
+
+def split_frames(shard: SequenceShard, merge: int, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The vision tower's input cut to this rank's pieces (`frame_split`; a forward
+    pre-hook). Unsplit, each rank would run the whole tower on the whole micro-batch."""
+    plan = frame_split(kwargs["grid_thw"], shard.size, merge)
+    shard.frames = None if plan is None else [merged for *_, merged in plan]
+    if plan is None:  # fewer frames than ranks: every rank runs them all
+        return args, kwargs
+    start, end, grids, _ = plan[shard.index]
+    return (args[0][start:end], *args[1:]), dict(kwargs, grid_thw=grids)
+
+
+def gather_frames(shard: SequenceShard, output):
+    """The tower's merged tokens (and Qwen3-VL's DeepStack features) of all ranks'
+    pieces, in order, on every rank (a forward hook)."""
+    if shard.frames is None:
+        return output
+    output.pooler_output = _GatherRows.apply(output.pooler_output, shard.frames, shard.index, shard.group)
+    if getattr(output, "deepstack_features", None):
+        output.deepstack_features = [_GatherRows.apply(f, shard.frames, shard.index, shard.group)
+                                     for f in output.deepstack_features]
+    return output
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows (`sizes[r]` of them on rank r) concatenated in rank order. The
+    gradient of a rank's rows is the sum over the group of the gradients of its part:
+    each rank's loss reads all of them."""
+
+    @staticmethod
+    def forward(ctx, x, sizes, index, group):
+        ctx.sizes, ctx.index, ctx.group = sizes, index, group
+        padded = x.new_zeros(max(sizes), *x.shape[1:])
+        padded[:len(x)] = x
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded.contiguous(), group=group)  # SYNC step/forward-backward
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)  # SYNC step/forward-backward
+        start = sum(ctx.sizes[:ctx.index])
+        return grad[start:start + ctx.sizes[ctx.index]], None, None, None
 
 
 def segment_mask(text_positions: torch.Tensor) -> torch.Tensor | None:

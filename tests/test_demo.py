@@ -177,6 +177,18 @@ def test_demo_answers_held_out_questions(family, tiny_family_dir, tmp_path):
 
 
 @pytest.mark.slow
+def test_demo_learns_with_sequence_parallelism(tiny_family_dir, tmp_path):
+    """The demo with its 2 ranks in one sequence-parallel group, each running the language
+    model on half of every row's tokens; 8 rows per micro-batch keep the demo's global
+    batch (and so its data order). The same bar as without the split."""
+    groups = demo(tmp_path, tiny_family_dir("qwen2_5_vl", "real"), SHAPES, "parallel.sequence_parallel_size=2",
+                  "train.per_device_train_batch_size=8")
+    assert set(groups) == {"colour", "position", "motion"}
+    for kind, g in groups.items():
+        assert g["accuracy"] >= 0.9, (kind, groups)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("family", DEMO_FAMILIES)
 def test_control_stays_at_chance(family, tiny_family_dir, tmp_path):
     make_shapes().make(tmp_path / "control", control=True)

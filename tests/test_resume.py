@@ -188,6 +188,29 @@ def test_exact_resume_with_packing(tiny_model_dir, data, tmp_path):
     assert_same_weights(weights(resumed), weights(tmp_path / "straight"))
 
 
+def test_exact_resume_with_sequence_parallelism(tiny_model_dir, data, tmp_path):
+    """parallel.sequence_parallel_size=2 on 2 ranks (one group reading the global batch of
+    2: batch 1 x accumulation 2) stops at step 2 (mid-epoch) and resumes: the straight
+    run's losses and weights. The same checkpoint continues on 1 rank without the split:
+    the data position counts groups, so the steps hold the same samples, up to float
+    rounding."""
+    args = ("parallel.sequence_parallel_size=2", "train.max_steps=4", "train.save_steps=2")
+    straight, resumed, one = tmp_path / "straight", tmp_path / "resumed", tmp_path / "one"
+    run(straight, tiny_model_dir, data, *args)
+    step2 = straight / "checkpoints" / "step-2"
+    assert 0 < train_state(step2)["epoch_steps"] < 6  # 12 rows, 2 a step: mid-epoch
+    second = start(resumed, tiny_model_dir, data, *args, f"train.resume={step2}")
+    log = run(one, tiny_model_dir, data, *args, "parallel.sequence_parallel_size=1", f"train.resume={step2}",
+              nproc=1)
+    wait(second)
+    assert "resumed on 1 rank a run of 2: global batch 2" in log
+    want = losses(straight)
+    for out, tol in ((resumed, 1e-6), (one, 1e-5)):
+        got = losses(out)
+        assert sorted(got) == [3, 4] and all(got[s] == pytest.approx(want[s], abs=tol) for s in got), out.name
+        assert_same_weights(weights(out), weights(straight), tol=tol)
+
+
 @pytest.mark.parametrize("backend, optim", [("fsdp1", "adafactor"), ("fsdp2", "adamw")])
 def test_resume_on_another_number_of_ranks(backend, optim, tiny_model_dir, data, tmp_path):
     """2 ranks x accumulation 3 stop at step 3 (mid-epoch) and continue on 3 ranks x

@@ -1,8 +1,9 @@
 """Sequence parallelism (`ft.sequence`): the head split and its refusals, the packed
-rows' mask, the collator's row lengths (fast); and on 2 gloo ranks, the Ulysses
-attention against one process's sdpa on the whole sequence, and each family's loss and
-gradients with the language model split over 2 ranks against one process on the same
-rows: a long video row, a row with two images and a text-only row, padded and packed."""
+rows' mask, the frame split (fast); and on 2 gloo ranks, the Ulysses attention against
+one process's sdpa on the whole sequence, the vision tower split by frames against one
+process's, and each family's loss and gradients with the model split over 2 ranks
+against one process on the same rows: a long video row, a row with two images and a
+text-only row, padded and packed."""
 
 import json
 import os
@@ -83,6 +84,19 @@ def test_shard_local_takes_the_rank_s_slice_and_refuses_an_uneven_row():
     assert sequence.SequenceShard(3, 1, None, "sdpa").local(t).tolist() == [[2, 3], [8, 9]]
     with pytest.raises(RuntimeError, match="does not split over 4 ranks"):
         sequence.SequenceShard(4, 0, None, "sdpa").local(t)
+
+
+def test_frame_split_deals_temporal_patches_in_order_and_evenly():
+    # A 6-temporal-patch video of 4 x 4 patches, then an image of 2 x 4: 8 pieces, 104 patch rows.
+    grid = torch.tensor([[6, 4, 4], [1, 2, 4]])
+    plan = sequence.frame_split(grid, 2, merge=2)
+    assert [(start, end) for start, end, _, _ in plan] == [(0, 48), (48, 104)]
+    assert plan[0][2].tolist() == [[1, 4, 4]] * 3
+    assert plan[1][2].tolist() == [[1, 4, 4]] * 3 + [[1, 2, 4]]
+    assert [merged for *_, merged in plan] == [12, 14]  # 2 x 2 patches merge into one token
+    four = sequence.frame_split(grid, 4, merge=2)
+    assert [end - start for start, end, _, _ in four] == [32, 16, 32, 24] and four[-1][1] == 104
+    assert sequence.frame_split(torch.tensor([[1, 4, 4]]), 2, merge=2) is None  # one frame: not split
 
 
 def _rows(data_dir):
@@ -188,7 +202,19 @@ def _model_worker(rank, world, port, rows_file, dirs, out_dir):
         reference = read_family(model_dir).model_class().from_pretrained(model_dir, dtype=torch.float32)
         split = read_family(model_dir).model_class().from_pretrained(model_dir, dtype=torch.float32)
         sequence.apply(split, info, "sdpa")
-        for kind, batch in _batches(model_dir, rows_file, world).items():
+        batches = _batches(model_dir, rows_file, world)
+        with torch.no_grad():  # the tower alone: the video's 12 temporal patches, the row's 2 images
+            worst = 0.0
+            for pixels, grid in (("pixel_values_videos", "video_grid_thw"), ("pixel_values", "image_grid_thw")):
+                want, got = (m.model.visual(batches["padded"][pixels], grid_thw=batches["padded"][grid],
+                                            return_dict=True) for m in (reference, split))
+                pairs = [(want.pooler_output, got.pooler_output)]
+                pairs += list(zip(getattr(want, "deepstack_features", None) or [],
+                                  getattr(got, "deepstack_features", None) or []))
+                assert all(a.shape == b.shape for a, b in pairs), family
+                worst = max([worst] + [((a - b).abs().max() / a.abs().max().clamp(min=1)).item() for a, b in pairs])
+            result[family, "vision"] = (worst, split.ft_sequence_shard.frames)
+        for kind, batch in batches.items():
             runs = {}
             for name, model in (("reference", reference), ("split", split)):
                 model.zero_grad()
@@ -199,7 +225,7 @@ def _model_worker(rank, world, port, rows_file, dirs, out_dir):
                     s, n = s.detach().clone(), torch.tensor(float(n))
                     for t in [s, n, *grads.values()]:
                         torch.distributed.all_reduce(t)
-                runs[name] = (float(s), int(n), grads)
+                runs[name] = (s.item() if name == "split" else s.detach().item(), int(n), grads)
             result[family, kind] = runs
     if rank == 0:
         torch.save(result, os.path.join(out_dir, "models.pt"))
@@ -216,6 +242,11 @@ def test_two_ranks_split_the_language_model_like_one_process(tiny_family_dir, ro
     dirs = {family: tiny_family_dir(family) for family in FAMILIES}
     mp.spawn(_model_worker, args=(2, free_port(), rows_file, dirs, str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "models.pt")
+    for family in FAMILIES:  # the vision tower split by frames: each rank ran its half, gathered in order
+        worst, frames = result.pop((family, "vision"))
+        assert frames is not None and len(frames) == 2 and min(frames) > 0, family  # the split happened
+        assert worst <= 1e-6, f"{family}: the tower's gathered outputs differ from one process's by {worst:.2e} " \
+                              "of their largest magnitude"
     for (family, kind), runs in result.items():
         (loss, n, grads), (sp_loss, sp_n, sp_grads) = runs["reference"], runs["split"]
         what = f"{family} {kind}"
