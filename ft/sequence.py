@@ -156,7 +156,9 @@ def shard_of(hf_model) -> SequenceShard | None:
 def split_inputs(shard: SequenceShard, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The language model's inputs cut to this rank's slice of the tokens (a forward
     pre-hook). The packed rows' attention mask is built here, from the whole row."""
-    embeds, positions = kwargs["inputs_embeds"], kwargs["position_ids"]
+    embeds, positions = kwargs["inputs_embeds"], kwargs.get("position_ids")
+    if positions is None:  # no vision input: the positions the language model would take, 0 to L-1
+        positions = torch.arange(embeds.shape[1], device=embeds.device).expand(3, embeds.shape[0], -1)
     shard.mask = segment_mask(positions[0]) if positions.dim() == 3 and positions.shape[0] == 4 else None
     kwargs = dict(kwargs, inputs_embeds=shard.local(embeds, 1), position_ids=shard.local(positions, -1),
                   attention_mask=None)

@@ -86,6 +86,21 @@ def test_shard_local_takes_the_rank_s_slice_and_refuses_an_uneven_row():
         sequence.SequenceShard(4, 0, None, "sdpa").local(t)
 
 
+def test_split_inputs_takes_the_rank_s_tokens_with_their_global_positions_and_deepstack_rows():
+    shard = sequence.SequenceShard(2, 1, None, "sdpa")
+    embeds = torch.arange(12.0).view(1, 6, 2)
+    visual = torch.tensor([[False, True, True, False, True, True]])
+    deepstack = [torch.arange(4.0)[:, None].expand(4, 2)]  # one row per vision token, in order
+    _, kw = sequence.split_inputs(shard, (), {"inputs_embeds": embeds, "position_ids": None,
+                                              "attention_mask": torch.ones(1, 6), "visual_pos_masks": visual,
+                                              "deepstack_visual_embeds": deepstack})
+    assert torch.equal(kw["inputs_embeds"], embeds[:, 3:]) and kw["attention_mask"] is None
+    assert kw["position_ids"].tolist() == [[[3, 4, 5]]] * 3  # not 0, 1, 2: the row's positions
+    assert kw["visual_pos_masks"].tolist() == [[False, True, True]]
+    assert kw["deepstack_visual_embeds"][0][:, 0].tolist() == [2.0, 3.0]  # the row's 3rd and 4th vision tokens
+    assert shard.mask is None
+
+
 def test_frame_split_deals_temporal_patches_in_order_and_evenly():
     # A 6-temporal-patch video of 4 x 4 patches, then an image of 2 x 4: 8 pieces, 104 patch rows.
     grid = torch.tensor([[6, 4, 4], [1, 2, 4]])
