@@ -269,5 +269,7 @@ def test_two_ranks_split_the_language_model_like_one_process(tiny_family_dir, ro
         assert sp_loss == pytest.approx(loss, rel=1e-6, abs=1e-5), what
         assert grads.keys() == sp_grads.keys(), what
         assert any(k.startswith("model.visual") for k in grads), what  # the vision tower learns through the split
-        worst = max((grads[k] - sp_grads[k]).abs().max().item() for k in grads)
-        assert worst <= 1e-5, f"{what}: gradients differ by {worst:.2e}"
+        # Each gradient within 1e-5 of its largest entry (at least 1e-5), as conftest's
+        # assert_same_loss_and_grads: the split sums the same terms in another order.
+        worst = max(((grads[k] - sp_grads[k]).abs().max() / grads[k].abs().max().clamp(min=1)).item() for k in grads)
+        assert worst <= 1e-5, f"{what}: gradients differ by {worst:.2e} of their largest entry"
