@@ -146,7 +146,7 @@ def _batches(model_dir, rows_file, multiple):
 
 def _attention_worker(rank, world, port, out_dir):
     """Ulysses attention against sdpa on the whole sequence, with 1 key/value head (so
-    it is repeated to split) and with a packed row's mask."""
+    it is repeated to split), with a packed row's mask, and through the flash path."""
     _join(rank, world, port)
     info = sequence.grouped(DistInfo(rank, world, rank, torch.device("cpu")), world)
     shard = sequence.SequenceShard(world, rank, sequence.new_group(info), "sdpa", kv_repeat=2)
@@ -162,6 +162,26 @@ def _attention_worker(rank, world, port, out_dir):
         out, _ = sequence.attention(shard, module, *local, None, scaling=d ** -0.5)
         (out * shard.local(_weights(b, length, hq, d), 1)).sum().backward()
         result[name] = {"out": out.detach(), "grads": [t.grad for t in local]}
+    # flash-attention's path on the packed row 0, its kernel stood in by per-sample sdpa
+    # (no flash-attn on a CPU): the kernel gets the whole row and the collator's cu_seq_lens,
+    # and not this rank's slice of the positions.
+    shard.kernel, shard.mask = "flash_attention_2", None
+    cu = torch.tensor([0, 5, 9, 12], dtype=torch.int32)
+
+    def flash(module, q_, k_, v_, mask, scaling=None, cu_seq_lens_q=None, **kwargs):
+        assert mask is None and "position_ids" not in kwargs and q_.shape[2] == length
+        k_, v_ = (t.repeat_interleave(q_.shape[1] // t.shape[1], 1) for t in (k_, v_))
+        bounds = cu_seq_lens_q.tolist()
+        parts = [F.scaled_dot_product_attention(q_[:, :, a:e], k_[:, :, a:e], v_[:, :, a:e], is_causal=True,
+                                                scale=scaling) for a, e in zip(bounds, bounds[1:])]
+        return torch.cat(parts, 2).transpose(1, 2), None
+
+    sequence.flash_attention_forward = flash  # this worker process only
+    local = [shard.local(t[:1], 2).detach().requires_grad_() for t in (q, k, v)]
+    out, _ = sequence.attention(shard, module, *local, None, scaling=d ** -0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                                max_length_q=5, max_length_k=5, position_ids=shard.local(positions[:1], -1))
+    (out * shard.local(_weights(1, length, hq, d), 1)).sum().backward()
+    result["flash"] = {"out": out.detach(), "grads": [t.grad for t in local]}
     torch.save(result, os.path.join(out_dir, f"attention{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -188,13 +208,13 @@ def test_ulysses_attention_equals_sdpa_on_the_whole_sequence(tmp_path):
     q, k, v = (torch.randn(b, h, length, d, dtype=torch.float64, requires_grad=True) for h in (hq, hkv, hkv))
     positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2], list(range(12))])
     ranks = [torch.load(tmp_path / f"attention{r}.pt") for r in range(2)]
-    for name, mask in (("causal", None), ("packed", sequence.segment_mask(positions))):
-        for t in (q, k, v):
-            t.grad = None
+    packed = sequence.segment_mask(positions)
+    for name, rows, mask in (("causal", b, None), ("packed", b, packed), ("flash", 1, packed[:1])):
+        q, k, v = (t[:rows].detach().requires_grad_() for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k.repeat_interleave(hq, 1), v.repeat_interleave(hq, 1),
                                              attn_mask=mask, is_causal=mask is None, scale=d ** -0.5)
         out = out.transpose(1, 2)  # transformers' output layout [B, L, H, D]
-        (out * _weights(b, length, hq, d)).sum().backward()
+        (out * _weights(rows, length, hq, d)).sum().backward()
         # Each rank holds its half of the tokens and weighs it as the whole output's
         # half: the gradients of the halves are the whole one's halves.
         got = torch.cat([r[name]["out"] for r in ranks], dim=1)
