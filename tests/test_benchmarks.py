@@ -201,3 +201,23 @@ def test_shaped_config_keeps_layer_shapes():
     short = build_model.shaped_config(Path(__file__).resolve().parent.parent / "configs/qwen2_5_vl_3b/config.json",
                                       text_layers=None, vision_depth=4)
     assert short.text_config.num_hidden_layers == 36 and short.vision_config.fullatt_block_indexes == [3]
+
+
+# slow: the benchmark starts a process per SP size (torchrun and 2 gloo ranks for SP=2)
+@pytest.mark.slow
+def test_sequence_parallel_benchmark_runs_tiny(capsys):
+    """benchmarks/sequence.py end to end at tiny sizes (the 3B's widths, 1 decoder layer,
+    1 vision block, a 2,048-row vocabulary, 256 tokens): both runs finish, the table
+    prints, and splitting the row over 2 ranks lowers the activation peak per rank."""
+    sequence = load("sequence")
+    rows = sequence.main(["--sp", "1", "2", "--tokens", "256", "--video-tokens", "64", "--frame-side", "8",
+                          "--labels", "32", "--text-layers", "1", "--vision-depth", "1", "--vocab", "2048"])
+    out = capsys.readouterr().out
+    assert "| SP | ranks | tokens per rank | live-tensor peak per rank GiB |" in out
+    assert "190 text (the last 32 labelled) + 2 vision markers + 64 video tokens" in out
+    one, two = rows
+    assert (one["sp"], one["ranks"], one["tokens_per_rank"]) == (1, 1, 256)
+    assert (two["sp"], two["ranks"], two["tokens_per_rank"]) == (2, 2, 128)
+    assert 0 < two["activation_gib"] < one["activation_gib"]
+    assert one["live_peak_gib"] == pytest.approx(one["baseline_gib"] + one["activation_gib"])
+    assert f"| 2 | 2 | 128 | {two['live_peak_gib']:.2f} |" in out
