@@ -439,6 +439,8 @@ def test_sequence_parallel_equals_unsharded(tiny_model_dir, dataset, ref, tmp_pa
     for name, out in runs.items():
         _assert_matches_reference(out, ref, name)
     plain = launch(tmp_path, tiny_model_dir, dataset, 2, "train.per_device_train_batch_size=1")
+    assert [r["loss"] for r in read_metrics(runs["4 ranks, 2 groups, batch 1"])[0]] == pytest.approx(
+        [r["loss"] for r in read_metrics(plain)[0]], abs=1e-5)  # and directly: 2 groups of 2 == 2 ranks
     tokens = [r["tokens_per_s"] * r["step_time_s"] for r in read_metrics(plain)[0]]
     for name, out in runs.items():  # tokens counted once, not once per rank of a group
         assert [r["tokens_per_s"] * r["step_time_s"] for r in read_metrics(out)[0]] == pytest.approx(tokens), name
