@@ -154,7 +154,8 @@ def build_data(cfg, info: dist.DistInfo, processor) -> TrainData:
 
 def run_shape(cfg, world_size: int, train_rows: int) -> dict:
     """What a checkpoint's data position means depends on these; resume refuses a change,
-    except of how the global batch is split (ckpt.check_run_shape)."""
+    except of how the global batch is split (ckpt.check_run_shape). `world_size`: the
+    ranks that read distinct rows (the sequence-parallel groups: `DistInfo.data_world`)."""
     return {
         "world_size": world_size, "per_device_train_batch_size": cfg.train.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps, "seed": cfg.train.seed,
