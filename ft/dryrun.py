@@ -9,8 +9,10 @@ It is also the fit check of a run config: given the YAML file a run would use (p
 `section.key=value` overrides, as `./launch.sh` and `python -m ft.loop` take them), it
 reads model.path, the freeze_* switches, train.optim, train.precision,
 fsdp.activation_checkpointing, train.loss_chunk_size and the micro-batch's tokens from
-it, adds an activation estimate (`estimate_activations`) to the memory table and says
-whether a rank fits in `--gpu-memory-gib` (80 by default):
+it, adds an activation estimate (`ft.activations.estimate_activations`) to the memory
+table and says whether a rank fits in `--gpu-memory-gib` (80 by default). With
+parallel.sequence_parallel_size N (`--sequence-parallel N`) the activations are one
+rank's of a group of N sharing each micro-batch (`ft.sequence`):
 
     python -m ft.dryrun configs/example_qwen2_5_vl_7b.yaml --world-size 8 train.optim=adamw
 
@@ -30,10 +32,13 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from ft import sequence
+from ft.activations import ActivationEstimate, estimate_activations, format_activations
 from ft.backends import BACKENDS, DEFAULT
 from ft.config import Config, ConfigError, TrainConfig, field_choices
 from ft.config_load import load_config
-from ft.families import MoeShape, family_of, head_dim, read_family
+from ft.dist import DistInfo
+from ft.families import family_of, read_family
 from ft.fsdp_wrap import Unit, fmt_bytes, fmt_count, format_plan, per_rank_numel, plan_units, root_members
 from ft.optim import OPTIMIZERS
 from ft.parts import PARTS, apply_freezing
@@ -135,192 +140,8 @@ def format_memory(est: MemoryEstimate, act: "ActivationEstimate | None" = None) 
 
 
 # =====================================================================================
-# Activations per micro-batch, and the fit check
+# The fit check: activations (ft.activations) added to the table, and a verdict
 # =====================================================================================
-PATCHES_PER_TOKEN_ASSUMED = "every token an image token"
-
-
-class ActivationEstimate(NamedTuple):
-    """Bytes per rank alive at the peak of one micro-batch's forward + backward, besides
-    the parameter, gradient and optimizer shards of MemoryEstimate."""
-
-    tokens: int
-    vision_patches: int
-    patches_assumed: bool  # True: vision_patches is this module's assumption, not given
-    precision: str
-    checkpointing: bool
-    decoder_inputs: int  # the checkpointed input of every decoder layer
-    vision_inputs: int  # the checkpointed input of every vision block (0: tower frozen)
-    recompute: int  # one layer's intermediates while it is recomputed and backpropagated
-    recompute_of: str  # "decoder layer" or "vision block", the larger
-    loss: int  # one chunk of the chunked loss, forward or backward
-    loss_rows: int
-    other: int  # embeddings, final norm, the label rows fed to the loss and their gradient
-    grad_buffers: int  # unsharded compute-dtype gradients: the root's, and one unit's
-    without_checkpointing: int  # the same total with every layer's intermediates kept
-    routing: int = 0  # MoE: every MoE layer's router logits and probabilities, for the balancing loss
-
-    @property
-    def total(self) -> int:
-        # The loss runs (forward and backward) before any layer is recomputed: the two
-        # peaks are at different times, so the larger one counts.
-        stored = self.decoder_inputs + self.vision_inputs + self.other + self.routing
-        return stored + max(self.recompute, self.loss) + self.grad_buffers if self.checkpointing \
-            else self.without_checkpointing
-
-
-def _decoder_layer_bytes(text, tokens: int, cb: int, moe: MoeShape | None = None) -> int:
-    """Intermediates one decoder layer keeps for its backward (sdpa): its normed input,
-    q, k, v, the rotated q and k, the attention output; the MLP's normed input, gate,
-    up, act(gate) and act(gate) * up, and the gradients of gate and up, alive together
-    in the MLP's backward (its peak); in the compute dtype.
-
-    A mixture-of-experts MLP (`moe`: the layer is one of `moe.layers`) runs that gated
-    MLP, `moe.intermediate` wide, once per token and chosen expert: top_k times per
-    token, not intermediate_size wide. Each of those runs also holds its own copy of the
-    token (gathered by expert), the expert's output (kept for the product with the
-    routing weight) and that product's gradient; the router adds `_router_bytes`."""
-    q = text.num_attention_heads * head_dim(text)
-    kv = text.num_key_value_heads * head_dim(text)
-    attention = text.hidden_size + 2 * (q + kv) + kv + q
-    if moe is None:
-        return tokens * (attention + text.hidden_size + 6 * text.intermediate_size) * cb
-    routes = moe.top_k * (3 * text.hidden_size + 6 * moe.intermediate)
-    return tokens * (attention + text.hidden_size + routes) * cb + _router_bytes(moe, tokens, cb)
-
-
-def _router_bytes(moe: MoeShape, tokens: int, cb: int) -> int:
-    """One MoE layer's routing tensors: the router logits [tokens, experts] in the
-    compute dtype and their softmax in fp32; per token and chosen expert, the top-k
-    probability and its renormalised value (fp32), the routing weight in the compute
-    dtype and its copy sorted by expert, and four int64 indices (the chosen expert, the
-    sorted expert, the sort's permutation and its inverse: transformers' grouped_mm
-    experts kernel, the default on a GPU)."""
-    return tokens * (moe.experts * (cb + 4) + moe.top_k * (4 + 4 + 2 * cb + 4 * 8))
-
-
-def _decoder_layers(config, tokens: int, cb: int) -> tuple[int, int, int]:
-    """(one decoder layer's intermediates, the largest kind's; all layers' together;
-    what the load-balancing loss (`ft.moe`) keeps of every MoE layer: the router logits
-    in the compute dtype, held by `tap_routers` until the forward ends, and their fp32
-    softmax, held until the backward; both counted, an upper bound, and counted even
-    when train.router_aux_loss_coef is 0). The MoE layers are the family's
-    (`ft.families.Family.moe_shape`); the others are dense."""
-    text = getattr(config, "text_config", config)
-    moe = family_of(config).moe_shape(text)
-    sparse = len(moe.layers) if moe else 0
-    dense = text.num_hidden_layers - sparse
-    dense_layer = _decoder_layer_bytes(text, tokens, cb) if dense else 0
-    sparse_layer = _decoder_layer_bytes(text, tokens, cb, moe) if sparse else 0
-    routing = sparse * tokens * moe.experts * (cb + 4) if sparse else 0
-    return max(dense_layer, sparse_layer), dense * dense_layer + sparse * sparse_layer, routing
-
-
-def _vision_block_bytes(shape, patches: int, cb: int) -> int:
-    """The same for one vision block (`shape`: `ft.families.VisionShape`): normed input,
-    qkv, rotated q and k (rotated in fp32, then cast back), attention output; normed
-    input, then a gated MLP's gate, up, act, product and the gradients of gate and up
-    (Qwen2.5-VL), or a plain MLP's fc1 output, its activation and fc1's gradient."""
-    h, i = shape.width, shape.intermediate
-    mlp = h + (6 if shape.mlp_matrices == 3 else 3) * i
-    return patches * ((h + 3 * h + 2 * h + h) * cb + 2 * h * 4 + mlp * cb)
-
-
-def _vision_trains(units: list[Unit]) -> bool:
-    """Whether backward runs through the vision tower: it trains or recomputes blocks."""
-    return any(u.recompute or u.trainable_numel for u in units if "vision_tower" in u.parts)
-
-
-def _grad_buffers(units: list[Unit], cb: int) -> int:
-    """The unsharded compute-dtype gradients FSDP1 holds until reduce-scatter: the
-    root's (for the whole backward) and the largest other trainable unit's."""
-    root, others = units[-1], units[:-1]
-    largest = max((u.numel for u in others if u.trainable_numel), default=0)
-    return ((root.numel if root.trainable_numel else 0) + largest) * cb
-
-
-def estimate_activations(
-    config,
-    units: list[Unit],
-    tokens: int,
-    precision: str,
-    checkpointing: bool = True,
-    loss_chunk_size: int = 1024,
-    vision_patches: int | None = None,
-) -> ActivationEstimate:
-    """Activation memory of one micro-batch of `tokens` tokens (all of them labelled,
-    the worst case), for the model of `config` (a family's ...Config) planned as `units`.
-
-    With activation checkpointing: the input of every decoder layer (tokens x hidden)
-    and of every vision block (patches x vision hidden), kept from forward to backward;
-    plus, at the peak, one layer's intermediates while it is recomputed and
-    backpropagated (the larger of a decoder layer and a vision block) or, earlier in
-    the step, the chunked loss's live chunk (its logits in the compute dtype, their fp32
-    copy and one fp32 temporary: rows x vocab x (bytes + 8), the forward's peak; see
-    ft.model._ChunkedCrossEntropySum), whichever is larger; the embeddings, final norm
-    and label rows; and the unsharded gradient buffers (`_grad_buffers`). Vision
-    patches: `vision_patches`, else assumed to be every token an image token, each
-    merged from spatial_merge_size**2 (4) patches (an upper bound for an image-heavy
-    batch). A frozen vision tower that backward never reaches keeps nothing. An MoE
-    layer counts the MLPs of the top_k experts a token is routed to, not of all experts,
-    and its routing (`_decoder_layers`); estimate_memory counts all experts' weights.
-    """
-    cb = 2 if precision == "bf16" else 4
-    text = getattr(config, "text_config", config)
-    vision = config.vision_config
-    shape = family_of(config).vision_shape(vision)
-    assumed = vision_patches is None
-    if assumed:
-        vision_patches = tokens * vision.spatial_merge_size**2
-    vision_trains = _vision_trains(units)
-    vision_depth = vision.depth if vision_trains else 0
-    hidden, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
-    decoder_layer, decoder_layers, routing = _decoder_layers(config, tokens, cb)
-    vision_block = _vision_block_bytes(shape, vision_patches, cb) if vision_trains else 0
-    if decoder_layer >= vision_block:
-        recompute, recompute_of = decoder_layer, "decoder layer"
-    else:
-        recompute, recompute_of = vision_block, "vision block"
-    rows = min(loss_chunk_size or tokens, tokens)
-    loss = rows * vocab * (cb + 8)
-    # inputs_embeds and its image-filled copy; the final norm's fp32 upcast and output;
-    # the label rows handed to the loss and their gradient; Qwen3-VL's DeepStack
-    # features, one per extra merger, added to the first decoder layers' outputs.
-    merged = vision_patches // vision.spatial_merge_size**2
-    other = tokens * hidden * (4 * cb + 4) + (shape.mergers - 1) * merged * hidden * cb
-    grad_buffers = _grad_buffers(units, cb)
-    without = decoder_layers + routing + vision_depth * vision_block + loss + other + grad_buffers
-    return ActivationEstimate(
-        tokens=tokens, vision_patches=vision_patches, patches_assumed=assumed, precision=precision,
-        checkpointing=checkpointing, decoder_inputs=layers * tokens * hidden * cb,
-        vision_inputs=vision_depth * vision_patches * shape.width * cb, recompute=recompute,
-        recompute_of=recompute_of, loss=loss, loss_rows=rows, other=other, grad_buffers=grad_buffers,
-        without_checkpointing=without, routing=routing,
-    )
-
-
-def format_activations(act: ActivationEstimate) -> str:
-    patches = f"{act.vision_patches} vision patches"
-    if act.patches_assumed:
-        patches += " (assumed: every token an image token x 4 patches; --vision-patches to set)"
-    if not act.checkpointing:
-        return (f"  {'activations':<11} {fmt_bytes(act.total):>10}  {act.tokens} tokens, {patches}; "
-                "no activation checkpointing: every layer's intermediates kept")
-    parts = [
-        f"inputs of every decoder layer {fmt_bytes(act.decoder_inputs)}",
-        f"of every vision block {fmt_bytes(act.vision_inputs)}" if act.vision_inputs
-        else "vision tower frozen: none",
-        f"the larger of one {act.recompute_of} recomputed {fmt_bytes(act.recompute)} "
-        f"and the loss chunk ({act.loss_rows} rows) {fmt_bytes(act.loss)}",
-        f"embeddings/norm/label rows {fmt_bytes(act.other)}",
-        *([f"MoE router logits/probabilities of every MoE layer {fmt_bytes(act.routing)}"] if act.routing else []),
-        f"unsharded grads {fmt_bytes(act.grad_buffers)}",
-    ]
-    return (f"  {'activations':<11} {fmt_bytes(act.total):>10}  {act.tokens} tokens, {patches}, "
-            f"checkpointed: " + "; ".join(parts)
-            + f" (without checkpointing: {fmt_bytes(act.without_checkpointing)})")
-
-
 def fit_verdict(total: int, gpu_bytes: int, suggestions: list[str]) -> str:
     spare = gpu_bytes - total
     if spare >= 0:
@@ -360,6 +181,8 @@ class _Plan(NamedTuple):
     tokens_why: str
     loss_chunk_size: int
     backend: str = DEFAULT
+    sequence_parallel: int = 1  # parallel.sequence_parallel_size
+    attn_implementation: str = "sdpa"
 
 
 def _is_run_config(path: str) -> bool:
@@ -382,6 +205,8 @@ def _flag_overrides(args) -> list[str]:
             if getattr(args, key)]
     if args.no_activation_checkpointing:
         out.append("fsdp.activation_checkpointing=false")
+    if args.sequence_parallel is not None:
+        out.append(f"parallel.sequence_parallel_size={args.sequence_parallel}")
     return out
 
 
@@ -415,59 +240,87 @@ def _resolve(args, parser) -> _Plan:
     precision = cfg.train.precision
     return _Plan(cfg.model.path, {p.freeze_field: getattr(cfg.model, p.freeze_field) for p in PARTS},
                  cfg.train.optim, "bf16" if precision == "auto" else precision, cfg.train.master_weights,
-                 cfg.fsdp.activation_checkpointing, tokens, why, cfg.train.loss_chunk_size, cfg.fsdp.backend)
+                 cfg.fsdp.activation_checkpointing, tokens, why, cfg.train.loss_chunk_size, cfg.fsdp.backend,
+                 cfg.parallel.sequence_parallel_size, cfg.model.attn_implementation)
+
+
+def check_sequence(config, size: int, world: int, kernel: str = "sdpa") -> None:
+    """Raise ConfigError where a run would refuse parallel.sequence_parallel_size `size`
+    at `world` ranks for the model of `config` under attention `kernel`: the run's own
+    checks (`ft.sequence.grouped`, `ft.sequence.check`)."""
+    if size == 1:
+        return
+    sequence.grouped(DistInfo(0, world, 0, torch.device("cpu")), size)
+    sequence.check(config, size, kernel)
+
+
+def sequence_sizes(config, world: int, kernel: str = "sdpa") -> list[int]:
+    """Every parallel.sequence_parallel_size a run of `world` ranks accepts for the model
+    of `config` (`check_sequence`), smallest first; [1] at least."""
+    sizes = []
+    for size in range(1, world + 1):
+        try:
+            check_sequence(config, size, world, kernel)
+        except ConfigError:
+            continue
+        sizes.append(size)
+    return sizes
+
+
+def _total(model, units, plan: _Plan, world: int, patches) -> int:
+    """plan_total of `plan` at `world` ranks, activations included."""
+    est = estimate_memory(units, world, plan.optim, plan.precision, plan.master_weights, plan.backend)
+    act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
+                               plan.loss_chunk_size, patches, plan.sequence_parallel)
+    return plan_total(est, act)
+
+
+def _most_tokens(fits, plan: _Plan, vision_patches) -> int:
+    """The most tokens per micro-batch that fit (`fits(tokens=, patches=)`), by
+    bisection to 64 tokens, vision patches scaled with them; 0: under 64."""
+    low, high = 0, plan.tokens
+    while high - low > 64:
+        mid = (low + high) // 2
+        patches = None if vision_patches is None else vision_patches * mid // plan.tokens
+        low, high = (mid, high) if fits(tokens=mid, patches=patches) else (low, mid)
+    return low // 64 * 64
 
 
 def _suggestions(model, units, plan: _Plan, world: int, gpu_bytes: int, vision_patches) -> list[str]:
-    """What would make a plan that does not fit, fit: more ranks, freezing, fewer tokens."""
-    def total(world_size: int, units_=units, tokens=plan.tokens, patches=vision_patches) -> int:
-        est = estimate_memory(units_, world_size, plan.optim, plan.precision, plan.master_weights, plan.backend)
-        act = estimate_activations(model.config, units_, tokens, plan.precision, plan.checkpointing,
-                                   plan.loss_chunk_size, patches)
-        return plan_total(est, act)
+    """What would make a plan that does not fit, fit: more ranks, a larger sequence-parallel
+    group (one the heads and the world size allow), bf16 weights, ft's Adafactor,
+    freezing, checkpointing, fewer tokens."""
+    def fits(world_=world, units_=units, patches=vision_patches, **changes) -> bool:
+        return _total(model, units_, plan._replace(**changes), world_, patches) <= gpu_bytes
 
     out = []
-    more = next((w for w in (world * 2**k for k in range(1, 8)) if total(w) <= gpu_bytes), None)
+    more = next((w for w in (world * 2**k for k in range(1, 8)) if fits(w)), None)
     if more:
         out.append(f"--world-size {more}")
-    elif total(world * 2**7) > gpu_bytes:
+    elif not fits(world * 2**7):
         out.append("more ranks alone do not help (activations and gathered units do not shrink)")
-    if plan.optim != "adafactor":
-        est = estimate_memory(units, world, "adafactor", plan.precision, plan.master_weights, plan.backend)
-        act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
-                                   plan.loss_chunk_size, vision_patches)
-        if plan_total(est, act) <= gpu_bytes:
-            out.append("train.optim=adafactor")
+    larger = [n for n in sequence_sizes(model.config, world, plan.attn_implementation) if n > plan.sequence_parallel]
+    size = next((n for n in larger if fits(sequence_parallel=n)), None)
+    if size:
+        out.append(f"parallel.sequence_parallel_size={size} (--sequence-parallel {size})")
+    if plan.optim != "adafactor" and fits(optim="adafactor"):
+        out.append("train.optim=adafactor")
     if plan.master_weights == "fp32":
         optim = "adafactor" if plan.optim == "hf_adafactor" else plan.optim
-        est = estimate_memory(units, world, optim, plan.precision, "bf16", plan.backend)
-        act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
-                                   plan.loss_chunk_size, vision_patches)
-        if plan_total(est, act) <= gpu_bytes:
+        if fits(optim=optim, master_weights="bf16"):
             out.append("train.master_weights=bf16" + (" train.optim=adafactor" if optim != plan.optim else ""))
     if not plan.freeze["freeze_vision_tower"]:
         frozen = dict(plan.freeze, freeze_vision_tower=True)
         if not all(frozen.values()):
             apply_freezing(model, argparse.Namespace(**frozen))
-            if total(world, plan_units(model)) <= gpu_bytes:
+            if fits(units_=plan_units(model)):
                 out.append("model.freeze_vision_tower=true")
             apply_freezing(model, argparse.Namespace(**plan.freeze))
-    if not plan.checkpointing:
-        est = estimate_memory(units, world, plan.optim, plan.precision, plan.master_weights, plan.backend)
-        act = estimate_activations(model.config, units, plan.tokens, plan.precision, True,
-                                   plan.loss_chunk_size, vision_patches)
-        if plan_total(est, act) <= gpu_bytes:
-            out.append("fsdp.activation_checkpointing=true")
-    low, high = 0, plan.tokens  # the most tokens per micro-batch that fit, by bisection
-    while high - low > 64:
-        mid = (low + high) // 2
-        patches = None if vision_patches is None else vision_patches * mid // plan.tokens
-        if total(world, tokens=mid, patches=patches) <= gpu_bytes:
-            low = mid
-        else:
-            high = mid
-    if low >= 64:
-        out.append(f"at most ~{low // 64 * 64} tokens per micro-batch (--tokens; data.max_length/pack_length)")
+    if not plan.checkpointing and fits(checkpointing=True):
+        out.append("fsdp.activation_checkpointing=true")
+    most = _most_tokens(fits, plan, vision_patches)
+    if most:
+        out.append(f"at most ~{most} tokens per micro-batch (--tokens; data.max_length/pack_length)")
     return out
 
 
@@ -505,6 +358,10 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vision-patches", type=int, default=None,
                         help="vision patches per micro-batch (default: every token an image token, "
                         "4 patches each: an upper bound)")
+    parser.add_argument("--sequence-parallel", type=int, default=None, metavar="N",
+                        help="ranks sharing each micro-batch, each running the language model on 1/N of "
+                        "its tokens (parallel.sequence_parallel_size; default: the run config's, else 1); "
+                        "N must divide --world-size and the query heads")
     parser.add_argument("--no-activation-checkpointing", action="store_true",
                         help="estimate without activation checkpointing")
     parser.add_argument("--gpu-memory-gib", type=float, default=80.0,
@@ -521,12 +378,32 @@ def _check_numbers(parser: argparse.ArgumentParser, args) -> None:
         parser.error("--vision-patches must be >= 0")
 
 
+def sequence_line(config, act: ActivationEstimate, world: int, kernel: str = "sdpa") -> str:
+    """The report's line on sequence parallelism: N, the tokens per rank, the heads per
+    rank, where the vision tower runs; at N 1, the sizes `world` ranks would allow."""
+    size = act.sequence_parallel
+    if size == 1:
+        return (f"Sequence parallelism: off (parallel.sequence_parallel_size 1); --sequence-parallel N takes one "
+                f"of {sequence_sizes(config, world, kernel)} at world size {world}")
+    text = config.get_text_config()
+    repeat = sequence.head_split(text, size)
+    vision = f"all {act.vision_patches} patches on every rank" if act.vision_split == 1 \
+        else f"{act.rank_patches} of the {act.vision_patches} patches per rank"
+    groups = f"{world // size} group" + ("s" if world > size else "")
+    return (f"Sequence parallelism: groups of {size} ranks share each micro-batch ({groups}): "
+            f"{act.rank_tokens} of its {act.tokens} tokens per rank in the language model; attention on all "
+            f"{act.tokens} with {text.num_attention_heads // size} query and "
+            f"{text.num_key_value_heads * repeat // size} key/value heads per rank"
+            + (f" (key/value heads repeated {repeat}x)" if repeat > 1 else "")
+            + f"; the vision tower on {vision}")
+
+
 def _report(model: nn.Module, plan: _Plan, args) -> None:
     """Print the plan, the memory table and the fit verdict."""
     units = plan_units(model)
     est = estimate_memory(units, args.world_size, plan.optim, plan.precision, plan.master_weights, plan.backend)
     act = estimate_activations(model.config, units, plan.tokens, plan.precision, plan.checkpointing,
-                               plan.loss_chunk_size, args.vision_patches)
+                               plan.loss_chunk_size, args.vision_patches, plan.sequence_parallel)
     print(format_plan(units, args.world_size, root_names=root_members(model, units),
                       param_bytes=MASTER_DTYPES[plan.master_weights].itemsize))
     print(f"Sharding backend: {plan.backend} (fsdp.backend)")
@@ -537,6 +414,7 @@ def _report(model: nn.Module, plan: _Plan, args) -> None:
         if total > gpu_bytes else []
     print(f"Tokens per micro-batch: {plan.tokens} ({plan.tokens_why}); activation checkpointing "
           f"{'on' if plan.checkpointing else 'off'}; loss chunk {plan.loss_chunk_size}")
+    print(sequence_line(model.config, act, args.world_size, plan.attn_implementation))
     print(f"Fit check ({args.gpu_memory_gib:g} GiB per GPU): " + fit_verdict(total, gpu_bytes, suggestions))
 
 
@@ -553,6 +431,11 @@ def main(argv: list[str] | None = None) -> None:
         model = build_on_meta(plan.model_path)
     except (OSError, ValueError) as e:
         print(f"error: {plan.model_path}: cannot read the model config: {e}".splitlines()[0], file=sys.stderr)
+        sys.exit(2)
+    try:
+        check_sequence(model.config, plan.sequence_parallel, args.world_size, plan.attn_implementation)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     apply_freezing(model, argparse.Namespace(**plan.freeze))  # the freeze_* attributes of a ModelConfig
     _report(model, plan, args)

@@ -113,6 +113,20 @@ def new_group(info: DistInfo):
     return mine
 
 
+def check(config, size: int, kernel: str) -> int:
+    """Refuse (ConfigError) a group of `size` > 1 ranks that cannot split the model of
+    `config` (a ...Config) under attention `kernel`; else return `head_split`'s repeat."""
+    if kernel not in KERNELS:
+        raise ConfigError(f"parallel.sequence_parallel_size={size} wraps an attention kernel that takes "
+                          f"the whole sequence: model.attn_implementation={kernel!r} is not one of "
+                          f"{sorted(KERNELS)}")
+    family = family_of(config)
+    if family.is_moe:
+        raise ConfigError(f"parallel.sequence_parallel_size={size} is not wired for {family.name}: the "
+                          "load-balancing loss would count each rank's slice of the routing; use 1")
+    return head_split(config.get_text_config(), size, family.name)
+
+
 def apply(hf_model, info: DistInfo, kernel: str) -> str:
     """Make `hf_model` (bare, before FSDP) run its language model sequence-parallel over
     groups of `info.sequence_parallel` ranks; say so in a line to log. Nothing changes,
@@ -120,16 +134,8 @@ def apply(hf_model, info: DistInfo, kernel: str) -> str:
     size = info.sequence_parallel
     if size == 1:
         return ""
-    if kernel not in KERNELS:
-        raise ConfigError(f"parallel.sequence_parallel_size={size} wraps an attention kernel that takes "
-                          f"the whole sequence: model.attn_implementation={kernel!r} is not one of "
-                          f"{sorted(KERNELS)}")
-    family = family_of(hf_model.config)
-    if family.is_moe:
-        raise ConfigError(f"parallel.sequence_parallel_size={size} is not wired for {family.name}: the "
-                          "load-balancing loss would count each rank's slice of the routing; use 1")
+    repeat = check(hf_model.config, size, kernel)
     text_config = hf_model.config.get_text_config()
-    repeat = head_split(text_config, size, family.name)
     shard = SequenceShard(size, info.rank % size, new_group(info), kernel, repeat)  # SYNC setup/model
     AttentionInterface.register(ATTENTION, lambda *a, **k: attention(shard, *a, **k))
     text_config._attn_implementation = ATTENTION
