@@ -6,6 +6,7 @@ or datasets, because those libraries read it when they are first imported.
 """
 
 import atexit
+import json
 import os
 import shutil
 import socket
@@ -116,6 +117,17 @@ def write_test_video(path, frames=8, size=(64, 48), fps=4, seed=0, codec="mpeg4"
 def make_image():
     """``make_image(path, size=(56, 56), seed=0)`` writes a test image and returns its path."""
     return write_test_image
+
+
+def chat_row(user, answer: str) -> dict:
+    """One conversation row: a user turn (text, or a list of content parts) and the answer."""
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+
+def write_jsonl(path, rows: list[dict]):
+    """`rows` as a JSONL file at `path`; returns the path."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@ materialises every logit: same loss and gradients, bare and under FSDP1 on 2 glo
 with activation checkpointing, fp32 and bf16 mixed precision."""
 
 import inspect
-import json
 import os
 
 import pytest
@@ -12,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from conftest import free_port, write_test_image
+from conftest import chat_row, free_port, write_jsonl, write_test_image
 from ft.config import TrainConfig
 from ft.collate import Collator
 from ft.dataset import ConversationDataset
@@ -27,17 +26,14 @@ CHUNK = 7
 
 def _rows(data_dir):
     write_test_image(data_dir / "a.png", size=(84, 56), seed=1)
-    row = lambda user, answer: {"messages": [  # noqa: E731
-        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
     rows = [
-        row([{"type": "image", "image": "a.png"}, {"type": "text", "text": "What is it?"}],
+        chat_row([{"type": "image", "image": "a.png"}, {"type": "text", "text": "What is it?"}],
             "A smooth gradient with fine noise over it, mostly green."),
-        row("Count to five.", "One, two, three, four, five."),
-        row("Say hi.", "Hi."),
-        row("Name three colours.", "Red, green and a deep, dark blue."),
+        chat_row("Count to five.", "One, two, three, four, five."),
+        chat_row("Say hi.", "Hi."),
+        chat_row("Name three colours.", "Red, green and a deep, dark blue."),
     ]
-    (data_dir / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data_dir / "rows.jsonl"
+    return write_jsonl(data_dir / "rows.jsonl", rows)
 
 
 def _batches(model_dir, rows_file):

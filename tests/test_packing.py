@@ -2,7 +2,6 @@
 computing what the same samples compute padded, one per row (bare model, and FSDP1 on
 2 gloo ranks: training gradients and the eval loss)."""
 
-import json
 import os
 from collections import Counter
 
@@ -11,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
-from conftest import assert_same_loss_and_grads, free_port, loss_and_grads, write_test_image
+from conftest import assert_same_loss_and_grads, chat_row, free_port, loss_and_grads, write_jsonl, write_test_image
 from ft.collate import Collator
 from ft.dataset import ConversationDataset
 from ft.messages import IGNORE_INDEX, IMAGE
@@ -132,20 +131,17 @@ def _rows(d):
     write_test_image(d / "a.png", size=(84, 56), seed=1)
     write_test_image(d / "b.png", size=(56, 112), seed=2)
     write_test_image(d / "c.png", size=(56, 56), seed=3)
-    row = lambda user, answer: {"messages": [  # noqa: E731
-        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
     img = lambda name: {"type": "image", "image": name}  # noqa: E731
     rows = [
-        row([img("a.png"), img("b.png"), {"type": "text", "text": "Compare the two."}],
+        chat_row([img("a.png"), img("b.png"), {"type": "text", "text": "Compare the two."}],
             "The first is wider; the second is taller and a little darker."),  # two images
-        row("Count to five.", "One, two, three, four, five."),  # text only
-        row([img("c.png"), {"type": "text", "text": "What is it?"}], "Noise over a gradient."),
-        row("Say hi.", "Hi."),
-        row("Name three colours.", "Red, green and a deep, dark blue."),
-        row("Spell cat.", "C, A, T."),
+        chat_row("Count to five.", "One, two, three, four, five."),  # text only
+        chat_row([img("c.png"), {"type": "text", "text": "What is it?"}], "Noise over a gradient."),
+        chat_row("Say hi.", "Hi."),
+        chat_row("Name three colours.", "Red, green and a deep, dark blue."),
+        chat_row("Spell cat.", "C, A, T."),
     ]
-    (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d / "rows.jsonl"
+    return write_jsonl(d / "rows.jsonl", rows)
 
 
 @pytest.fixture(scope="module")

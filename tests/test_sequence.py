@@ -5,7 +5,6 @@ process's, and each family's loss and gradients with the model split over 2 rank
 against one process on the same rows: a long video row, a row with two images and a
 text-only row, padded and packed."""
 
-import json
 import os
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from transformers import AutoConfig
 
-from conftest import free_port, write_test_image, write_test_video
+from conftest import chat_row, free_port, write_jsonl, write_test_image, write_test_video
 from ft import sequence
 from ft.collate import Collator
 from ft.config import ConfigError
@@ -119,17 +118,14 @@ def _rows(data_dir):
     write_test_video(data_dir / "long.mp4", frames=24, size=(64, 48), fps=4, seed=5)
     write_test_image(data_dir / "a.png", size=(84, 56), seed=1)
     write_test_image(data_dir / "b.png", size=(56, 56), seed=2)
-    row = lambda user, answer: {"messages": [  # noqa: E731
-        {"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
     rows = [
-        row([{"type": "video", "video": "long.mp4"}, {"type": "text", "text": "What happens?"}],
+        chat_row([{"type": "video", "video": "long.mp4"}, {"type": "text", "text": "What happens?"}],
             "The noise drifts slowly while the clip gets brighter, frame after frame."),
-        row([{"type": "image", "image": "a.png"}, {"type": "image", "image": "b.png"},
+        chat_row([{"type": "image", "image": "a.png"}, {"type": "image", "image": "b.png"},
              {"type": "text", "text": "Which is wider?"}], "The first one."),
-        row("Count to five.", "One, two, three, four, five."),
+        chat_row("Count to five.", "One, two, three, four, five."),
     ]
-    (data_dir / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return data_dir / "rows.jsonl"
+    return write_jsonl(data_dir / "rows.jsonl", rows)
 
 
 def _batches(model_dir, rows_file, multiple):
