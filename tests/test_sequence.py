@@ -140,10 +140,9 @@ def _batches(model_dir, rows_file, multiple):
     return {"padded": padded, "packed": packed}
 
 
-def _attention_worker(rank, world, port, out_dir):
+def _attention(rank, world, out_dir):
     """Ulysses attention against sdpa on the whole sequence, with 1 key/value head (so
     it is repeated to split), with a packed row's mask, and through the flash path."""
-    _join(rank, world, port)
     info = sequence.grouped(DistInfo(rank, world, rank, torch.device("cpu")), world)
     shard = sequence.SequenceShard(world, rank, sequence.new_group(info), "sdpa", kv_repeat=2)
     torch.manual_seed(0)
@@ -172,14 +171,14 @@ def _attention_worker(rank, world, port, out_dir):
                                                 scale=scaling) for a, e in zip(bounds, bounds[1:])]
         return torch.cat(parts, 2).transpose(1, 2), None
 
-    sequence.flash_attention_forward = flash  # this worker process only
+    real, sequence.flash_attention_forward = sequence.flash_attention_forward, flash
     local = [shard.local(t[:1], 2).detach().requires_grad_() for t in (q, k, v)]
     out, _ = sequence.attention(shard, module, *local, None, scaling=d ** -0.5, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
                                 max_length_q=5, max_length_k=5, position_ids=shard.local(positions[:1], -1))
     (out * shard.local(_weights(1, length, hq, d), 1)).sum().backward()
     result["flash"] = {"out": out.detach(), "grads": [t.grad for t in local]}
+    sequence.flash_attention_forward = real
     torch.save(result, os.path.join(out_dir, f"attention{rank}.pt"))
-    torch.distributed.destroy_process_group()
 
 
 def _weights(*shape):
@@ -195,15 +194,35 @@ def _join(rank, world, port):
     torch.distributed.init_process_group("gloo")
 
 
+def _worker(rank, world, port, rows_file, dirs, out_dir):
+    """The one spawn both 2-rank tests read: the attention alone, then the models."""
+    _join(rank, world, port)
+    _attention(rank, world, out_dir)
+    _models(rank, world, rows_file, dirs, out_dir)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def rows_file(tmp_path_factory):
+    return _rows(tmp_path_factory.mktemp("sp-data"))
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_family_dir, rows_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sp-ranks")
+    dirs = {family: tiny_family_dir(family) for family in FAMILIES}
+    mp.spawn(_worker, args=(2, free_port(), rows_file, dirs, str(out)), nprocs=2, join=True)
+    return out
+
+
 # slow: 2 gloo ranks are processes of their own (mp.spawn)
 @pytest.mark.slow
-def test_ulysses_attention_equals_sdpa_on_the_whole_sequence(tmp_path):
-    mp.spawn(_attention_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_ulysses_attention_equals_sdpa_on_the_whole_sequence(two_ranks):
     torch.manual_seed(0)
     b, hq, hkv, length, d = 2, 4, 1, 12, 8
     q, k, v = (torch.randn(b, h, length, d, dtype=torch.float64, requires_grad=True) for h in (hq, hkv, hkv))
     positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2], list(range(12))])
-    ranks = [torch.load(tmp_path / f"attention{r}.pt") for r in range(2)]
+    ranks = [torch.load(two_ranks / f"attention{r}.pt") for r in range(2)]
     packed = sequence.segment_mask(positions)
     for name, rows, mask in (("causal", b, None), ("packed", b, packed), ("flash", 1, packed[:1])):
         q, k, v = (t[:rows].detach().requires_grad_() for t in (q, k, v))
@@ -223,10 +242,9 @@ def test_ulysses_attention_equals_sdpa_on_the_whole_sequence(tmp_path):
             scale=d ** -0.5).transpose(1, 2))  # the mask matters: the test can tell
 
 
-def _model_worker(rank, world, port, rows_file, dirs, out_dir):
+def _models(rank, world, rows_file, dirs, out_dir):
     """Per family: loss sum and gradients of each batch with the language model split
     over the 2 ranks (summed over them), and on one process without the split."""
-    _join(rank, world, port)
     info = sequence.grouped(DistInfo(rank, world, rank, torch.device("cpu")), world)
     result = {}
     for family, model_dir in dirs.items():
@@ -260,19 +278,11 @@ def _model_worker(rank, world, port, rows_file, dirs, out_dir):
             result[family, kind] = runs
     if rank == 0:
         torch.save(result, os.path.join(out_dir, "models.pt"))
-    torch.distributed.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def rows_file(tmp_path_factory):
-    return _rows(tmp_path_factory.mktemp("sp-data"))
 
 
 @pytest.mark.slow
-def test_two_ranks_split_the_language_model_like_one_process(tiny_family_dir, rows_file, tmp_path):
-    dirs = {family: tiny_family_dir(family) for family in FAMILIES}
-    mp.spawn(_model_worker, args=(2, free_port(), rows_file, dirs, str(tmp_path)), nprocs=2, join=True)
-    result = torch.load(tmp_path / "models.pt")
+def test_two_ranks_split_the_language_model_like_one_process(two_ranks):
+    result = torch.load(two_ranks / "models.pt")
     for family in FAMILIES:  # the vision tower split by frames: each rank ran its half, gathered in order
         worst, frames = result.pop((family, "vision"))
         assert frames is not None and len(frames) == 2 and min(frames) > 0, family  # the split happened
