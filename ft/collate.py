@@ -114,8 +114,9 @@ class Collator:
     M-RoPE, restarting at 0 for every sample) and no ``attention_mask``; a shorter row
     ends in a pad segment whose positions also restart at 0, and the row length is a
     multiple of ``ft.packing.ROW_MULTIPLE``. Every row length is a multiple of `multiple`
-    (more padding at the end), so that a sequence-parallel group splits it evenly. With `varlen`, also flash-attention's
-    ``cu_seq_lens_q/k`` and ``max_length_q/k`` over the flattened rows.
+    (more padding at the end), so that a sequence-parallel group splits it evenly. With
+    `varlen`, also flash-attention's ``cu_seq_lens_q/k`` and ``max_length_q/k`` over the
+    flattened rows.
     """
 
     def __init__(self, processor: Any, rope_index: Callable | None = None, varlen: bool = False,

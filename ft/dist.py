@@ -27,6 +27,11 @@ class DistInfo:
         return self.rank // self.sequence_parallel
 
     @property
+    def sequence_index(self) -> int:
+        """This rank's place in its sequence-parallel group (0 when there are none)."""
+        return self.rank % self.sequence_parallel
+
+    @property
     def data_world(self) -> int:
         """How many shares a global batch is dealt in: the sequence-parallel groups."""
         return self.world_size // self.sequence_parallel

@@ -343,7 +343,7 @@ def agree(run: Run, micro: list[Batch], bad: DataError | None, unloaded: int = 0
     and two flags every rank must agree on: "a sample failed to load", "a stop signal
     arrived". A collective."""
     # A sequence-parallel group's ranks hold the same micro-batches: one of them counts.
-    counted = run.info.rank % run.info.sequence_parallel == 0
+    counted = run.info.sequence_index == 0
     stats = [b.stats for b in micro] if counted else []
     counts = [
         sum(s.label_tokens for s in stats),

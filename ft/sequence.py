@@ -136,7 +136,7 @@ def apply(hf_model, info: DistInfo, kernel: str) -> str:
         return ""
     repeat = check(hf_model.config, size, kernel)
     text_config = hf_model.config.get_text_config()
-    shard = SequenceShard(size, info.rank % size, new_group(info), kernel, repeat)  # SYNC setup/model
+    shard = SequenceShard(size, info.sequence_index, new_group(info), kernel, repeat)  # SYNC setup/model
     AttentionInterface.register(ATTENTION, lambda *a, **k: attention(shard, *a, **k))
     text_config._attn_implementation = ATTENTION
     hf_model.model.language_model.register_forward_pre_hook(
